@@ -1,0 +1,74 @@
+"""Backend registry and dispatcher.
+
+``backend="auto"`` picks, for CUDA tensors, the first of triton, cuda, torch that is
+available and supports the inputs, and the torch backend on every other device. The
+environment variable ``CROSSATTN_BACKEND`` overrides ``auto`` (and then behaves like an
+explicit request). An explicit backend that cannot run raises ``RuntimeError`` saying why and
+how to get it; one that cannot take the inputs raises ``ValueError`` saying why.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from .._validation import AttentionProblem
+from .base import Backend
+from .cuda_backend import CudaBackend
+from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), TritonBackend(), CudaBackend())}
+BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+ENV_VAR = "CROSSATTN_BACKEND"
+
+
+class BackendChoice(NamedTuple):
+    """The backend a call uses, and why each backend tried before it was rejected."""
+
+    name: str
+    rejected: dict
+
+
+def _check_name(value, source: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{source} must be a str, one of {BACKEND_NAMES}, got {type(value).__name__}")
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {value!r}")
+    return value
+
+
+def available_backends() -> dict:
+    """``{name: None if usable here, else the reason it is not}``."""
+    return {name: b.unavailable() for name, b in BACKENDS.items()}
+
+
+def choose(problems: list[AttentionProblem], requested="auto") -> BackendChoice:
+    """Pick the backend for ``problems`` (all directions of one call)."""
+    source = "backend"
+    name = _check_name(requested, "backend")
+    if name == "auto" and os.environ.get(ENV_VAR):
+        name = _check_name(os.environ[ENV_VAR], f"the environment variable {ENV_VAR}")
+        source = f"{ENV_VAR}={name}"
+    if name != "auto":
+        backend = BACKENDS[name]
+        why = backend.unavailable()
+        if why:
+            raise RuntimeError(f"{source}: backend {name!r} is not available: {why}")
+        for p in problems:
+            why = backend.unsupported(p)
+            if why:
+                raise ValueError(f"{source}: backend {name!r} does not support these inputs: {why}")
+        return BackendChoice(name, {})
+    q = problems[0].q
+    order = AUTO_ORDER_CUDA if q.device.type == "cuda" else ("torch",)
+    rejected = {}
+    for candidate in order:
+        backend = BACKENDS[candidate]
+        why = backend.unavailable() or next(
+            (w for w in (backend.unsupported(p) for p in problems) if w), None
+        )
+        if why is None:
+            return BackendChoice(candidate, rejected)
+        rejected[candidate] = why
+    raise RuntimeError(f"no backend can run these inputs: {rejected}")  # torch always can
