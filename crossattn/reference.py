@@ -136,7 +136,7 @@ def select_blocks_reference(
         n_keep = (before < pruning.mass).sum(-1)
     n_keep = torch.minimum(n_keep.clamp(min=pruning.min_blocks), n_valid)
     rank_kept = torch.arange(nkb, device=q.device).view(1, 1, 1, nkb) < n_keep.unsqueeze(-1)
-    keep = torch.zeros_like(rank_kept).scatter(-1, order, rank_kept)
+    keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, rank_kept.expand_as(order))
     return keep & kb_valid[:, None, None, :] & qb_valid[:, None, :, None]
 
 

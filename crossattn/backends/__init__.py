@@ -45,20 +45,20 @@ def available_backends() -> dict:
 
 def choose(problems: list[AttentionProblem], requested="auto") -> BackendChoice:
     """Pick the backend for ``problems`` (all directions of one call)."""
-    source = "backend"
     name = _check_name(requested, "backend")
+    source = f"backend={name!r}"
     if name == "auto" and os.environ.get(ENV_VAR):
         name = _check_name(os.environ[ENV_VAR], f"the environment variable {ENV_VAR}")
-        source = f"{ENV_VAR}={name}"
+        source = f"{ENV_VAR}={name!r} (from the environment)"
     if name != "auto":
         backend = BACKENDS[name]
         why = backend.unavailable()
         if why:
-            raise RuntimeError(f"{source}: backend {name!r} is not available: {why}")
+            raise RuntimeError(f"{source} is not available: {why}")
         for p in problems:
             why = backend.unsupported(p)
             if why:
-                raise ValueError(f"{source}: backend {name!r} does not support these inputs: {why}")
+                raise ValueError(f"{source} does not support these inputs: {why}")
         return BackendChoice(name, {})
     q = problems[0].q
     order = AUTO_ORDER_CUDA if q.device.type == "cuda" else ("torch",)
