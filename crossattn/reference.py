@@ -171,11 +171,16 @@ def element_mask(
     return mask
 
 
+def logits(q, k, scale, inv_t):
+    """``q @ k^T * scale / temperature``. Backends that recompute the logits in backward use
+    this too, so that ``exp(s - lse)`` sees bit-identical ``s``."""
+    s = q @ k.transpose(-1, -2) * scale
+    return s if inv_t is None else s * inv_t
+
+
 def _attend(q, k, v, mask, scale, inv_t, keep, dropout_p):
     """Core math on compute-dtype tensors. Returns (out, weights, lse)."""
-    s = q @ k.transpose(-1, -2) * scale
-    if inv_t is not None:
-        s = s * inv_t
+    s = logits(q, k, scale, inv_t)
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
         empty = ~mask.any(-1, keepdim=True)

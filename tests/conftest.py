@@ -1,10 +1,17 @@
 """Shared helpers: inputs, the float64 oracle, per-dtype tolerances."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from crossattn.reference import attention_reference
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("thorough", max_examples=1500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Absolute/relative tolerance against the float64 reference computed from the same
 # (already rounded) inputs: backends accumulate in float32 and round the result once.

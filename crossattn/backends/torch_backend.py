@@ -20,6 +20,7 @@ from ..reference import (
     _attend,
     compute_dtype,
     element_mask,
+    logits,
     select_blocks_reference,
     temperature_factor,
 )
@@ -93,14 +94,14 @@ class _ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros_like(v, dtype=ct)
         dt = None if temperature is None else torch.zeros(H, dtype=ct, device=q.device)
         want_dw = need_weights is not None and d_weights is not None
-        # Scale factors of the raw scores q.k: per head when the temperature is a tensor.
+        # d logits / d (q.k): per head when the temperature is a tensor.
         coef = scale * inv_t if inv_t is not None else scale
         rows = chunk_rows(B, H, Lq, Lk, ct, dropout_p > 0)
         for r0 in range(0, Lq, rows):
             r = torch.arange(r0, min(Lq, r0 + rows), device=q.device)
             sl = slice(r0, r0 + len(r))
             qc = q[:, :, sl].to(ct)
-            s = qc @ kc.transpose(-1, -2) * coef  # logits
+            s = logits(qc, kc, scale, inv_t)
             p = torch.exp(s - lse[:, :, sl, None])  # rows with no key: lse=+inf -> 0
             mask = element_mask(
                 B, Lq, Lk, key_valid=key_valid, query_valid=query_valid,
