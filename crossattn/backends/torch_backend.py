@@ -2,14 +2,15 @@
 
 Queries are processed in chunks so that at most one chunk of the score matrix exists at a
 time; the backward recomputes each chunk from the saved log-sum-exp (FlashAttention-2
-style), so memory stays bounded in training too -- Lk = 100 000 audio frames fit. Per
-chunk, the math is the reference's (:func:`crossattn.reference._attend`).
+style), so memory stays bounded in training too -- Lk = 100 000 audio frames fit. The logits
+are computed by the reference's own function, so forward and backward see identical bits.
 
 The chunk size follows ``CROSSATTN_TORCH_CHUNK_MB`` (default 128): the budget for the
 per-chunk temporaries of the forward and backward.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,7 +18,6 @@ import torch
 from .._philox import dropout_keep_mask
 from .._validation import AttentionProblem
 from ..reference import (
-    _attend,
     compute_dtype,
     element_mask,
     logits,
@@ -59,6 +59,8 @@ class _ChunkedAttention(torch.autograd.Function):
         lse = torch.empty(B, H, Lq, dtype=ct, device=q.device)
         weights = _new_weights(q, need_weights, Lk)
         rows = chunk_rows(B, H, Lq, Lk, ct, dropout_p > 0)
+        # The log-sum-exp is only needed by the backward.
+        need_lse = any(ctx.needs_input_grad[:4])
         for r0 in range(0, Lq, rows):
             r = torch.arange(r0, min(Lq, r0 + rows), device=q.device)
             sl = slice(r0, r0 + len(r))
@@ -66,10 +68,24 @@ class _ChunkedAttention(torch.autograd.Function):
                 B, Lq, Lk, key_valid=key_valid, query_valid=query_valid,
                 block_mask=block_mask, block_q=block_q, block_k=block_k, rows=r,
             )
+            s = logits(q[:, :, sl].to(ct), kc, scale, inv_t)
+            empty = None
+            if mask is not None:
+                s.masked_fill_(~mask, -math.inf)
+                empty = ~mask.any(-1, keepdim=True)
+            if need_lse:
+                l = torch.logsumexp(s, dim=-1)
+                # Rows that attend to nothing store +inf: exp(s - lse) is then 0 in backward.
+                lse[:, :, sl] = l if empty is None else l.masked_fill(empty.squeeze(-1), math.inf)
+            p = torch.softmax(s, dim=-1)
+            del s
+            if empty is not None:
+                p.masked_fill_(empty, 0.0)  # softmax of an all -inf row is NaN
+            pd = p
             keep = _keep(seed, dropout_p, B, H, r, Lk, direction, q.device)
-            o, p, l = _attend(q[:, :, sl].to(ct), kc, vc, mask, scale, inv_t, keep, dropout_p)
-            out[:, :, sl] = o
-            lse[:, :, sl] = l
+            if keep is not None:
+                pd = p * keep * (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+            out[:, :, sl] = pd @ vc
             if need_weights == "full":
                 weights[:, :, sl] = p
             elif need_weights == "mean":

@@ -1,0 +1,4 @@
+from .demo import main
+import sys
+
+sys.exit(main())
