@@ -1,0 +1,74 @@
+"""Packaging, the README's commands and the demo."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)\n```", text, re.S)
+    assert m, f"README.md has no ```bash block after <!-- {marker} -->"
+    return m.group(1).strip()
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+    main = readme_command("main-command")
+    test = readme_command("test-command")
+    assert "crossattn.demo" in main and "pytest" in test
+    out = subprocess.run(
+        ["bash", "-c", "awk '/<!-- test-command -->/ {found=1; next} found && /^```/ "
+         "{if (inside) exit; inside=1; next} inside {print}' README.md"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out == test  # the extraction .ci/run performs
+    assert "awk '/<!-- test-command -->/" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_kernels_are_the_crossattn_kernels_subpackage():
+    import crossattn.kernels
+
+    assert Path(crossattn.kernels.__file__).parent.name == "kernels"
+
+
+def _can_build_wheels_offline() -> bool:
+    try:
+        import setuptools  # noqa: F401  (setuptools >= 70.1 carries bdist_wheel itself)
+    except ImportError:
+        return False
+    return (importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+            or importlib.util.find_spec("wheel") is not None)
+
+
+@pytest.mark.skipif(not _can_build_wheels_offline(), reason="needs setuptools with bdist_wheel")
+def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("crossattn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"crossattn"}
+    assert "crossattn/kernels/__init__.py" in names
+    assert "crossattn/reference.py" in names
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
+    assert requires == ["Requires-Dist: torch>=2.4"]
+
+
+def test_demo_runs_and_agrees_with_the_reference():
+    res = subprocess.run([sys.executable, "-m", "crossattn.demo", "--repeats", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "max |crossattn - float64 reference|" in res.stdout
+    assert "eager" in res.stdout and "monotone: True" in res.stdout
