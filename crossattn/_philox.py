@@ -35,8 +35,9 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> torch.Tensor:
-    """First output word of Philox4x32 for 64-bit ``seed`` and broadcastable int64 counters.
+def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> torch.Tensor:
+    """First output word of Philox4x32 for a 64-bit ``seed`` (int or 0-d int64 tensor) and
+    broadcastable int64 counters.
 
     Matches ``tl.philox(seed, c0, c1, c2, c3)[0]`` with uint32 counters.
     """
@@ -58,7 +59,7 @@ def dropout_threshold(p: float) -> int:
 
 
 def dropout_keep_mask(
-    seed: int,
+    seed,
     p: float,
     *,
     batch: int,
@@ -78,11 +79,12 @@ def dropout_keep_mask(
     return word >= dropout_threshold(p)
 
 
-def draw_dropout_seed() -> int:
-    """A fresh 63-bit seed from torch's default CPU generator.
+def draw_dropout_seed() -> torch.Tensor:
+    """A fresh 63-bit seed (0-d int64 CPU tensor) from torch's default CPU generator.
 
     Every dropout call draws exactly one seed this way, so ``torch.manual_seed`` makes
     dropout reproducible on every backend, and a test can reproduce the seed a call used
-    by re-seeding and calling this function.
+    by re-seeding and calling this function. It stays a tensor (no ``.item()``), so
+    ``torch.compile(fullgraph=True)`` traces through dropout.
     """
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)

@@ -56,7 +56,7 @@ class AttentionProblem:
     need_weights: str | None  # None | "full" | "mean"
     pruning: BlockPruning | None
     direction: int = 0  # dropout stream: 0 = one direction / x->y, 1 = y->x
-    dropout_seed: int | None = None
+    dropout_seed: torch.Tensor | None = None  # 0-d int64 (CPU), drawn at dispatch
 
     @property
     def dims(self) -> tuple[int, int, int, int, int, int]:

@@ -210,7 +210,7 @@ def attention_reference(
     scale: float | None = None,
     temperature=None,
     dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
+    dropout_seed: int | torch.Tensor | None = None,
     need_weights=False,
     prune=None,
     direction: int = 0,
@@ -219,7 +219,7 @@ def attention_reference(
     """Reference cross-attention. Arguments as :func:`crossattn.cross_attention`, plus:
 
     Args:
-        dropout_seed: Philox seed of the dropout mask (drawn with
+        dropout_seed: Philox seed of the dropout mask, an int or 0-d int64 tensor (drawn with
             :func:`crossattn._philox.draw_dropout_seed` when None and ``dropout_p > 0``).
         direction: the dropout stream: 0 for one-direction and x->y, 1 for y->x.
         return_lse: also return the per-row log-sum-exp ``[B, H, Lq]`` (float32/float64).

@@ -162,8 +162,13 @@ def test_parity_with_multi_head_attention_forward(E, H, Lq, Lk, average):
     key = torch.randn(B, Lk, E, dtype=torch.float64)
     value = torch.randn(B, Lk, E, dtype=torch.float64)
     kpm = random_padding(B, Lk, seed=1)
-    expected, expected_w = mha(query, key, value, key_padding_mask=kpm, need_weights=True,
-                               average_attn_weights=average)
+    expected, expected_w = F.multi_head_attention_forward(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), E, H,
+        mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
+        mha.out_proj.weight, mha.out_proj.bias, training=False, key_padding_mask=kpm,
+        need_weights=True, average_attn_weights=average,
+    )
+    expected = expected.transpose(0, 1)
 
     wq, wk, wv = mha.in_proj_weight.chunk(3)
     bq, bk, bv = mha.in_proj_bias.chunk(3)

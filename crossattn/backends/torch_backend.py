@@ -90,16 +90,16 @@ class _ChunkedAttention(torch.autograd.Function):
                 weights[:, :, sl] = p
             elif need_weights == "mean":
                 weights[:, sl] = p.mean(1)
-        ctx.save_for_backward(q, k, v, temperature, key_valid, query_valid, block_mask, lse)
-        ctx.config = (scale, temp_float, block_q, block_k, dropout_p, seed, direction, need_weights)
+        ctx.save_for_backward(q, k, v, temperature, key_valid, query_valid, block_mask, lse, seed)
+        ctx.config = (scale, temp_float, block_q, block_k, dropout_p, direction, need_weights)
         ctx.mark_non_differentiable(lse)
         return out, weights, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_weights, _d_lse):
-        q, k, v, temperature, key_valid, query_valid, block_mask, lse = ctx.saved_tensors
-        scale, temp_float, block_q, block_k, dropout_p, seed, direction, need_weights = ctx.config
+        q, k, v, temperature, key_valid, query_valid, block_mask, lse, seed = ctx.saved_tensors
+        scale, temp_float, block_q, block_k, dropout_p, direction, need_weights = ctx.config
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         ct = compute_dtype(q.dtype)
