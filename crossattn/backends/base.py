@@ -2,6 +2,10 @@
 supports a given problem, and the computation itself. The dispatcher reports both reasons."""
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from .._validation import AttentionProblem
 
 
@@ -26,3 +30,29 @@ class Backend:
         out_x, w_xy = self.attention(xy)
         out_y, w_yx = self.attention(yx)
         return out_x, out_y, w_xy, w_yx
+
+
+class ModuleBackend(Backend):
+    """A backend whose computation lives in a separately built module (Triton kernels, the
+    CUDA extension) exposing ``unsupported(problem)``, ``attention(problem)`` and
+    ``bidirectional(xy, yx)``; the module is imported on first use."""
+
+    module_name: str = ""
+
+    def _module(self):
+        return importlib.import_module(self.module_name)
+
+    def device_unsupported(self, problem: AttentionProblem) -> str | None:
+        """Checks that do not need the module (dtype, device)."""
+        raise NotImplementedError
+
+    def unsupported(self, problem: AttentionProblem) -> str | None:
+        if problem.q.dtype == torch.float64:
+            return "float64 is supported by the torch backend only"
+        return self.device_unsupported(problem) or self._module().unsupported(problem)
+
+    def attention(self, problem: AttentionProblem):
+        return self._module().attention(problem)
+
+    def bidirectional(self, xy: AttentionProblem, yx: AttentionProblem):
+        return self._module().bidirectional(xy, yx)

@@ -7,16 +7,13 @@ not depend on the kernels: Triton installed, a CUDA device or the interpreter, d
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
 import torch
 
 from .._validation import AttentionProblem
-from .base import Backend
-
-KERNELS_MODULE = "crossattn.kernels.xattn"
+from .base import ModuleBackend
 
 
 def interpreting() -> bool:
@@ -24,15 +21,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-class TritonBackend(Backend):
+class TritonBackend(ModuleBackend):
     name = "triton"
+    module_name = "crossattn.kernels.xattn"
 
     def unavailable(self) -> str | None:
         reasons = []
         if importlib.util.find_spec("triton") is None:
             reasons.append("Triton is not installed (pip install triton; Linux only)")
-        if importlib.util.find_spec(KERNELS_MODULE) is None:
-            reasons.append(f"this build of crossattn has no Triton kernels ({KERNELS_MODULE} is missing)")
+        if importlib.util.find_spec(self.module_name) is None:
+            reasons.append(f"this build of crossattn has no Triton kernels ({self.module_name} is missing)")
         if not torch.cuda.is_available() and not interpreting():
             reasons.append(
                 "no CUDA device; to run the kernels on the CPU set TRITON_INTERPRET=1 "
@@ -40,19 +38,8 @@ class TritonBackend(Backend):
             )
         return "; ".join(reasons) or None
 
-    def _kernels(self):
-        return importlib.import_module(KERNELS_MODULE)
-
-    def unsupported(self, problem: AttentionProblem) -> str | None:
-        q = problem.q
-        if q.dtype == torch.float64:
-            return "float64 is supported by the torch backend only"
-        if q.device.type != "cuda" and not interpreting():
-            return f"inputs are on {q.device}; the Triton kernels need CUDA tensors"
-        return self._kernels().unsupported(problem)
-
-    def attention(self, problem: AttentionProblem):
-        return self._kernels().attention(problem)
-
-    def bidirectional(self, xy: AttentionProblem, yx: AttentionProblem):
-        return self._kernels().bidirectional(xy, yx)
+    def device_unsupported(self, problem: AttentionProblem) -> str | None:
+        device = problem.q.device
+        if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
+            return f"inputs are on {device}; the Triton kernels need CUDA tensors"
+        return None
