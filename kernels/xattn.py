@@ -1,0 +1,367 @@
+"""The Triton backend's interface: launchers, torch custom ops and autograd.
+
+Two ops carry one or two directions each (lists of length 1 or 2), so that a bidirectional
+call is one launch per pass:
+
+* ``crossattn::xattn_fwd`` -> (out, lse, weights) per direction: the forward kernel, then
+  the weights kernel when weights are requested;
+* ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature) per direction: delta, dK/dV and
+  dQ kernels.
+
+They are ``torch.library.custom_op`` with fake implementations and ``register_autograd``
+(not ``triton_op``, which breaks opcheck and compile under the Triton interpreter), so
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see through them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from crossattn._philox import dropout_threshold
+
+from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
+from .xattn_fwd import _xattn_fwd_kernel, _xattn_weights_kernel
+
+WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(d: int, dv: int) -> _Config:
+    """One launch config per head-dim class (no autotuning yet: the interpreter breaks on
+    several configs, and GPU tuning is its own issue)."""
+    if _interpreting():
+        return _Config(32, 32, 1, 1)
+    widest = max(d, dv)
+    if widest <= 64:
+        return _Config(64, 64, 4, 2)
+    if widest <= 128:
+        return _Config(64, 64, 4, 2)
+    return _Config(64, 32, 8, 1)
+
+
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# --------------------------------------------------------------------------- launchers
+def _dummy(device, dtype):
+    return torch.empty(1, device=device, dtype=dtype)
+
+
+def _flags(q_valid, k_valid, temperature):
+    return (
+        any(t is not None for t in q_valid),
+        any(t is not None for t in k_valid),
+        any(t is not None for t in temperature),
+    )
+
+
+def _prepare(q, k, q_valid, k_valid, temperature):
+    has_qv, has_kv, has_t = _flags(q_valid, k_valid, temperature)
+    device = q[0].device
+    H = q[0].shape[1]
+    dummy_u8 = _dummy(device, torch.uint8)
+    if has_qv:
+        q_valid = [t.to(torch.uint8).contiguous() if t is not None
+                   else torch.ones(qq.shape[0], qq.shape[2], device=device, dtype=torch.uint8)
+                   for t, qq in zip(q_valid, q)]
+    else:
+        q_valid = [dummy_u8 for _ in q]
+    if has_kv:
+        k_valid = [t.to(torch.uint8).contiguous() if t is not None
+                   else torch.ones(kk.shape[0], kk.shape[2], device=device, dtype=torch.uint8)
+                   for t, kk in zip(k_valid, k)]
+    else:
+        k_valid = [dummy_u8 for _ in k]
+    if has_t:
+        temperature = [t.detach().to(torch.float32).expand(H).contiguous() if t is not None
+                       else torch.ones(H, device=device, dtype=torch.float32) for t in temperature]
+    else:
+        temperature = [_dummy(device, torch.float32) for _ in q]
+    return q_valid, k_valid, temperature, (has_qv, has_kv, has_t)
+
+
+def _dropout_args(seed, dropout_p, device):
+    if dropout_p > 0.0:
+        scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+        return seed.to(device=device, dtype=torch.int64), dropout_threshold(dropout_p), scale, True
+    return _dummy(device, torch.int64), 0, 1.0, False
+
+
+def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+    B, H, _, D = q[0].shape
+    DV = v[0].shape[3]
+    device, dtype = q[0].device, q[0].dtype
+    cfg = _config(D, DV)
+    qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
+    seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
+    outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
+    lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+    nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
+
+    def direction(i):
+        return (q[i], k[i], v[i], outs[i], lses[i], qv[i], kv[i], temp[i],
+                q[i].shape[2], k[i].shape[2], float(scale[i]),
+                *q[i].stride(), *k[i].stride(), *v[i].stride())
+
+    grid = (sum(nblk), B * H)
+    if grid[0] and grid[1]:
+        _xattn_fwd_kernel[grid](
+            *direction(0), *direction(len(q) - 1),
+            seed_t, thr, drop_scale, nblk[0], H, D, DV,
+            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    ws = [q[i].new_empty(0) for i in range(len(q))]
+    if weights:
+        ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg)
+    return outs, lses, ws
+
+
+def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg):
+    B, H, _, D = q[0].shape
+    mean = weights == WEIGHTS_MODES["mean"]
+    ws = []
+    ntiles, nkb = [], []
+    for qq, kk in zip(q, k):
+        Lq, Lk = qq.shape[2], kk.shape[2]
+        shape = (B, Lq, Lk) if mean else (B, H, Lq, Lk)
+        ws.append(torch.empty(shape, device=qq.device, dtype=qq.dtype))
+        nkb.append(triton.cdiv(Lk, cfg.block_n))
+        ntiles.append(triton.cdiv(Lq, cfg.block_m) * nkb[-1])
+
+    def direction(i):
+        return (q[i], k[i], lses[i], ws[i], qv[i], kv[i], temp[i],
+                q[i].shape[2], k[i].shape[2], float(scale[i]), max(nkb[i], 1),
+                *q[i].stride(), *k[i].stride())
+
+    grid = (sum(ntiles), B if mean else B * H)
+    if grid[0] and grid[1]:
+        _xattn_weights_kernel[grid](
+            *direction(0), *direction(len(q) - 1), ntiles[0], H, D,
+            MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2],
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return ws
+
+
+def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
+                seed, dropout_p, weights):
+    B, H, _, D = q[0].shape
+    DV = v[0].shape[3]
+    device, dtype = q[0].device, q[0].dtype
+    cfg = _config(D, DV)
+    qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
+    seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
+    n = len(q)
+    mean = weights == WEIGHTS_MODES["mean"]
+    has_dw = weights != 0 and all(d is not None for d in dweights)
+    dout = [d.to(dtype).contiguous() for d in dout]
+    dw = [d.contiguous() if has_dw else _dummy(device, dtype) for d in dweights]
+    delta = [torch.empty_like(l) for l in lse]
+    dq = [torch.empty(qq.shape, device=device, dtype=dtype) for qq in q]
+    dk = [torch.empty(kk.shape, device=device, dtype=dtype) for kk in k]
+    dv = [torch.empty(vv.shape, device=device, dtype=dtype) for vv in v]
+    nqb = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
+    nkb = [triton.cdiv(kk.shape[2], cfg.block_n) for kk in k]
+    dt_part = [torch.zeros(B * H * max(m, 1), device=device, dtype=torch.float32) for m in nqb]
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
+                  BLOCK_DV=_block_dim(DV), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t)
+    Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
+
+    if B * H and sum(nqb):
+        _xattn_bwd_delta_kernel[(sum(nqb), B * H)](
+            *[a for i in (0, n - 1) for a in (
+                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i],
+                *Ls[i], float(scale[i]), *q[i].stride(), *k[i].stride())],
+            nqb[0], H, D, DV, HAS_DW=has_dw, MEAN=mean, **flags, **common,
+        )
+
+    def grads_args(i, first, second):
+        return (q[i], k[i], v[i], dout[i], lse[i], delta[i], dw[i], first[i], second[i],
+                qv[i], kv[i], temp[i], *Ls[i], float(scale[i]),
+                *q[i].stride(), *k[i].stride(), *v[i].stride())
+
+    drop = (seed_t, thr, drop_scale)
+    if B * H and sum(nkb):
+        _xattn_bwd_dkdv_kernel[(sum(nkb), B * H)](
+            *grads_args(0, dk, dv), *grads_args(n - 1, dk, dv), *drop, nkb[0], H, D, DV,
+            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
+        )
+    else:
+        for t in dk + dv:
+            t.zero_()
+    if B * H and sum(nqb):
+        _xattn_bwd_dq_kernel[(sum(nqb), B * H)](
+            *grads_args(0, dq, dt_part), *grads_args(n - 1, dq, dt_part), *drop, nqb[0], H, D, DV,
+            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
+        )
+    dtemp = [p.view(B, H, -1).sum((0, 2)) if has_t else p.new_empty(0) for p in dt_part]
+    return dq, dk, dv, dtemp
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("crossattn::xattn_fwd", mutates_args=())
+def xattn_fwd(
+    q: list[Tensor], k: list[Tensor], v: list[Tensor],
+    q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
+    temperature: list[Optional[Tensor]], scale: list[float],
+    seed: Optional[Tensor], dropout_p: float, weights: int,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights)
+
+
+@xattn_fwd.register_fake
+def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+    outs, lses, ws = [], [], []
+    for qq, kk, vv in zip(q, k, v):
+        B, H, Lq, _ = qq.shape
+        Lk = kk.shape[2]
+        outs.append(qq.new_empty(B, H, Lq, vv.shape[3]))
+        lses.append(qq.new_empty(B, H, Lq, dtype=torch.float32))
+        ws.append(qq.new_empty((B, Lq, Lk) if weights == 2 else (B, H, Lq, Lk) if weights else (0,)))
+    return outs, lses, ws
+
+
+@torch.library.custom_op("crossattn::xattn_bwd", mutates_args=())
+def xattn_bwd(
+    dout: list[Tensor], dweights: list[Optional[Tensor]],
+    q: list[Tensor], k: list[Tensor], v: list[Tensor], out: list[Tensor], lse: list[Tensor],
+    q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
+    temperature: list[Optional[Tensor]], scale: list[float],
+    seed: Optional[Tensor], dropout_p: float, weights: int,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    return _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature,
+                       scale, seed, dropout_p, weights)
+
+
+@xattn_bwd.register_fake
+def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+    has_t = any(t is not None for t in temperature)
+    return (
+        [torch.empty_like(t) for t in q], [torch.empty_like(t) for t in k],
+        [torch.empty_like(t) for t in v],
+        [q[0].new_empty(q[0].shape[1], dtype=torch.float32) if has_t else q[0].new_empty(0, dtype=torch.float32)
+         for _ in q],
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights = inputs
+    outs, lses, _ = output
+    n = len(q)
+    ctx.n = n
+    ctx.has_temp = [t is not None for t in temperature]
+    ctx.temp_meta = [(t.shape, t.dtype) if t is not None else None for t in temperature]
+    ctx.opt_mask = ([t is not None for t in q_valid], [t is not None for t in k_valid])
+    ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
+    ctx.has_seed = seed is not None
+    saved = [*q, *k, *v, *outs, *lses]
+    saved += [t for t in q_valid if t is not None] + [t for t in k_valid if t is not None]
+    saved += [t for t in temperature if t is not None]
+    saved += [seed] if seed is not None else []
+    ctx.save_for_backward(*saved)
+
+
+def _unflatten(ctx):
+    saved = list(ctx.saved_tensors)
+    n = ctx.n
+
+    def take(count):
+        nonlocal saved
+        head, saved = saved[:count], saved[count:]
+        return head
+
+    q, k, v, out, lse = take(n), take(n), take(n), take(n), take(n)
+    q_valid = [take(1)[0] if has else None for has in ctx.opt_mask[0]]
+    k_valid = [take(1)[0] if has else None for has in ctx.opt_mask[1]]
+    temperature = [take(1)[0] if has else None for has in ctx.has_temp]
+    seed = take(1)[0] if ctx.has_seed else None
+    return q, k, v, out, lse, q_valid, k_valid, temperature, seed
+
+
+def _backward(ctx, d_outs, d_lses, d_ws):
+    q, k, v, out, lse, q_valid, k_valid, temperature, seed = _unflatten(ctx)
+    d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
+    d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
+    if ctx.weights and any(d is None for d in d_ws):
+        d_ws = [None] * ctx.n
+    dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
+                                  temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights)
+    d_temp = []
+    for g, meta in zip(dtemp, ctx.temp_meta):
+        if meta is None:
+            d_temp.append(None)
+        else:
+            shape, dtype = meta
+            d_temp.append((g.sum() if shape.numel() == 1 else g).reshape(shape).to(dtype))
+    none = [None] * ctx.n
+    return dq, dk, dv, none, none, d_temp, None, None, None, None
+
+
+xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- backend API
+def unsupported(problem) -> str | None:
+    B, H, Lq, Lk, D, Dv = problem.dims
+    if problem.pruning is not None:
+        return "block pruning is not in the Triton kernels yet; use backend='torch'"
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
+    if _interpreting() and problem.q.dtype == torch.bfloat16:
+        return "bfloat16 tl.dot gives wrong results in the Triton interpreter (fine on a GPU)"
+    return None
+
+
+def _op_args(problems):
+    temps = []
+    for p in problems:
+        t = p.temperature
+        if t is not None and not isinstance(t, torch.Tensor):
+            t = torch.full((1,), float(t), device=p.q.device, dtype=torch.float32)
+        temps.append(t)
+    first = problems[0]
+    return (
+        [p.q for p in problems], [p.k for p in problems], [p.v for p in problems],
+        [p.query_valid() for p in problems], [p.key_valid() for p in problems], temps,
+        [p.scale for p in problems],
+        first.dropout_seed.to(first.q.device) if first.dropout_p > 0 else None,
+        first.dropout_p, WEIGHTS_MODES[first.need_weights],
+    )
+
+
+def _run(problems):
+    outs, _, ws = xattn_fwd(*_op_args(problems))
+    weights = [w if problems[0].need_weights else None for w in ws]
+    return outs, weights
+
+
+def attention(problem):
+    outs, weights = _run([problem])
+    return outs[0], weights[0]
+
+
+def bidirectional(xy, yx):
+    (out_x, out_y), (w_xy, w_yx) = _run([xy, yx])
+    return out_x, out_y, w_xy, w_yx

@@ -1,0 +1,201 @@
+"""Triton forward kernels: attention output + log-sum-exp, and the weights pass.
+
+One kernel serves both directions of a bidirectional call: program ids along axis 0 below
+``nblk0`` work on direction 0 (x queries -> y keys, or the only direction), the rest on
+direction 1. Each direction has its own pointers, strides, lengths and scale; both share
+batch, heads, head dims, dtypes and compile-time flags.
+
+Conventions (the reference's, crossattn/reference.py):
+* logits are kept in base-2 units inside the kernels: ``s2 = q.k * scale / T * log2(e)``;
+* the stored LSE is natural-log; rows that attend to nothing store +inf;
+* dropout drops element (b, h, i, j) of direction d iff
+  ``philox(seed, (j, i, b*H + h, d))[0] < floor(p * 2**32)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold):
+    """Bool [BLOCK_M, BLOCK_N]: True where dropout keeps the weight."""
+    zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.int32)
+    c0 = offs_n[None, :] + zero
+    c1 = offs_m[:, None] + zero
+    c2 = zero + bh
+    c3 = zero + direction
+    word, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return word.to(tl.int64) >= drop_threshold
+
+
+@triton.jit
+def _row_valid(QV, b, offs_m, Lq, HAS_QV: tl.constexpr):
+    valid = offs_m < Lq
+    if HAS_QV:
+        valid = valid & (tl.load(QV + b * Lq + offs_m, mask=offs_m < Lq, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _col_valid(KV, b, offs_n, Lk, HAS_KV: tl.constexpr):
+    valid = offs_n < Lk
+    if HAS_KV:
+        valid = valid & (tl.load(KV + b * Lk + offs_n, mask=offs_n < Lk, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _head_coef(T, h, scale, HAS_T: tl.constexpr):
+    """scale / temperature[h] (natural units)."""
+    coef = scale
+    if HAS_T:
+        coef = scale / tl.load(T + h).to(tl.float32)
+    return coef
+
+
+@triton.jit
+def _xattn_fwd_kernel(
+    # direction 0
+    Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0,
+    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
+    # direction 1 (unused when nblk0 covers the grid)
+    Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1,
+    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
+    SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
+    HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if pid < nblk0:
+        direction = 0
+        mblk = pid
+        Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
+        svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
+    else:
+        direction = 1
+        mblk = pid - nblk0
+        Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
+        svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
+    )
+    coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
+    row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    # Key blocks are visited by this loop; a pruning block list can drive it later.
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = tl.load(
+            K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
+        )
+        s = tl.dot(q, kt) * coef2
+        ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(
+            V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                   float("inf"))
+    o_base = O + bh.to(tl.int64) * Lq * DV
+    tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+    tl.store(L + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _weights_tile(Q, K, L, QV, KV, T, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, scale, D,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr):
+    """P = exp(S - LSE) on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended."""
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
+    )
+    kt = tl.load(
+        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
+    )
+    coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
+    lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse2 = lse2 * 1.4426950408889634
+    ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+    p = tl.exp2(tl.dot(q, kt) * coef2 - lse2[:, None])
+    return tl.where(ok, p, 0.0)
+
+
+@triton.jit
+def _xattn_weights_kernel(
+    Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0,
+    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
+    Q1, K1, L1, W1, QV1, KV1, T1, Lq1, Lk1, scale1, nkb1,
+    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
+    ntiles0, H, D,
+    MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Writes the weights from the stored LSE, one tile per program: no score matrix in
+    memory and no softmax pass. MEAN: axis 1 is the batch and the heads are averaged here;
+    otherwise axis 1 is batch * head."""
+    pid = tl.program_id(0)
+    if pid < ntiles0:
+        tile = pid
+        Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
+    else:
+        tile = pid - ntiles0
+        Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q1, K1, L1, W1, QV1, KV1, T1, Lq1, Lk1, scale1, nkb1
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
+    offs_m = (tile // nkb) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % nkb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if MEAN:
+        b = tl.program_id(1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for h in range(0, H):
+            acc += _weights_tile(Q, K, L, QV, KV, T, b, h, b * H + h, offs_m, offs_n, offs_d,
+                                 Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                                 HAS_QV, HAS_KV, HAS_T)
+        w = acc / H
+        w_base = W + b.to(tl.int64) * Lq * Lk
+    else:
+        bh = tl.program_id(1)
+        w = _weights_tile(Q, K, L, QV, KV, T, bh // H, bh % H, bh, offs_m, offs_n, offs_d,
+                          Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                          HAS_QV, HAS_KV, HAS_T)
+        w_base = W + bh.to(tl.int64) * Lq * Lk
+    tl.store(w_base + offs_m[:, None] * Lk + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask)
