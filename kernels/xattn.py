@@ -315,8 +315,13 @@ def _backward(ctx, d_outs, d_lses, d_ws):
         else:
             shape, dtype = meta
             d_temp.append((g.sum() if shape.numel() == 1 else g).reshape(shape).to(dtype))
+    # torch.library flattens a list of optional tensors that holds no tensor to one leaf.
+    def like(present, grads):
+        return grads if any(present) else None
+
     none = [None] * ctx.n
-    return dq, dk, dv, none, none, d_temp, None, None, None, None
+    return (dq, dk, dv, like(ctx.opt_mask[0], none), like(ctx.opt_mask[1], none),
+            like(ctx.has_temp, d_temp), None, None, None, None)
 
 
 xattn_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from hypothesis import settings
 
+# Without a GPU the Triton kernels run on the CPU through the interpreter; the flag must
+# be set before triton is imported (crossattn imports it lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from crossattn import BlockPruning
 from crossattn.reference import attention_reference
 
 settings.register_profile("ci", max_examples=60, deadline=None)
@@ -29,6 +36,15 @@ GRAD_TOL = {
     torch.bfloat16: 5e-2,
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_ready() -> str | None:
+    """None when the Triton backend can run here, else why not."""
+    import crossattn
+
+    return crossattn.available_backends()["triton"]
 
 
 def make_qkv(B, H, Lq, Lk, D, Dv=None, *, dtype=torch.float32, seed=0, requires_grad=False,
@@ -72,3 +88,40 @@ def reference(q, k, v, **kw):
 def _no_backend_env(monkeypatch):
     # Tests choose backends explicitly; a developer's CROSSATTN_BACKEND must not leak in.
     monkeypatch.delenv("CROSSATTN_BACKEND", raising=False)
+
+
+# Option sets shared by the backend tests (strings are materialised per shape).
+FEATURES = {
+    "plain": {},
+    "key_padding": {"key_padding_mask": "kpm"},
+    "kv_lengths": {"kv_lengths": "lengths"},
+    "query_padding": {"query_padding_mask": "qpm", "key_padding_mask": "kpm"},
+    "temperature_float": {"temperature": 0.6, "scale": 0.3},
+    "temperature_heads": {"temperature": "t"},
+    "dropout": {"dropout_p": 0.2},
+    "prune_topk": {"prune": BlockPruning(block_q=16, block_k=16, top_k=2)},
+    "prune_fixed": {"prune": "block_mask"},
+    "everything": {
+        "key_padding_mask": "kpm", "query_padding_mask": "qpm", "temperature": "t",
+        "dropout_p": 0.3, "prune": BlockPruning(block_q=16, block_k=32, keep=0.5),
+    },
+}
+
+
+def materialise(spec, B, H, Lq, Lk, dtype):
+    """Turn a FEATURES entry into keyword arguments for shapes (B, H, Lq, Lk)."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for name, value in spec.items():
+        if value == "kpm":
+            value = random_padding(B, Lk, seed=2)
+        elif value == "qpm":
+            value = random_padding(B, Lq, seed=3)
+        elif value == "lengths":
+            value = torch.randint(0, Lk + 1, (B,), generator=g)
+        elif value == "t":
+            value = (torch.rand(H, generator=g) + 0.5).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        elif value == "block_mask":
+            value = torch.rand(B, 1, -(-Lq // 64), -(-Lk // 64), generator=g) > 0.4
+        out[name] = value
+    return out

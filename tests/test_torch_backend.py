@@ -13,7 +13,9 @@ import torch
 import crossattn
 from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
-from conftest import DTYPES, GRAD_TOL, TOL, assert_close, f64, make_qkv, random_padding, reference
+from conftest import (
+    DTYPES, FEATURES, GRAD_TOL, assert_close, f64, make_qkv, materialise, random_padding, reference,
+)
 
 ALL_DTYPES = [torch.float64] + DTYPES
 
@@ -49,48 +51,13 @@ def test_forward_matches_reference(shape, dtype, need_weights):
         assert w is None
 
 
-FEATURES = {
-    "plain": {},
-    "key_padding": {"key_padding_mask": "kpm"},
-    "kv_lengths": {"kv_lengths": "lengths"},
-    "query_padding": {"query_padding_mask": "qpm", "key_padding_mask": "kpm"},
-    "temperature_float": {"temperature": 0.6, "scale": 0.3},
-    "temperature_heads": {"temperature": "t"},
-    "dropout": {"dropout_p": 0.2},
-    "prune_topk": {"prune": crossattn.BlockPruning(block_q=16, block_k=16, top_k=2)},
-    "prune_fixed": {"prune": "block_mask"},
-    "everything": {
-        "key_padding_mask": "kpm", "query_padding_mask": "qpm", "temperature": "t",
-        "dropout_p": 0.3, "prune": crossattn.BlockPruning(block_q=16, block_k=32, keep=0.5),
-    },
-}
-
-
-def _materialise(spec, B, H, Lq, Lk, dtype):
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for name, value in spec.items():
-        if value == "kpm":
-            value = random_padding(B, Lk, seed=2)
-        elif value == "qpm":
-            value = random_padding(B, Lq, seed=3)
-        elif value == "lengths":
-            value = torch.randint(0, Lk + 1, (B,), generator=g)
-        elif value == "t":
-            value = (torch.rand(H, generator=g) + 0.5).to(torch.float64 if dtype == torch.float64 else torch.float32)
-        elif value == "block_mask":
-            value = torch.rand(B, 1, -(-Lq // 64), -(-Lk // 64), generator=g) > 0.4
-        out[name] = value
-    return out
-
-
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("need_weights", [False, "full", "mean"])
 def test_gradients_match_reference(feature, dtype, need_weights):
     B, H, Lq, Lk, D, Dv = 2, 3, 37, 70, 24, 16
     q, k, v = make_qkv(B, H, Lq, Lk, D, Dv, dtype=dtype, requires_grad=True)
-    kw = _materialise(FEATURES[feature], B, H, Lq, Lk, dtype)
+    kw = materialise(FEATURES[feature], B, H, Lq, Lk, dtype)
     t = kw.get("temperature")
     if isinstance(t, torch.Tensor):
         t.requires_grad_(True)

@@ -38,9 +38,13 @@ class ModuleBackend(Backend):
     ``bidirectional(xy, yx)``; the module is imported on first use."""
 
     module_name: str = ""
+    _loaded = None
 
     def _module(self):
-        return importlib.import_module(self.module_name)
+        # Cached: torch.compile cannot trace import_module, only the attribute read.
+        if self._loaded is None:
+            self._loaded = importlib.import_module(self.module_name)
+        return self._loaded
 
     def device_unsupported(self, problem: AttentionProblem) -> str | None:
         """Checks that do not need the module (dtype, device)."""
