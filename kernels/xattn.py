@@ -60,6 +60,14 @@ def _block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs are multiplied in full precision unless torch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), as torch.matmul does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 # --------------------------------------------------------------------------- launchers
 def _dummy(device, dtype):
     return torch.empty(1, device=device, dtype=dtype)
@@ -128,7 +136,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
             seed_t, thr, drop_scale, nblk[0], H, D, DV,
             HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     ws = [q[i].new_empty(0) for i in range(len(q))]
     if weights:
@@ -159,7 +167,7 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg):
             *direction(0), *direction(len(q) - 1), ntiles[0], H, D,
             MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREC=_precision(q[0].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return ws
 
@@ -185,7 +193,8 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     nkb = [triton.cdiv(kk.shape[2], cfg.block_n) for kk in k]
     dt_part = [torch.zeros(B * H * max(m, 1), device=device, dtype=torch.float32) for m in nqb]
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(DV), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_DV=_block_dim(DV), PREC=_precision(dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t)
     Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
 

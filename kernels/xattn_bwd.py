@@ -33,13 +33,14 @@ def _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN: tl.constexpr):
 
 
 @triton.jit
-def _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok):
+def _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok,
+            PREC: tl.constexpr):
     """(P, S in base-2 units, K^T) on one tile, P = 0 where nothing is attended."""
     kt = tl.load(
         K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
         mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
     )
-    s2 = tl.dot(q, kt) * coef2
+    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
     p = tl.where(ok, tl.exp2(s2 - lse2[:, None]), 0.0)
     return p, s2, kt
 
@@ -54,11 +55,12 @@ def _xattn_bwd_delta_kernel(
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     if pid < nblk0:
         mblk = pid
         O, DO, L, DW, Q, K, QV, KV, T, DELTA, Lq, Lk, scale = O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, Lq0, Lk0, scale0
@@ -87,7 +89,7 @@ def _xattn_bwd_delta_kernel(
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-            p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok)
+            p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
             delta += tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
@@ -102,11 +104,12 @@ def _xattn_bwd_dkdv_kernel(
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     if pid < nblk0:
         direction = 0
         nblk = pid
@@ -149,8 +152,8 @@ def _xattn_bwd_dkdv_kernel(
         do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
                      mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
         ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
-        p = tl.where(ok, tl.exp2(tl.dot(q, kt) * coef2 - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vt)
+        p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC)
         pd = p
         if DROPOUT:
             keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
@@ -159,8 +162,8 @@ def _xattn_bwd_dkdv_kernel(
         if HAS_DW:
             dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
         ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * coef
     out_n = bh.to(tl.int64) * Lk + offs_n
     tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -179,11 +182,12 @@ def _xattn_bwd_dq_kernel(
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     if pid < nblk0:
         direction = 0
         mblk = pid
@@ -220,12 +224,12 @@ def _xattn_bwd_dq_kernel(
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-        p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok)
+        p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
         vt = tl.load(
             V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
             mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
         )
-        dp = tl.dot(do, vt)
+        dp = tl.dot(do, vt, input_precision=PREC)
         if DROPOUT:
             keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
@@ -234,7 +238,7 @@ def _xattn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if HAS_T:
             dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * coef
     tl.store(DQ + row * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

@@ -68,11 +68,12 @@ def _xattn_fwd_kernel(
     SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     if pid < nblk0:
         direction = 0
         mblk = pid
@@ -108,7 +109,7 @@ def _xattn_fwd_kernel(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
             mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
         )
-        s = tl.dot(q, kt) * coef2
+        s = tl.dot(q, kt, input_precision=PREC) * coef2
         ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -123,7 +124,7 @@ def _xattn_fwd_kernel(
             V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -139,7 +140,8 @@ def _xattn_fwd_kernel(
 @triton.jit
 def _weights_tile(Q, K, L, QV, KV, T, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, scale, D,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr):
+                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
+                  PREC: tl.constexpr):
     """P = exp(S - LSE) on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended."""
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -153,7 +155,7 @@ def _weights_tile(Q, K, L, QV, KV, T, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, 
     lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     lse2 = lse2 * 1.4426950408889634
     ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-    p = tl.exp2(tl.dot(q, kt) * coef2 - lse2[:, None])
+    p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None])
     return tl.where(ok, p, 0.0)
 
 
@@ -165,7 +167,7 @@ def _xattn_weights_kernel(
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
     ntiles0, H, D,
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     """Writes the weights from the stored LSE, one tile per program: no score matrix in
     memory and no softmax pass. MEAN: axis 1 is the batch and the heads are averaged here;
@@ -184,18 +186,18 @@ def _xattn_weights_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if MEAN:
-        b = tl.program_id(1)
+        b = tl.program_id(1).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for h in range(0, H):
             acc += _weights_tile(Q, K, L, QV, KV, T, b, h, b * H + h, offs_m, offs_n, offs_d,
                                  Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                                 HAS_QV, HAS_KV, HAS_T)
+                                 HAS_QV, HAS_KV, HAS_T, PREC)
         w = acc / H
         w_base = W + b.to(tl.int64) * Lq * Lk
     else:
         bh = tl.program_id(1)
         w = _weights_tile(Q, K, L, QV, KV, T, bh // H, bh % H, bh, offs_m, offs_n, offs_d,
                           Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                          HAS_QV, HAS_KV, HAS_T)
+                          HAS_QV, HAS_KV, HAS_T, PREC)
         w_base = W + bh.to(tl.int64) * Lq * Lk
     tl.store(w_base + offs_m[:, None] * Lk + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask)
