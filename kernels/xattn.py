@@ -14,6 +14,7 @@ They are ``torch.library.custom_op`` with fake implementations and ``register_au
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +26,7 @@ from torch import Tensor
 from crossattn._philox import dropout_threshold
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
-from .xattn_fwd import _xattn_fwd_kernel, _xattn_weights_kernel
+from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
@@ -106,6 +107,27 @@ def _prepare(q, k, q_valid, k_valid, temperature):
     return q_valid, k_valid, temperature, (has_qv, has_kv, has_t)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(programs: int, max_lk: int, block_n: int, device: torch.device) -> int:
+    """Key splits for the forward (flash-decoding): when the query blocks alone cannot fill
+    the GPU (20 text tokens against 30 000 audio frames), each also splits its keys.
+    ``CROSSATTN_TRITON_SPLITS`` forces a count (tests use it under the interpreter)."""
+    forced = os.environ.get("CROSSATTN_TRITON_SPLITS")
+    if forced:
+        return max(1, int(forced))
+    if device.type != "cuda" or programs == 0:
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    # About two waves of programs, each split keeping at least 4 key blocks of work.
+    return max(1, min(triton.cdiv(2 * sms, programs), max_lk // (4 * block_n), 64))
+
+
 def _dropout_args(seed, dropout_p, device):
     if dropout_p > 0.0:
         scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
@@ -123,21 +145,37 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
     outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
     lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
+    grid = (sum(nblk), B * H)
+    n_split = _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
+    split_len = [triton.cdiv(triton.cdiv(kk.shape[2], n_split), cfg.block_n) * cfg.block_n or cfg.block_n
+                 for kk in k]
+    if n_split > 1:  # partial results in fp32 workspaces, merged below
+        dest_o = [torch.empty(n_split, B, H, qq.shape[2], DV, device=device, dtype=torch.float32) for qq in q]
+        dest_l = [torch.empty(n_split, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+    else:
+        dest_o, dest_l = outs, lses
 
     def direction(i):
-        return (q[i], k[i], v[i], outs[i], lses[i], qv[i], kv[i], temp[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]),
+        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i],
+                q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i],
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
-    grid = (sum(nblk), B * H)
     if grid[0] and grid[1]:
-        _xattn_fwd_kernel[grid](
+        _xattn_fwd_kernel[grid + (n_split,)](
             *direction(0), *direction(len(q) - 1),
             seed_t, thr, drop_scale, nblk[0], H, D, DV,
-            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout,
+            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
             PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if n_split > 1:
+            last = len(q) - 1
+            _xattn_fwd_combine_kernel[grid](
+                dest_o[0], dest_l[0], outs[0], lses[0], q[0].shape[2],
+                dest_o[last], dest_l[last], outs[last], lses[last], q[last].shape[2],
+                nblk[0], n_split, DV, BLOCK_M=cfg.block_m, BLOCK_DV=_block_dim(DV),
+                num_warps=cfg.num_warps,
+            )
     ws = [q[i].new_empty(0) for i in range(len(q))]
     if weights:
         ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg)

@@ -60,30 +60,41 @@ def _head_coef(T, h, scale, HAS_T: tl.constexpr):
 @triton.jit
 def _xattn_fwd_kernel(
     # direction 0
-    Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0,
+    Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0, split_len0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
     # direction 1 (unused when nblk0 covers the grid)
-    Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1,
+    Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1, split_len1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
     SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Axis 0: query blocks of both directions; axis 1: batch * head; axis 2: key splits.
+
+    With SPLIT (flash-decoding, for few query blocks and many keys) each program covers
+    ``split_len`` keys and O/L are fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` holding
+    normalised partial outputs and partial LSEs (-inf when empty), merged by
+    ``_xattn_fwd_combine_kernel``.
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
         direction = 0
         mblk = pid
         Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0
+        split_len = split_len0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
         svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
     else:
         direction = 1
         mblk = pid - nblk0
         Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1
+        split_len = split_len1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
 
@@ -103,7 +114,9 @@ def _xattn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Key blocks are visited by this loop; a pruning block list can drive it later.
-    for start_n in range(0, Lk, BLOCK_N):
+    n_lo = split * split_len  # split_len is a multiple of BLOCK_N
+    n_hi = tl.minimum(Lk, n_lo + split_len)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(
             K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
@@ -129,12 +142,53 @@ def _xattn_fwd_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    empty_lse = float("-inf") if SPLIT else float("inf")  # final: +inf (reference convention)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                   float("inf"))
-    o_base = O + bh.to(tl.int64) * Lq * DV
-    tl.store(o_base + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
+                   empty_lse)
+    row = split.to(tl.int64) * tl.num_programs(1) + bh
+    tl.store(O + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
-    tl.store(L + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(L + row * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _xattn_fwd_combine_kernel(
+    OP0, LP0, O0, L0, Lq0, OP1, LP1, O1, L1, Lq1, nblk0, n_split, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merges the split-key partial outputs: a softmax over the partial LSEs."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    if pid < nblk0:
+        mblk = pid
+        OP, LP, O, L, Lq = OP0, LP0, O0, L0, Lq0
+    else:
+        mblk = pid - nblk0
+        OP, LP, O, L, Lq = OP1, LP1, O1, L1, Lq1
+    BH = tl.num_programs(1)
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    omask = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    for s in range(0, n_split):
+        row = s * BH + bh
+        ls = tl.load(LP + row * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+        os = tl.load(OP + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=omask, other=0.0)
+        m_new = tl.maximum(m_i, ls)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.exp(ls - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * os
+        m_i = m_new
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    m_safe = tl.where(has_key, m_i, 0.0)
+    lse = tl.where(has_key, m_safe + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(O + bh * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=omask)
+    tl.store(L + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit

@@ -116,6 +116,32 @@ def test_all_options_with_full_weights(shape, dtype):
     check_gradients(q, k, v, kw, "full", dtype)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_key_forward_matches_reference(splits, dtype, monkeypatch):
+    """Flash-decoding path: few query rows, the keys split across programs and merged."""
+    monkeypatch.setenv("CROSSATTN_TRITON_SPLITS", str(splits))
+    B, H, Lq, Lk, D, Dv = 2, 2, 5, 150, 32, 24
+    q, k, v = inputs(B, H, Lq, Lk, D, Dv, dtype, requires_grad=True)
+    kw = to_device(materialise(ALL_OPTIONS, B, H, Lq, Lk, dtype))
+    kw["key_padding_mask"][0, 40:] = True  # batch 0: the later splits see only padding
+    kw["query_padding_mask"][1, 3] = True
+    check_gradients(q, k, v, kw, "mean", dtype)
+
+
+def test_split_key_bidirectional_with_unequal_lengths(monkeypatch):
+    monkeypatch.setenv("CROSSATTN_TRITON_SPLITS", "4")
+    counts = _count_launches(monkeypatch)
+    qx, kx, vx = inputs(1, 2, 3, 3, 16, 16, torch.float32, seed=1)
+    qy, ky, vy = inputs(1, 2, 130, 130, 16, 16, torch.float32, seed=2)
+    res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, backend="triton",
+                                                  need_weights="full")
+    assert counts["_xattn_fwd_kernel"] == 1 and counts["_xattn_fwd_combine_kernel"] == 1
+    ref = bidirectional_reference(*f64(qx, kx, vx, qy, ky, vy), need_weights="full")
+    for name in res._fields:
+        assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
+
+
 def test_empty_rows_give_zero_output_weights_and_gradients():
     q, k, v = inputs(3, 2, 20, 40, 16, 16, torch.float32, requires_grad=True)
     lengths = torch.tensor([40, 0, 7], device=DEVICE)
@@ -157,8 +183,8 @@ def _count_launches(monkeypatch):
     import crossattn.kernels.xattn as xattn
 
     counts = {}
-    for name in ("_xattn_fwd_kernel", "_xattn_weights_kernel", "_xattn_bwd_delta_kernel",
-                 "_xattn_bwd_dkdv_kernel", "_xattn_bwd_dq_kernel"):
+    for name in ("_xattn_fwd_kernel", "_xattn_fwd_combine_kernel", "_xattn_weights_kernel",
+                 "_xattn_bwd_delta_kernel", "_xattn_bwd_dkdv_kernel", "_xattn_bwd_dq_kernel"):
         kernel = getattr(xattn, name)
 
         class Counting:
