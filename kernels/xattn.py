@@ -87,18 +87,15 @@ def _prepare(q, k, q_valid, k_valid, temperature):
     device = q[0].device
     H = q[0].shape[1]
     dummy_u8 = _dummy(device, torch.uint8)
-    if has_qv:
-        q_valid = [t.to(torch.uint8).contiguous() if t is not None
-                   else torch.ones(qq.shape[0], qq.shape[2], device=device, dtype=torch.uint8)
-                   for t, qq in zip(q_valid, q)]
-    else:
-        q_valid = [dummy_u8 for _ in q]
-    if has_kv:
-        k_valid = [t.to(torch.uint8).contiguous() if t is not None
-                   else torch.ones(kk.shape[0], kk.shape[2], device=device, dtype=torch.uint8)
-                   for t, kk in zip(k_valid, k)]
-    else:
-        k_valid = [dummy_u8 for _ in k]
+
+    def masks(given, tensors, present):
+        if not present:
+            return [dummy_u8 for _ in tensors]
+        return [m.to(torch.uint8).contiguous() if m is not None
+                else torch.ones(t.shape[0], t.shape[2], device=device, dtype=torch.uint8)
+                for m, t in zip(given, tensors)]
+
+    q_valid, k_valid = masks(q_valid, q, has_qv), masks(k_valid, k, has_kv)
     if has_t:
         temperature = [t.detach().to(torch.float32).expand(H).contiguous() if t is not None
                        else torch.ones(H, device=device, dtype=torch.float32) for t in temperature]

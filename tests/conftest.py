@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from crossattn import BlockPruning
+from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference
 
 settings.register_profile("ci", max_examples=60, deadline=None)
@@ -88,6 +89,42 @@ def reference(q, k, v, **kw):
 def _no_backend_env(monkeypatch):
     # Tests choose backends explicitly; a developer's CROSSATTN_BACKEND must not leak in.
     monkeypatch.delenv("CROSSATTN_BACKEND", raising=False)
+
+
+def check_gradients(run, q, k, v, kw, need_weights, dtype, tol_scale=1.0):
+    """Forward, weights and every gradient of ``run`` against the float64 reference; the
+    loss weighs outputs and weights with random cotangents."""
+    t = kw.get("temperature")
+    if isinstance(t, torch.Tensor):
+        t.requires_grad_(True)
+    torch.manual_seed(123)
+    out, w = run(q, k, v, need_weights=need_weights, **kw)
+    torch.manual_seed(123)
+    seed = draw_dropout_seed() if kw.get("dropout_p") else None
+    q64, k64, v64 = f64(q, k, v)
+    kw64 = dict(kw)
+    if isinstance(t, torch.Tensor):
+        kw64["temperature"] = t.detach().double().requires_grad_(True)
+    ref_out, ref_w = attention_reference(q64, k64, v64, need_weights=need_weights,
+                                         dropout_seed=seed, **kw64)
+    assert_close(out, ref_out, dtype, what="out")
+    g = torch.Generator().manual_seed(9)
+    g_out = torch.randn(out.shape, generator=g).to(out.device)
+    loss = (out.double() * g_out.to(dtype).double()).sum()
+    ref_loss = (ref_out * g_out.to(dtype).double()).sum()
+    if need_weights:
+        assert_close(w, ref_w, dtype, what="weights")
+        g_w = torch.randn(w.shape, generator=g).to(w.device)
+        loss = loss + (w.double() * g_w.to(dtype).double()).sum()
+        ref_loss = ref_loss + (ref_w * g_w.to(dtype).double()).sum()
+    loss.backward()
+    ref_loss.backward()
+    tol = GRAD_TOL[dtype] * tol_scale
+    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, tol=tol, what=name)
+    if isinstance(t, torch.Tensor):
+        assert_close(t.grad, kw64["temperature"].grad, dtype, tol=tol, what="dtemperature")
 
 
 # Option sets shared by the backend tests (strings are materialised per shape).

@@ -14,7 +14,8 @@ import crossattn
 from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
 from conftest import (
-    DTYPES, FEATURES, GRAD_TOL, assert_close, f64, make_qkv, materialise, random_padding, reference,
+    DTYPES, FEATURES, GRAD_TOL, assert_close, check_gradients, f64, make_qkv, materialise,
+    random_padding, reference,
 )
 
 ALL_DTYPES = [torch.float64] + DTYPES
@@ -58,39 +59,7 @@ def test_gradients_match_reference(feature, dtype, need_weights):
     B, H, Lq, Lk, D, Dv = 2, 3, 37, 70, 24, 16
     q, k, v = make_qkv(B, H, Lq, Lk, D, Dv, dtype=dtype, requires_grad=True)
     kw = materialise(FEATURES[feature], B, H, Lq, Lk, dtype)
-    t = kw.get("temperature")
-    if isinstance(t, torch.Tensor):
-        t.requires_grad_(True)
-    torch.manual_seed(123)
-    out, w = run(q, k, v, need_weights=need_weights, **kw)
-    torch.manual_seed(123)
-    seed = draw_dropout_seed() if kw.get("dropout_p") else None
-
-    q64, k64, v64 = f64(q, k, v)
-    kw64 = dict(kw)
-    if isinstance(t, torch.Tensor):
-        kw64["temperature"] = t.detach().double().requires_grad_(True)
-    ref_out, ref_w = attention_reference(q64, k64, v64, need_weights=need_weights,
-                                         dropout_seed=seed, **kw64)
-    assert_close(out, ref_out, dtype, what="out")
-
-    g = torch.Generator().manual_seed(9)
-    g_out = torch.randn(out.shape, generator=g)
-    loss = (out.double() * g_out.to(dtype).double()).sum()
-    ref_loss = (ref_out * g_out.to(dtype).double()).sum()
-    if need_weights:
-        assert_close(w, ref_w, dtype, what="weights")
-        g_w = torch.randn(w.shape, generator=g)
-        loss = loss + (w.double() * g_w.to(dtype).double()).sum()
-        ref_loss = ref_loss + (ref_w * g_w.to(dtype).double()).sum()
-    loss.backward()
-    ref_loss.backward()
-    tol = GRAD_TOL[dtype]
-    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-        assert a.grad.dtype == dtype
-        assert_close(a.grad, b.grad, dtype, tol=tol, what=name)
-    if isinstance(t, torch.Tensor):
-        assert_close(t.grad, kw64["temperature"].grad, dtype, tol=tol, what="dtemperature")
+    check_gradients(run, q, k, v, kw, need_weights, dtype)
 
 
 @pytest.mark.parametrize("need_weights", [False, "full", "mean"])

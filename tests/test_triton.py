@@ -11,10 +11,10 @@ import torch
 
 import crossattn
 from crossattn._philox import draw_dropout_seed
-from crossattn.reference import attention_reference, bidirectional_reference
+from crossattn.reference import bidirectional_reference
 from conftest import (
-    DEVICE, FEATURES, GRAD_TOL, INTERPRETING, assert_close, f64, make_qkv, materialise,
-    random_padding, reference, triton_ready,
+    DEVICE, FEATURES, GRAD_TOL, INTERPRETING, assert_close, check_gradients, f64, make_qkv,
+    materialise, random_padding, reference, triton_ready,
 )
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
@@ -63,40 +63,6 @@ def test_forward_and_weights_match_reference(shape, dtype, need_weights):
         assert w is None
 
 
-def check_gradients(q, k, v, kw, need_weights, dtype, tol_scale=1.0):
-    t = kw.get("temperature")
-    if isinstance(t, torch.Tensor):
-        t.requires_grad_(True)
-    torch.manual_seed(123)
-    out, w = run(q, k, v, need_weights=need_weights, **kw)
-    torch.manual_seed(123)
-    seed = draw_dropout_seed() if kw.get("dropout_p") else None
-    q64, k64, v64 = f64(q, k, v)
-    kw64 = dict(kw)
-    if isinstance(t, torch.Tensor):
-        kw64["temperature"] = t.detach().double().requires_grad_(True)
-    ref_out, ref_w = attention_reference(q64, k64, v64, need_weights=need_weights,
-                                         dropout_seed=seed, **kw64)
-    assert_close(out, ref_out, dtype, what="out")
-    g = torch.Generator().manual_seed(9)
-    g_out = torch.randn(out.shape, generator=g).to(DEVICE)
-    loss = (out.double() * g_out.to(dtype).double()).sum()
-    ref_loss = (ref_out * g_out.to(dtype).double()).sum()
-    if need_weights:
-        assert_close(w, ref_w, dtype, what="weights")
-        g_w = torch.randn(w.shape, generator=g).to(DEVICE)
-        loss = loss + (w.double() * g_w.to(dtype).double()).sum()
-        ref_loss = ref_loss + (ref_w * g_w.to(dtype).double()).sum()
-    loss.backward()
-    ref_loss.backward()
-    tol = GRAD_TOL[dtype] * tol_scale
-    for name, a, b in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-        assert a.grad.dtype == dtype
-        assert_close(a.grad, b.grad, dtype, tol=tol, what=name)
-    if isinstance(t, torch.Tensor):
-        assert_close(t.grad, kw64["temperature"].grad, dtype, tol=tol, what="dtemperature")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", DENSE_FEATURES)
 @pytest.mark.parametrize("need_weights", [False, "mean"])
@@ -104,7 +70,7 @@ def test_gradients_match_reference(feature, dtype, need_weights):
     B, H, Lq, Lk, D, Dv = 2, 3, 37, 50, 24, 16
     q, k, v = inputs(B, H, Lq, Lk, D, Dv, dtype, requires_grad=True)
     kw = to_device(materialise(FEATURES[feature], B, H, Lq, Lk, dtype))
-    check_gradients(q, k, v, kw, need_weights, dtype)
+    check_gradients(run, q, k, v, kw, need_weights, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -113,7 +79,7 @@ def test_all_options_with_full_weights(shape, dtype):
     B, H, Lq, Lk, D, Dv = shape
     q, k, v = inputs(*shape, dtype, requires_grad=True)
     kw = to_device(materialise(ALL_OPTIONS, B, H, Lq, Lk, dtype))
-    check_gradients(q, k, v, kw, "full", dtype)
+    check_gradients(run, q, k, v, kw, "full", dtype)
 
 
 @pytest.mark.parametrize("splits", [2, 3])
@@ -126,7 +92,7 @@ def test_split_key_forward_matches_reference(splits, dtype, monkeypatch):
     kw = to_device(materialise(ALL_OPTIONS, B, H, Lq, Lk, dtype))
     kw["key_padding_mask"][0, 40:] = True  # batch 0: the later splits see only padding
     kw["query_padding_mask"][1, 3] = True
-    check_gradients(q, k, v, kw, "mean", dtype)
+    check_gradients(run, q, k, v, kw, "mean", dtype)
 
 
 def test_split_key_bidirectional_with_unequal_lengths(monkeypatch):
@@ -301,7 +267,7 @@ def test_seed_workload_on_gpu(dtype):
 def test_odd_lengths_on_gpu(Lq, Lk, D, dtype):
     q, k, v = make_qkv(2, 4, Lq, Lk, D, dtype=dtype, device="cuda", requires_grad=True)
     kw = to_device(materialise(ALL_OPTIONS, 2, 4, Lq, Lk, dtype))
-    check_gradients(q, k, v, kw, "full", dtype, tol_scale=10)
+    check_gradients(run, q, k, v, kw, "full", dtype, tol_scale=10)
 
 
 @pytest.mark.gpu
