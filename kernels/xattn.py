@@ -44,17 +44,27 @@ class _Config:
     num_stages: int
 
 
-def _config(d: int, dv: int) -> _Config:
-    """One launch config per head-dim class (no autotuning yet: the interpreter breaks on
-    several configs, and GPU tuning is its own issue)."""
+# (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class. Every
+# entry fits 99 KB of shared memory per block (RTX 3060/4080 class, sm_86/sm_89), checked
+# from the compiled kernels' metadata by tests/test_kernels_compile.py. Tuning is its own
+# issue; these are the largest tiles that fit.
+_CONFIGS = {
+    ("fwd", 2): {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 8, 2)},
+    ("fwd", 4): {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
+    ("bwd", 2): {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
+    ("bwd", 4): {64: (64, 64, 4, 1), 128: (32, 32, 4, 1), 256: (16, 16, 4, 1)},
+}
+
+
+def _config(d: int, dv: int, dtype: torch.dtype, kind: str) -> _Config:
+    """The launch config of a pass ("fwd": forward, combine, weights; "bwd": backward). One
+    config per class, no autotuning (the interpreter breaks on several configs)."""
     if _interpreting():
         return _Config(32, 32, 1, 1)
     widest = max(d, dv)
-    if widest <= 64:
-        return _Config(64, 64, 4, 2)
-    if widest <= 128:
-        return _Config(64, 64, 4, 2)
-    return _Config(64, 32, 8, 1)
+    table = _CONFIGS[(kind, dtype.itemsize if dtype.itemsize == 4 else 2)]
+    cls = next(c for c in sorted(table) if widest <= c)
+    return _Config(*table[cls])
 
 
 def _block_dim(d: int) -> int:
@@ -136,7 +146,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
     device, dtype = q[0].device, q[0].dtype
-    cfg = _config(D, DV)
+    cfg = _config(D, DV, dtype, "fwd")
     qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
     seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
     outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
@@ -212,7 +222,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
     device, dtype = q[0].device, q[0].dtype
-    cfg = _config(D, DV)
+    cfg = _config(D, DV, dtype, "bwd")
     qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
     seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
     n = len(q)

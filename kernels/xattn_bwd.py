@@ -96,9 +96,9 @@ def _xattn_bwd_delta_kernel(
 
 @triton.jit
 def _xattn_bwd_dkdv_kernel(
-    Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DV0, QV0, KV0, T0, Lq0, Lk0, scale0,
+    Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, Lq0, Lk0, scale0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DV1, QV1, KV1, T1, Lq1, Lk1, scale1,
+    Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, Lq1, Lk1, scale1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
     SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
@@ -113,13 +113,13 @@ def _xattn_bwd_dkdv_kernel(
     if pid < nblk0:
         direction = 0
         nblk = pid
-        Q, K, V, DO, L, DELTA, DW, DK, DVp, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DV0, QV0, KV0, T0, Lq0, Lk0, scale0
+        Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, Lq0, Lk0, scale0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
         svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
     else:
         direction = 1
         nblk = pid - nblk0
-        Q, K, V, DO, L, DELTA, DW, DK, DVp, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DV1, QV1, KV1, T1, Lq1, Lk1, scale1
+        Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, Lq1, Lk1, scale1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
     offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,7 +168,7 @@ def _xattn_bwd_dkdv_kernel(
     out_n = bh.to(tl.int64) * Lk + offs_n
     tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
-    tl.store(DVp + out_n[:, None] * DV + offs_dv[None, :], dv.to(DVp.dtype.element_ty),
+    tl.store(DVP + out_n[:, None] * DV + offs_dv[None, :], dv.to(DVP.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
 
 

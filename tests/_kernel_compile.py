@@ -1,0 +1,115 @@
+"""Compile the Triton kernels for NVIDIA targets without a GPU (Triton ships ptxas).
+
+Used by tests/test_kernels_compile.py; also runnable as a script to print a survey:
+    python tests/_kernel_compile.py
+"""
+from __future__ import annotations
+
+import os
+
+POINTER_ARGS = {
+    "Q": "data", "K": "data", "V": "data", "O": "data", "W": "data", "DW": "data", "DO": "data",
+    "DQ": "data", "DK": "data", "DVP": "data",
+    "L": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "LP": "fp32",
+    "QV": "u8", "KV": "u8", "SEED": "i64",
+}
+FLOAT_ARGS = {"scale", "drop_scale"}
+INT64_ARGS = {"drop_threshold"}
+TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        base = name.rstrip("01")
+        if base in POINTER_ARGS:
+            kind = POINTER_ARGS[base]
+            sig[name] = "*" + (TRITON_DTYPE[dtype] if kind == "data" else kind)
+        elif base in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif base in INT64_ARGS:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def kernel_variants(dtype: str, d: int):
+    """(name, kernel, constexprs, launch options) for every kernel at head dim ``d`` with the
+    config the launcher picks and every optional feature switched on (the worst case)."""
+    import torch
+
+    from crossattn.kernels import xattn, xattn_bwd, xattn_fwd
+
+    bd = xattn._block_dim(d)
+    prec = "ieee" if dtype == "float32" else "tf32"
+    flags = dict(HAS_QV=True, HAS_KV=True, HAS_T=True)
+    for kind in ("fwd", "bwd"):
+        cfg = xattn._config(d, d, getattr(torch, dtype), kind)
+        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec)
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if kind == "fwd":
+            for split in (False, True):
+                yield (f"fwd{'_split' if split else ''}", xattn_fwd._xattn_fwd_kernel,
+                       dict(**flags, DROPOUT=True, SPLIT=split, **blocks), opts)
+            yield ("combine", xattn_fwd._xattn_fwd_combine_kernel,
+                   dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd), dict(num_warps=cfg.num_warps))
+            wblocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PREC=prec)
+            for mean in (False, True):
+                yield (f"weights_{'mean' if mean else 'full'}", xattn_fwd._xattn_weights_kernel,
+                       dict(MEAN=mean, **flags, **wblocks), opts)
+        else:
+            yield ("bwd_delta", xattn_bwd._xattn_bwd_delta_kernel,
+                   dict(HAS_DW=True, MEAN=False, **flags, **blocks), opts)
+            for name, kernel in (("bwd_dkdv", xattn_bwd._xattn_bwd_dkdv_kernel),
+                                 ("bwd_dq", xattn_bwd._xattn_bwd_dq_kernel)):
+                yield name, kernel, dict(HAS_DW=True, MEAN=False, **flags, DROPOUT=True, **blocks), opts
+
+
+def compile_kernel(kernel, dtype: str, constexprs: dict, options: dict, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(kernel, signature(kernel, dtype, constexprs), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _job(job):
+    arch, dtype, d, name = job
+    variant = next(v for v in kernel_variants(dtype, d) if v[0] == name)
+    compiled = compile_kernel(variant[1], dtype, variant[2], variant[3], arch)
+    return {"arch": arch, "dtype": dtype, "d": d, "kernel": name, "shared": compiled.metadata.shared}
+
+
+def survey(jobs, workers: int = 2):
+    """Compile every job (arch, dtype, head dim, kernel name) in worker processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_job, jobs))
+
+
+def default_jobs():
+    names = [v[0] for v in kernel_variants("float16", 64)]
+    jobs = [(86, dt, d, n) for dt in ("float16", "float32") for d in (64, 128, 256) for n in names]
+    jobs += [(86, "bfloat16", 128, n) for n in names]
+    jobs += [(90, "float16", 128, n) for n in names]  # Hopper codegen
+    return jobs
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = survey(default_jobs())
+    if "--json" in sys.argv:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"sm_{r['arch']} {r['dtype']:8s} d={r['d']:3d} {r['kernel']:14s} shared={r['shared']:6d}")
