@@ -13,6 +13,8 @@ from .functional import (
 )
 from .pruning import BlockPruning
 from .reference import BidirectionalOutput
+from . import nn  # noqa: E402  (after the functional API it is built on)
+from .nn import convert_multihead_attention
 
 __version__ = "0.1.0"
 
@@ -23,7 +25,9 @@ __all__ = [
     "available_backends",
     "bidirectional_cross_attention",
     "choose_backend",
+    "convert_multihead_attention",
     "cross_attention",
+    "nn",
     "select_blocks",
     "__version__",
 ]

@@ -369,9 +369,10 @@ def _backward(ctx, d_outs, d_lses, d_ws):
         else:
             shape, dtype = meta
             d_temp.append((g.sum() if shape.numel() == 1 else g).reshape(shape).to(dtype))
-    # torch.library flattens a list of optional tensors that holds no tensor to one leaf.
+    # torch.library expands an input list only when it holds tensors alone; a list with a
+    # None in it is one leaf, whose gradient is a single None.
     def like(present, grads):
-        return grads if any(present) else None
+        return grads if all(present) else None
 
     none = [None] * ctx.n
     return (dq, dk, dv, like(ctx.opt_mask[0], none), like(ctx.opt_mask[1], none),
@@ -394,12 +395,13 @@ def unsupported(problem) -> str | None:
 
 
 def _op_args(problems):
-    temps = []
-    for p in problems:
-        t = p.temperature
-        if t is not None and not isinstance(t, torch.Tensor):
-            t = torch.full((1,), float(t), device=p.q.device, dtype=torch.float32)
-        temps.append(t)
+    temps = [p.temperature for p in problems]
+    if any(t is not None for t in temps):
+        # All tensors, so that the op's autograd hands back a gradient per direction.
+        temps = [t if isinstance(t, torch.Tensor)
+                 else torch.full((1,), 1.0 if t is None else float(t), device=p.q.device,
+                                 dtype=torch.float32)
+                 for t, p in zip(temps, problems)]
     first = problems[0]
     return (
         [p.q for p in problems], [p.k for p in problems], [p.v for p in problems],

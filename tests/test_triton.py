@@ -296,3 +296,24 @@ def test_cuda_graph_replay_matches_eager():
     torch.testing.assert_close(out, fresh[0])
     torch.testing.assert_close(w, fresh[1])
     assert not torch.allclose(out, expected[0])
+
+
+def test_bidirectional_options_on_one_side_only():
+    """A mask on one side and a temperature for one direction: lists of optional tensors
+    through the custom op's autograd."""
+    qx, kx, vx = inputs(2, 2, 11, 11, 16, 16, torch.float32, seed=1, requires_grad=True)
+    qy, ky, vy = inputs(2, 2, 23, 23, 16, 16, torch.float32, seed=2, requires_grad=True)
+    ym = random_padding(2, 23, seed=3).to(DEVICE)
+    t = torch.tensor([0.6, 1.4], device=DEVICE, requires_grad=True)
+    kw = dict(y_padding_mask=ym, need_weights="mean")
+    res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, temperature=(t, None),
+                                                  backend="triton", **kw)
+    ins64 = f64(qx, kx, vx, qy, ky, vy)
+    t64 = t.detach().double().requires_grad_(True)
+    ref = bidirectional_reference(*ins64, temperature=(t64, None), **kw)
+    for name in res._fields:
+        assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
+    sum((r.double() ** 2).sum() for r in res).backward()
+    sum((r ** 2).sum() for r in ref).backward()
+    for a, b in zip((qx, kx, vx, qy, ky, vy, t), (*ins64, t64)):
+        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
