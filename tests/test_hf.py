@@ -50,7 +50,14 @@ def bert_config():
                                    num_attention_heads=4, intermediate_size=37)
 
 
-def test_bert_matches_eager_with_padding_and_weights(name, kernel_calls):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bert_matches_eager_with_padding_and_weights(name, kernel_calls, backend, monkeypatch):
+    if backend == "triton":
+        from conftest import triton_ready
+
+        if triton_ready() is not None or torch.cuda.is_available():
+            pytest.skip(f"the interpreter variant runs on CPU-only machines ({triton_ready()})")
+        monkeypatch.setenv("CROSSATTN_BACKEND", "triton")  # auto picks torch on the CPU
     eager, ours = pair(transformers.BertModel, bert_config(), name)
     ids = torch.randint(0, 99, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)

@@ -338,9 +338,48 @@ def test_modules_on_the_triton_backend_match_the_torch_backend():
     sum(t.sum() for t in b).backward()
     for (n, p), q in zip(m.named_parameters(), m_torch.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=n)
+    cma = CrossModalAttention(16, 2, kdim=12, backend="triton").to(DEVICE).eval()
+    q, ctx = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 33, 12, device=DEVICE)
+    out, w = cma(q, ctx, need_weights="mean")
+    cma.backend = "torch"
+    ref, ref_w = cma(q, ctx, need_weights="mean")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w, ref_w, rtol=1e-4, atol=1e-4)
     mha = MultiheadAttention(16, 2, batch_first=True, backend="triton").to(DEVICE).eval()
     x = torch.randn(2, 7, 16, device=DEVICE)
     out, w = mha(x, x, x)
     ref, ref_w = nn.MultiheadAttention.forward(mha, x, x, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w, ref_w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_seed_workload_modules_on_gpu(dtype):
+    """Seed 000 through the module (B=4, T=512, A=1000, E=768, H=8) and seed 001 (20 x 196,
+    E=256): Triton against the torch backend, forward and backward."""
+    torch.manual_seed(0)
+    m = BidirectionalCrossAttention(768, 8, learnable_temperature=True, backend="triton")
+    m = m.to("cuda", dtype).train()
+    m.dropout = 0.0
+    ref = copy.deepcopy(m)
+    ref.backend = "torch"
+    text = torch.randn(4, 512, 768, device="cuda", dtype=dtype)
+    audio = torch.randn(4, 1000, 768, device="cuda", dtype=dtype)
+    tm = torch.ones(4, 512, dtype=torch.long, device="cuda")
+    am = torch.ones(4, 1000, dtype=torch.long, device="cuda")
+    tm[1, 300:] = 0
+    am[2, 640:] = 0
+    a = m(text, audio, tm, am, need_weights="mean")
+    b = ref(text, audio, tm, am, need_weights="mean")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.float(), y.float(), rtol=3e-2, atol=3e-2)
+    sum(t.float().square().mean() for t in a).backward()
+    sum(t.float().square().mean() for t in b).backward()
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=5e-2, atol=5e-2, msg=n)
+    cma = CrossModalAttention(256, 8, backend="triton").to("cuda", dtype).eval()
+    out, w = cma(torch.randn(4, 20, 256, device="cuda", dtype=dtype),
+                 torch.randn(4, 196, 256, device="cuda", dtype=dtype), need_weights="full")
+    assert out.shape == (4, 20, 256) and w.shape == (4, 8, 20, 196)

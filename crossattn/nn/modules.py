@@ -59,7 +59,8 @@ class CrossModalAttention(nn.Module):
     Args:
         embed_dim: width ``E`` of the queries and of the output.
         num_heads: ``H``; ``E`` must be divisible by it.
-        kdim, vdim: widths of the context for keys and values (default ``E``).
+        kdim, vdim: widths of the context for keys and of the values (default ``E`` and
+            ``kdim``: the values are the context unless ``value`` is passed).
         dropout: attention dropout, applied in training mode.
         bias: biases in the projections.
         learnable_temperature: a per-head temperature parameter (logits / temperature).
@@ -79,7 +80,8 @@ class CrossModalAttention(nn.Module):
         _check_divisible(embed_dim, num_heads, "embed_dim")
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.kdim = kdim or embed_dim
+        self.vdim = vdim or self.kdim  # the values default to the context itself
         self.dropout, self.prune, self.backend = dropout, prune, backend
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
