@@ -4,7 +4,9 @@ Dropout in crossattn is defined by Philox4x32-10 (Salmon et al., SC'11), the gen
 that Triton exposes as ``tl.philox`` and cuRAND as ``curand_Philox4x32_10``. Element
 ``(b, h, i, j)`` of direction ``d`` (0 = x->y or one-direction, 1 = y->x) is **dropped** iff
 
-    philox(key=seed, counter=(j, i, b * H + h, d))[0] < floor(p * 2**32)
+    philox(key=seed, counter=(j // 4, i, b * H + h, d))[j % 4] < floor(p * 2**32)
+
+(each Philox call yields four words: one serves four neighbouring keys).
 
 The mask therefore depends only on the seed and the element's coordinates -- not on
 chunking, block sizes, launch order or device -- so the reference, the torch backend and
@@ -35,11 +37,11 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> torch.Tensor:
-    """First output word of Philox4x32 for a 64-bit ``seed`` (int or 0-d int64 tensor) and
-    broadcastable int64 counters.
+def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox4x32 for a 64-bit ``seed`` (int or 0-d int64 tensor)
+    and broadcastable int64 counters (values in [0, 2**32)).
 
-    Matches ``tl.philox(seed, c0, c1, c2, c3)[0]`` with uint32 counters.
+    Matches ``tl.philox(seed, c0, c1, c2, c3)`` with uint32 counters.
     """
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     k0 = seed & _MASK32
@@ -50,7 +52,7 @@ def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_threshold(p: float) -> int:
@@ -71,12 +73,14 @@ def dropout_keep_mask(
 ) -> torch.Tensor:
     """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64)."""
     rows = rows.to(device=device, dtype=torch.int64)
-    j = torch.arange(cols, device=device, dtype=torch.int64).view(1, 1, 1, cols)
+    groups = -(-cols // 4)
+    j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
     i = rows.view(1, 1, -1, 1)
     bh = torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
     d = torch.tensor(direction, device=device, dtype=torch.int64)
-    word = philox4x32(seed, j, i, bh, d)
-    return word >= dropout_threshold(p)
+    words = torch.stack(philox4x32(seed, j4, i, bh, d), dim=-1)  # [B, H, R, groups, 4]
+    words = words.flatten(-2)[..., :cols]  # key j takes word j % 4 of counter j // 4
+    return words >= dropout_threshold(p)
 
 
 def draw_dropout_seed() -> torch.Tensor:

@@ -9,7 +9,7 @@ Conventions (the reference's, crossattn/reference.py):
 * logits are kept in base-2 units inside the kernels: ``s2 = q.k * scale / T * log2(e)``;
 * the stored LSE is natural-log; rows that attend to nothing store +inf;
 * dropout drops element (b, h, i, j) of direction d iff
-  ``philox(seed, (j, i, b*H + h, d))[0] < floor(p * 2**32)``.
+  ``philox(seed, (j // 4, i, b*H + h, d))[j % 4] < floor(p * 2**32)`` (crossattn/_philox.py).
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold):
-    """Bool [BLOCK_M, BLOCK_N]: True where dropout keeps the weight."""
+    """Bool [BLOCK_M, BLOCK_N]: True where dropout keeps the weight (key j takes word j % 4
+    of the Philox call for counter (j // 4, i, b*H + h, direction))."""
     zero = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.int32)
-    c0 = offs_n[None, :] + zero
+    c0 = offs_n[None, :] // 4 + zero
     c1 = offs_m[:, None] + zero
     c2 = zero + bh
     c3 = zero + direction
-    word, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    lane = offs_n[None, :] % 4 + zero
+    word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return word.to(tl.int64) >= drop_threshold
 
 

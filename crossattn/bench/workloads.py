@@ -1,0 +1,94 @@
+"""Benchmark workloads: bidirectional text<->audio layers and single-direction attention cores."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``kind="layer"``: the seed's bidirectional layer on features text ``[B, T, E]`` and audio
+    ``[B, A, E]`` (projections, attention both ways, residual + LayerNorm).
+    ``kind="core"``: attention alone on ``q [B, H, T, D]``, ``k``/``v`` ``[B, H, A, D]``."""
+
+    name: str
+    B: int
+    T: int
+    A: int
+    E: int
+    H: int
+    kind: str = "layer"
+    ragged: bool = False  # padding with lengths drawn from 30-100 %
+    group: str = ""  # plots draw one line per implementation within a group (the sweep)
+
+    @property
+    def D(self) -> int:
+        return self.E // self.H
+
+    def attention_flops(self) -> float:
+        """Forward FLOPs of the attention matmuls (QK^T and PV), both directions for layers."""
+        per_direction = 4.0 * self.B * self.H * self.T * self.A * self.D
+        return per_direction * (2 if self.kind == "layer" else 1)
+
+    def describe(self) -> dict:
+        return dict(asdict(self), D=self.D)
+
+
+@dataclass
+class Inputs:
+    """One set of inputs for a workload (several sets rotate between timed runs)."""
+
+    text: torch.Tensor  # [B, T, E] (layer) or q [B, H, T, D] (core)
+    audio: torch.Tensor  # [B, A, E] (layer) or k [B, H, A, D] (core)
+    value: torch.Tensor | None = None  # v for cores
+    text_mask: torch.Tensor | None = None  # HF style, 1 = real
+    audio_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def make_inputs(w: Workload, device, dtype, seed: int = 0, requires_grad: bool = False) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    if w.kind == "layer":
+        inputs = Inputs(randn(w.B, w.T, w.E), randn(w.B, w.A, w.E))
+    else:
+        inputs = Inputs(randn(w.B, w.H, w.T, w.D), randn(w.B, w.H, w.A, w.D), randn(w.B, w.H, w.A, w.D))
+    if w.ragged:
+        def mask(L):
+            lengths = torch.randint(max(1, math.ceil(0.3 * L)), L + 1, (w.B,), generator=g)
+            lengths[0] = L  # the longest sequence sets the padded length
+            return (torch.arange(L)[None, :] < lengths[:, None]).long().to(device)
+
+        inputs.text_mask, inputs.audio_mask = mask(w.T), mask(w.A)
+    return inputs
+
+
+def gpu_workloads() -> list[Workload]:
+    sweep = [Workload(f"sweep_A{a}", 4, 128, a, 768, 8, group="audio_sweep") for a in (250, 500, 1000, 2000, 4000, 8000, 16000)]
+    return [
+        Workload("seed000", 4, 512, 1000, 768, 8),
+        Workload("seed001", 4, 20, 196, 256, 8),
+        Workload("short_inference", 1, 32, 300, 768, 8),
+        Workload("long_audio", 2, 128, 16000, 768, 8),
+        Workload("compute_bound", 2, 8192, 8192, 2048, 16, kind="core"),
+        Workload("ragged", 4, 512, 1000, 768, 8, ragged=True),
+        *sweep,
+    ]
+
+
+def quick_workloads() -> list[Workload]:
+    """CPU-sized: the whole quick run stays under two minutes on two cores."""
+    sweep = [Workload(f"sweep_A{a}", 2, 32, a, 256, 4, group="audio_sweep") for a in (100, 200, 400, 800)]
+    return [
+        Workload("seed000_small", 2, 64, 400, 256, 4),
+        Workload("seed001", 4, 20, 196, 256, 8),
+        Workload("short_inference_small", 1, 32, 300, 256, 4),
+        Workload("ragged_small", 2, 64, 400, 256, 4, ragged=True),
+        Workload("core_small", 1, 256, 256, 256, 4, kind="core"),
+        *sweep,
+    ]
