@@ -23,7 +23,7 @@ def readme_command(marker: str) -> str:
 def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     main = readme_command("main-command")
     test = readme_command("test-command")
-    assert "crossattn.demo" in main and "pytest" in test
+    assert "crossattn.bench --quick" in main and "pytest" in test
     out = subprocess.run(
         ["bash", "-c", "awk '/<!-- test-command -->/ {found=1; next} found && /^```/ "
          "{if (inside) exit; inside=1; next} inside {print}' README.md"],
