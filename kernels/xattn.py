@@ -358,8 +358,12 @@ def _backward(ctx, d_outs, d_lses, d_ws):
     q, k, v, out, lse, q_valid, k_valid, temperature, seed = _unflatten(ctx)
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
-    if ctx.weights and any(d is None for d in d_ws):
-        d_ws = [None] * ctx.n
+    if ctx.weights and any(d is not None for d in d_ws):
+        # A loss on one direction's weights only: the other direction's weights get zeros.
+        mean = ctx.weights == WEIGHTS_MODES["mean"]
+        d_ws = [d if d is not None else
+                qq.new_zeros((qq.shape[0],) + (() if mean else (qq.shape[1],)) + (qq.shape[2], kk.shape[2]))
+                for d, qq, kk in zip(d_ws, q, k)]
     dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
                                   temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights)
     d_temp = []

@@ -317,3 +317,18 @@ def test_bidirectional_options_on_one_side_only():
     sum((r ** 2).sum() for r in ref).backward()
     for a, b in zip((qx, kx, vx, qy, ky, vy, t), (*ins64, t64)):
         assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+
+
+@pytest.mark.parametrize("need_weights", ["full", "mean"])
+def test_loss_on_one_directions_weights_only(need_weights):
+    qx, kx, vx = inputs(1, 2, 9, 9, 16, 16, torch.float32, seed=1, requires_grad=True)
+    qy, ky, vy = inputs(1, 2, 20, 20, 16, 16, torch.float32, seed=2, requires_grad=True)
+    res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, backend="triton",
+                                                  need_weights=need_weights)
+    ins64 = f64(qx, kx, vx, qy, ky, vy)
+    ref = bidirectional_reference(*ins64, need_weights=need_weights)
+    (res.weights_xy.double() ** 2).sum().backward()  # weights_yx and the outputs unused
+    (ref.weights_xy ** 2).sum().backward()
+    for a, b in zip((qx, ky), (ins64[0], ins64[4])):
+        assert a.grad.abs().sum() > 0
+        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
