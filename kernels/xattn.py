@@ -24,6 +24,7 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
+from crossattn.reference import select_blocks_reference
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
 from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
@@ -135,6 +136,26 @@ def _num_splits(programs: int, max_lk: int, block_n: int, device: torch.device) 
     return max(1, min(triton.cdiv(2 * sms, programs), max_lk // (4 * block_n), 64))
 
 
+def _prune_args(block_mask, q, k, cfg, block_q, block_k):
+    """Dense kept-block masks as uint8 ``[B, H, nqb, nkb]`` per direction (all kept for a
+    direction without pruning when the other has it), their sizes, and the launch config
+    with tiles that divide the pruning blocks."""
+    prune = any(m is not None for m in block_mask)
+    B, H = q[0].shape[:2]
+    if not prune:
+        dummy = _dummy(q[0].device, torch.uint8)
+        return [dummy] * len(q), [(1, 1)] * len(q), cfg, False, 1, 1
+    masks, sizes = [], []
+    for m, qq, kk in zip(block_mask, q, k):
+        nqb, nkb = triton.cdiv(qq.shape[2], block_q), triton.cdiv(kk.shape[2], block_k)
+        if m is None:
+            m = torch.ones(B, H, nqb, nkb, device=qq.device, dtype=torch.uint8)
+        masks.append(m.expand(B, H, nqb, nkb).to(torch.uint8).contiguous())
+        sizes.append((nqb, nkb))
+    cfg = _Config(min(cfg.block_m, block_q), min(cfg.block_n, block_k), cfg.num_warps, cfg.num_stages)
+    return masks, sizes, cfg, True, block_q, block_k
+
+
 def _dropout_args(seed, dropout_p, device):
     if dropout_p > 0.0:
         scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
@@ -142,18 +163,20 @@ def _dropout_args(seed, dropout_p, device):
     return _dummy(device, torch.int64), 0, 1.0, False
 
 
-def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+                block_mask, block_q, block_k):
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
     device, dtype = q[0].device, q[0].dtype
-    cfg = _config(D, DV, dtype, "fwd")
+    bms, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
+        block_mask, q, k, _config(D, DV, dtype, "fwd"), block_q, block_k)
     qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
     seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
     outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
     lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     grid = (sum(nblk), B * H)
-    n_split = _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
+    n_split = 1 if prune else _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
     split_len = [triton.cdiv(triton.cdiv(kk.shape[2], n_split), cfg.block_n) * cfg.block_n or cfg.block_n
                  for kk in k]
     if n_split > 1:  # partial results in fp32 workspaces, merged below
@@ -163,15 +186,15 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
         dest_o, dest_l = outs, lses
 
     def direction(i):
-        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i],
+        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i], bms[i],
+                q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i], *bm_sizes[i],
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
     if grid[0] and grid[1]:
         _xattn_fwd_kernel[grid + (n_split,)](
             *direction(0), *direction(len(q) - 1),
-            seed_t, thr, drop_scale, nblk[0], H, D, DV,
-            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1,
+            seed_t, thr, drop_scale, nblk[0], H, D, DV, block_q, block_k,
+            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1, PRUNE=prune,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
             PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -185,11 +208,13 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
             )
     ws = [q[i].new_empty(0) for i in range(len(q))]
     if weights:
-        ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg)
+        ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg,
+                             (bms, bm_sizes, prune, block_q, block_k))
     return outs, lses, ws
 
 
-def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg):
+def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, pruning):
+    bms, bm_sizes, prune, block_q, block_k = pruning
     B, H, _, D = q[0].shape
     mean = weights == WEIGHTS_MODES["mean"]
     ws = []
@@ -202,15 +227,15 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg):
         ntiles.append(triton.cdiv(Lq, cfg.block_m) * nkb[-1])
 
     def direction(i):
-        return (q[i], k[i], lses[i], ws[i], qv[i], kv[i], temp[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), max(nkb[i], 1),
+        return (q[i], k[i], lses[i], ws[i], qv[i], kv[i], temp[i], bms[i],
+                q[i].shape[2], k[i].shape[2], float(scale[i]), max(nkb[i], 1), *bm_sizes[i],
                 *q[i].stride(), *k[i].stride())
 
     grid = (sum(ntiles), B if mean else B * H)
     if grid[0] and grid[1]:
         _xattn_weights_kernel[grid](
-            *direction(0), *direction(len(q) - 1), ntiles[0], H, D,
-            MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2],
+            *direction(0), *direction(len(q) - 1), ntiles[0], H, D, block_q, block_k,
+            MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
             PREC=_precision(q[0].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -218,11 +243,12 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg):
 
 
 def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
-                seed, dropout_p, weights):
+                seed, dropout_p, weights, block_mask, block_q, block_k):
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
     device, dtype = q[0].device, q[0].dtype
-    cfg = _config(D, DV, dtype, "bwd")
+    bms, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
+        block_mask, q, k, _config(D, DV, dtype, "bwd"), block_q, block_k)
     qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
     seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
     n = len(q)
@@ -240,26 +266,27 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
                   BLOCK_DV=_block_dim(DV), PREC=_precision(dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t)
+    flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, PRUNE=prune)
     Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
 
     if B * H and sum(nqb):
         _xattn_bwd_delta_kernel[(sum(nqb), B * H)](
             *[a for i in (0, n - 1) for a in (
-                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i],
-                *Ls[i], float(scale[i]), *q[i].stride(), *k[i].stride())],
-            nqb[0], H, D, DV, HAS_DW=has_dw, MEAN=mean, **flags, **common,
+                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], bms[i],
+                *Ls[i], float(scale[i]), *bm_sizes[i], *q[i].stride(), *k[i].stride())],
+            nqb[0], H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
         )
 
     def grads_args(i, first, second):
         return (q[i], k[i], v[i], dout[i], lse[i], delta[i], dw[i], first[i], second[i],
-                qv[i], kv[i], temp[i], *Ls[i], float(scale[i]),
+                qv[i], kv[i], temp[i], bms[i], *Ls[i], float(scale[i]), *bm_sizes[i],
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
     drop = (seed_t, thr, drop_scale)
     if B * H and sum(nkb):
         _xattn_bwd_dkdv_kernel[(sum(nkb), B * H)](
             *grads_args(0, dk, dv), *grads_args(n - 1, dk, dv), *drop, nkb[0], H, D, DV,
+            block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
     else:
@@ -268,6 +295,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     if B * H and sum(nqb):
         _xattn_bwd_dq_kernel[(sum(nqb), B * H)](
             *grads_args(0, dq, dt_part), *grads_args(n - 1, dq, dt_part), *drop, nqb[0], H, D, DV,
+            block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
     dtemp = [p.view(B, H, -1).sum((0, 2)) if has_t else p.new_empty(0) for p in dt_part]
@@ -281,12 +309,15 @@ def xattn_fwd(
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
+    block_mask: list[Optional[Tensor]], block_q: int, block_k: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights)
+    return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+                       block_mask, block_q, block_k)
 
 
 @xattn_fwd.register_fake
-def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+      block_mask, block_q, block_k):
     outs, lses, ws = [], [], []
     for qq, kk, vv in zip(q, k, v):
         B, H, Lq, _ = qq.shape
@@ -304,13 +335,15 @@ def xattn_bwd(
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
+    block_mask: list[Optional[Tensor]], block_q: int, block_k: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     return _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature,
-                       scale, seed, dropout_p, weights)
+                       scale, seed, dropout_p, weights, block_mask, block_q, block_k)
 
 
 @xattn_bwd.register_fake
-def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights):
+def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+      block_mask, block_q, block_k):
     has_t = any(t is not None for t in temperature)
     return (
         [torch.empty_like(t) for t in q], [torch.empty_like(t) for t in k],
@@ -321,7 +354,7 @@ def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights = inputs
+    q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_q, block_k = inputs
     outs, lses, _ = output
     n = len(q)
     ctx.n = n
@@ -330,10 +363,13 @@ def _setup_context(ctx, inputs, output):
     ctx.opt_mask = ([t is not None for t in q_valid], [t is not None for t in k_valid])
     ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
     ctx.has_seed = seed is not None
+    ctx.has_bm = [m is not None for m in block_mask]
+    ctx.block_sizes = (block_q, block_k)
     saved = [*q, *k, *v, *outs, *lses]
     saved += [t for t in q_valid if t is not None] + [t for t in k_valid if t is not None]
     saved += [t for t in temperature if t is not None]
     saved += [seed] if seed is not None else []
+    saved += [m for m in block_mask if m is not None]
     ctx.save_for_backward(*saved)
 
 
@@ -351,11 +387,12 @@ def _unflatten(ctx):
     k_valid = [take(1)[0] if has else None for has in ctx.opt_mask[1]]
     temperature = [take(1)[0] if has else None for has in ctx.has_temp]
     seed = take(1)[0] if ctx.has_seed else None
-    return q, k, v, out, lse, q_valid, k_valid, temperature, seed
+    block_mask = [take(1)[0] if has else None for has in ctx.has_bm]
+    return q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask
 
 
 def _backward(ctx, d_outs, d_lses, d_ws):
-    q, k, v, out, lse, q_valid, k_valid, temperature, seed = _unflatten(ctx)
+    q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask = _unflatten(ctx)
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
     if ctx.weights and any(d is not None for d in d_ws):
@@ -365,7 +402,8 @@ def _backward(ctx, d_outs, d_lses, d_ws):
                 qq.new_zeros((qq.shape[0],) + (() if mean else (qq.shape[1],)) + (qq.shape[2], kk.shape[2]))
                 for d, qq, kk in zip(d_ws, q, k)]
     dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
-                                  temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights)
+                                  temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights,
+                                  block_mask, *ctx.block_sizes)
     d_temp = []
     for g, meta in zip(dtemp, ctx.temp_meta):
         if meta is None:
@@ -380,7 +418,7 @@ def _backward(ctx, d_outs, d_lses, d_ws):
 
     none = [None] * ctx.n
     return (dq, dk, dv, like(ctx.opt_mask[0], none), like(ctx.opt_mask[1], none),
-            like(ctx.has_temp, d_temp), None, None, None, None)
+            like(ctx.has_temp, d_temp), None, None, None, None, like(ctx.has_bm, none), None, None)
 
 
 xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -389,8 +427,6 @@ xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- backend API
 def unsupported(problem) -> str | None:
     B, H, Lq, Lk, D, Dv = problem.dims
-    if problem.pruning is not None:
-        return "block pruning is not in the Triton kernels yet; use backend='torch'"
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
     if _interpreting() and problem.q.dtype == torch.bfloat16:
@@ -413,7 +449,29 @@ def _op_args(problems):
         [p.scale for p in problems],
         first.dropout_seed.to(first.q.device) if first.dropout_p > 0 else None,
         first.dropout_p, WEIGHTS_MODES[first.need_weights],
+        *_pruning_args(problems),
     )
+
+
+def _pruning_args(problems):
+    """Kept-block masks per direction (selected by the reference's rule on the device) and
+    the shared block sizes."""
+    configs = [p.pruning for p in problems]
+    if all(c is None for c in configs):
+        return [None] * len(problems), 0, 0
+    sizes = {(c.block_q, c.block_k) for c in configs if c is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"the Triton kernels need one block size for both directions, got {sorted(sizes)}")
+    (block_q, block_k), = sizes
+    masks = []
+    for p in problems:
+        if p.pruning is None:
+            masks.append(None)
+            continue
+        masks.append(select_blocks_reference(
+            p.q, p.k, p.pruning, key_valid=p.key_valid(), query_valid=p.query_valid(),
+            scale=p.scale, temperature=p.temperature))
+    return masks, block_q, block_k
 
 
 def _run(problems):

@@ -47,13 +47,13 @@ def _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, 
 
 @triton.jit
 def _xattn_bwd_delta_kernel(
-    O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, Lq0, Lk0, scale0,
+    O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
-    O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, Lq1, Lk1, scale1,
+    O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    nblk0, H, D, DV,
+    nblk0, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr,
+    HAS_T: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -64,10 +64,12 @@ def _xattn_bwd_delta_kernel(
     if pid < nblk0:
         mblk = pid
         O, DO, L, DW, Q, K, QV, KV, T, DELTA, Lq, Lk, scale = O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, Lq0, Lk0, scale0
+        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
     else:
         mblk = pid - nblk0
         O, DO, L, DW, Q, K, QV, KV, T, DELTA, Lq, Lk, scale = O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, Lq1, Lk1, scale1
+        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -86,23 +88,28 @@ def _xattn_bwd_delta_kernel(
         lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         lse2 = lse2 * 1.4426950408889634
         row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+        bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
         for start_n in range(0, Lk, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-            p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-            delta += tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
+            kept = True
+            if PRUNE:
+                kept = tl.load(bm_row + start_n // block_k) != 0
+            if kept:
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+                p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
+                delta += tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
 def _xattn_bwd_dkdv_kernel(
-    Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, Lq0, Lk0, scale0,
+    Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, Lq1, Lk1, scale1,
+    Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
+    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -114,12 +121,14 @@ def _xattn_bwd_dkdv_kernel(
         direction = 0
         nblk = pid
         Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, Lq0, Lk0, scale0
+        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
         svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
     else:
         direction = 1
         nblk = pid - nblk0
         Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, Lq1, Lk1, scale1
+        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
     offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,30 +149,35 @@ def _xattn_bwd_dkdv_kernel(
         seed = tl.load(SEED)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    kb = (nblk * BLOCK_N) // block_k  # this key tile's pruning block (BLOCK_N | block_k)
     for start_m in range(0, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-        )
-        row = bh.to(tl.int64) * Lq
-        lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
-        do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                     mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-        ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
-        p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vt, input_precision=PREC)
-        pd = p
-        if DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-            pd = tl.where(keep, p * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        if HAS_DW:
-            dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-        ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        kept = True
+        if PRUNE:  # only the query blocks that kept this key block cost matrix work
+            kept = tl.load(BM + ((b * H + h) * nqbp + start_m // block_q) * nkbp + kb) != 0
+        if kept:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
+            )
+            row = bh.to(tl.int64) * Lq
+            lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
+            do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                         mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+            ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
+            p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=PREC)
+            pd = p
+            if DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+                pd = tl.where(keep, p * drop_scale, 0.0)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            if HAS_DW:
+                dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * coef
     out_n = bh.to(tl.int64) * Lk + offs_n
     tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -174,13 +188,13 @@ def _xattn_bwd_dkdv_kernel(
 
 @triton.jit
 def _xattn_bwd_dq_kernel(
-    Q0, K0, V0, DO0, L0, DELTA0, DW0, DQ0, DT0, QV0, KV0, T0, Lq0, Lk0, scale0,
+    Q0, K0, V0, DO0, L0, DELTA0, DW0, DQ0, DT0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, Lq1, Lk1, scale1,
+    Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
+    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -193,6 +207,7 @@ def _xattn_bwd_dq_kernel(
         mblk = pid
         nblk_dir = nblk0
         Q, K, V, DO, L, DELTA, DW, DQ, DT, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DQ0, DT0, QV0, KV0, T0, Lq0, Lk0, scale0
+        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
         svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
     else:
@@ -200,6 +215,7 @@ def _xattn_bwd_dq_kernel(
         mblk = pid - nblk0
         nblk_dir = tl.num_programs(0) - nblk0
         Q, K, V, DO, L, DELTA, DW, DQ, DT, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, Lq1, Lk1, scale1
+        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -221,24 +237,29 @@ def _xattn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
     for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-        p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-        vt = tl.load(
-            V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-            mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
-        )
-        dp = tl.dot(do, vt, input_precision=PREC)
-        if DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        if HAS_DW:
-            dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-        ds = p * (dp - delta[:, None])
-        if HAS_T:
-            dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        kept = True
+        if PRUNE:
+            kept = tl.load(bm_row + start_n // block_k) != 0
+        if kept:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+            p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
+            vt = tl.load(
+                V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+                mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
+            )
+            dp = tl.dot(do, vt, input_precision=PREC)
+            if DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            if HAS_DW:
+                dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
+            ds = p * (dp - delta[:, None])
+            if HAS_T:
+                dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * coef
     tl.store(DQ + row * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

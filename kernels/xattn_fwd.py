@@ -63,14 +63,14 @@ def _head_coef(T, h, scale, HAS_T: tl.constexpr):
 @triton.jit
 def _xattn_fwd_kernel(
     # direction 0
-    Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0, split_len0,
+    Q0, K0, V0, O0, L0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, split_len0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
     # direction 1 (unused when nblk0 covers the grid)
-    Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1, split_len1,
+    Q1, K1, V1, O1, L1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, split_len1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV,
+    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -90,14 +90,14 @@ def _xattn_fwd_kernel(
         direction = 0
         mblk = pid
         Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0
-        split_len = split_len0
+        split_len, BM, nqbp, nkbp = split_len0, BM0, nqbp0, nkbp0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
         svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
     else:
         direction = 1
         mblk = pid - nblk0
         Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1
-        split_len = split_len1
+        split_len, BM, nqbp, nkbp = split_len1, BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
 
@@ -116,32 +116,37 @@ def _xattn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    # Key blocks are visited by this loop; a pruning block list can drive it later.
+    # Pruning: the kept-block row of this query tile ([B, H, nqbp, nkbp], BLOCK_M | block_q).
+    bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
     n_lo = split * split_len  # split_len is a multiple of BLOCK_N
     n_hi = tl.minimum(Lk, n_lo + split_len)
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(
-            K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-        )
-        s = tl.dot(q, kt, input_precision=PREC) * coef2
-        ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(
-            V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        kept = True
+        if PRUNE:  # a pruned key block costs no matrix work
+            kept = tl.load(bm_row + start_n // block_k) != 0
+        if kept:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = tl.load(
+                K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
+            )
+            s = tl.dot(q, kt, input_precision=PREC) * coef2
+            ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = tl.load(
+                V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -195,35 +200,45 @@ def _xattn_fwd_combine_kernel(
 
 
 @triton.jit
-def _weights_tile(Q, K, L, QV, KV, T, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, scale, D,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+def _weights_tile(Q, K, L, QV, KV, T, BM, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, scale, D,
+                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, nqbp, nkbp, block_q, block_k, H,
                   HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-                  PREC: tl.constexpr):
-    """P = exp(S - LSE) on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended."""
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-    )
-    kt = tl.load(
-        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-    )
-    coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
-    lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse2 = lse2 * 1.4426950408889634
-    ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-    p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None])
-    return tl.where(ok, p, 0.0)
+                  PRUNE: tl.constexpr, PREC: tl.constexpr):
+    """P = exp(S - LSE) on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended (and,
+    without any matrix work, on a pruned block)."""
+    p = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    kept = True
+    if PRUNE:  # the whole tile lies in one pruning block (BLOCK_M | block_q, BLOCK_N | block_k)
+        qb = tl.min(offs_m, 0).to(tl.int64) // block_q
+        kb = tl.min(offs_n, 0).to(tl.int64) // block_k
+        kept = tl.load(BM + ((b * H + h) * nqbp + qb) * nkbp + kb) != 0
+    if kept:
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
+        )
+        kt = tl.load(
+            K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
+        )
+        coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
+        lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        lse2 = lse2 * 1.4426950408889634
+        ok = (_row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None]
+              & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :])
+        p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
+    return p
 
 
 @triton.jit
 def _xattn_weights_kernel(
-    Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0,
+    Q0, K0, L0, W0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nkb0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
-    Q1, K1, L1, W1, QV1, KV1, T1, Lq1, Lk1, scale1, nkb1,
+    Q1, K1, L1, W1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nkb1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    ntiles0, H, D,
+    ntiles0, H, D, block_q, block_k,
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
+    PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     """Writes the weights from the stored LSE, one tile per program: no score matrix in
@@ -233,10 +248,12 @@ def _xattn_weights_kernel(
     if pid < ntiles0:
         tile = pid
         Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0
+        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
     else:
         tile = pid - ntiles0
         Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q1, K1, L1, W1, QV1, KV1, T1, Lq1, Lk1, scale1, nkb1
+        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
     offs_m = (tile // nkb) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % nkb) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,15 +263,15 @@ def _xattn_weights_kernel(
         b = tl.program_id(1).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for h in range(0, H):
-            acc += _weights_tile(Q, K, L, QV, KV, T, b, h, b * H + h, offs_m, offs_n, offs_d,
+            acc += _weights_tile(Q, K, L, QV, KV, T, BM, b, h, b * H + h, offs_m, offs_n, offs_d,
                                  Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                                 HAS_QV, HAS_KV, HAS_T, PREC)
+                                 nqbp, nkbp, block_q, block_k, H, HAS_QV, HAS_KV, HAS_T, PRUNE, PREC)
         w = acc / H
         w_base = W + b.to(tl.int64) * Lq * Lk
     else:
         bh = tl.program_id(1)
-        w = _weights_tile(Q, K, L, QV, KV, T, bh // H, bh % H, bh, offs_m, offs_n, offs_d,
-                          Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                          HAS_QV, HAS_KV, HAS_T, PREC)
+        w = _weights_tile(Q, K, L, QV, KV, T, BM, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh,
+                          offs_m, offs_n, offs_d, Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+                          nqbp, nkbp, block_q, block_k, H, HAS_QV, HAS_KV, HAS_T, PRUNE, PREC)
         w_base = W + bh.to(tl.int64) * Lq * Lk
     tl.store(w_base + offs_m[:, None] * Lk + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask)

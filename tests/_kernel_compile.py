@@ -11,7 +11,7 @@ POINTER_ARGS = {
     "Q": "data", "K": "data", "V": "data", "O": "data", "W": "data", "DW": "data", "DO": "data",
     "DQ": "data", "DK": "data", "DVP": "data",
     "L": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "LP": "fp32",
-    "QV": "u8", "KV": "u8", "SEED": "i64",
+    "QV": "u8", "KV": "u8", "BM": "u8", "SEED": "i64",
 }
 FLOAT_ARGS = {"scale", "drop_scale"}
 INT64_ARGS = {"drop_threshold"}
@@ -46,15 +46,15 @@ def kernel_variants(dtype: str, d: int):
 
     bd = xattn._block_dim(d)
     prec = "ieee" if dtype == "float32" else "tf32"
-    flags = dict(HAS_QV=True, HAS_KV=True, HAS_T=True)
+    flags = dict(HAS_QV=True, HAS_KV=True, HAS_T=True, PRUNE=True)
     for kind in ("fwd", "bwd"):
         cfg = xattn._config(d, d, getattr(torch, dtype), kind)
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if kind == "fwd":
-            for split in (False, True):
+            for split in (False, True):  # the launcher never splits pruned attention
                 yield (f"fwd{'_split' if split else ''}", xattn_fwd._xattn_fwd_kernel,
-                       dict(**flags, DROPOUT=True, SPLIT=split, **blocks), opts)
+                       dict(flags, PRUNE=not split, DROPOUT=True, SPLIT=split, **blocks), opts)
             yield ("combine", xattn_fwd._xattn_fwd_combine_kernel,
                    dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd), dict(num_warps=cfg.num_warps))
             wblocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PREC=prec)

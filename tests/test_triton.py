@@ -203,14 +203,17 @@ def test_opcheck():
     qv = ~random_padding(2, 9, seed=2).to(DEVICE)
     t = torch.tensor([0.5, 1.5], device=DEVICE, requires_grad=True)
     seed = torch.tensor(1234, dtype=torch.int64, device=DEVICE)
+    block_mask = torch.rand(2, 1, 1, 2, device=DEVICE) > 0.3
+    no_prune = ([None], 0, 0)
     for weights in (0, 1, 2):
         args = ([q], [k], [v], [qv], [kv], [t], [0.25], seed, 0.2, weights)
-        torch.library.opcheck(xattn_fwd, args)
+        torch.library.opcheck(xattn_fwd, args + no_prune)
+    torch.library.opcheck(xattn_fwd, args + ([block_mask], 16, 16))
     with torch.no_grad():  # the backward op itself is not differentiable (no double backward)
-        outs, lses, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1)
+        outs, lses, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune)
     bwd_args = ([torch.randn_like(outs[0])], [torch.randn(2, 2, 9, 21, device=DEVICE)],
                 [q.detach()], [k.detach()], [v.detach()], outs, lses, [None], [kv], [None],
-                [0.25], None, 0.0, 1)
+                [0.25], None, 0.0, 1) + no_prune
     torch.library.opcheck(xattn_bwd, bwd_args)
 
 
@@ -332,3 +335,62 @@ def test_loss_on_one_directions_weights_only(need_weights):
     for a, b in zip((qx, ky), (ins64[0], ins64[4])):
         assert a.grad.abs().sum() > 0
         assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+
+
+PRUNINGS = [
+    crossattn.BlockPruning(block_q=16, block_k=16, top_k=2),
+    crossattn.BlockPruning(block_q=32, block_k=16, keep=0.5),
+    crossattn.BlockPruning(block_q=16, block_k=32, mass=0.8, min_blocks=2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prune", PRUNINGS, ids=repr)
+@pytest.mark.parametrize("need_weights", [False, "full", "mean"])
+def test_pruned_attention_matches_reference(prune, need_weights, dtype):
+    """Kept blocks only: exact over the kept keys, zeros in pruned weights, gradients."""
+    B, H, Lq, Lk = 2, 2, 45, 100
+    q, k, v = inputs(B, H, Lq, Lk, 16, 24, dtype, requires_grad=True)
+    # Temperature gradients in fp16 are test_all_options_with_full_weights' subject; here the
+    # masks, dropout and pruning.
+    options = {n: x for n, x in ALL_OPTIONS.items() if n != "temperature"}
+    kw = to_device(materialise(options, B, H, Lq, Lk, dtype))
+    kw["temperature"] = 0.8
+    # Select on the inputs' own precision; the reference then attends over the same blocks.
+    sel_kw = {n: x for n, x in kw.items() if n not in ("dropout_p",)}
+    sel = crossattn.select_blocks(q, k, prune, **sel_kw)
+    fixed = crossattn.BlockPruning(block_q=prune.block_q, block_k=prune.block_k, block_mask=sel)
+    torch.manual_seed(5)
+    out, w = run(q, k, v, prune=prune, need_weights=need_weights, **kw)
+    torch.manual_seed(5)
+    out_fixed, _ = run(q, k, v, prune=fixed, need_weights=need_weights, **kw)
+    torch.testing.assert_close(out, out_fixed, rtol=0, atol=0)
+    check_gradients(run, q, k, v, dict(kw, prune=fixed), need_weights, dtype)
+    if need_weights == "full":
+        pruned = ~sel.repeat_interleave(prune.block_q, 2)[:, :, :Lq].repeat_interleave(prune.block_k, 3)[..., :Lk]
+        assert (w[pruned] == 0).all()
+
+
+def test_pruned_bidirectional_takes_a_pair():
+    qx, kx, vx = inputs(1, 2, 40, 40, 16, 16, torch.float32, seed=1, requires_grad=True)
+    qy, ky, vy = inputs(1, 2, 70, 70, 16, 16, torch.float32, seed=2, requires_grad=True)
+    pxy = torch.zeros(1, 1, 3, 5, dtype=torch.bool, device=DEVICE)
+    pxy[..., 0, :2] = True
+    pxy[..., 1:, 3] = True
+    prune = (crossattn.BlockPruning(block_q=16, block_k=16, block_mask=pxy),
+             crossattn.BlockPruning(block_q=16, block_k=16, top_k=1))
+    res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, prune=prune,
+                                                  need_weights="full", backend="triton")
+    ins64 = f64(qx, kx, vx, qy, ky, vy)
+    ref = bidirectional_reference(*ins64, prune=prune, need_weights="full")
+    for name in res._fields:
+        assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
+    sum((r.double() ** 2).sum() for r in res).backward()
+    sum((r ** 2).sum() for r in ref).backward()
+    for a, b in zip((qx, kx, vx, qy, ky, vy), ins64):
+        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+    with pytest.raises(ValueError, match="one block size for both directions"):
+        crossattn.bidirectional_cross_attention(
+            qx, kx, vx, qy, ky, vy, backend="triton",
+            prune=(crossattn.BlockPruning(block_q=16, block_k=16, top_k=1),
+                   crossattn.BlockPruning(block_q=32, block_k=16, top_k=1)))
