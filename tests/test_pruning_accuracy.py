@@ -14,10 +14,19 @@ def load():
     return module
 
 
+def _table(text):
+    rows = [l.strip("|").split("|") for l in text.splitlines() if l.startswith("| ") and "---" not in l]
+    return {(r[0].strip(), r[1].strip()): [float(x) for x in r[2:]] for r in rows[1:]}
+
+
 def test_study_reproduces_the_committed_table(tmp_path):
     load().main(["--output", str(tmp_path / "t.md")])
-    committed = (STUDY.parent / "results" / "pruning_accuracy.md").read_text()
-    assert (tmp_path / "t.md").read_text() == committed
+    fresh = _table((tmp_path / "t.md").read_text())
+    committed = _table((STUDY.parent / "results" / "pruning_accuracy.md").read_text())
+    assert fresh.keys() == committed.keys() and len(fresh) == 24
+    for key, values in committed.items():  # printed to 3 digits: allow the last one to move
+        for a, b in zip(fresh[key], values):
+            assert abs(a - b) <= 1e-2 * abs(b) + 1e-9, (key, a, b)
 
 
 def test_findings():
