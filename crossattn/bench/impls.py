@@ -232,11 +232,12 @@ def registry(quick: bool) -> list[Impl]:
                 lambda w, d, t, b=backend, nw=weights: _runner(
                     w, d, t, core=crossattn_core(b, nw), pair=crossattn_pair(b, nw)),
                 writes_weights=weights or None, why_not=why_not))
-        prune = crossattn.BlockPruning(keep=0.25)
-        impls.append(Impl(
-            f"crossattn[{backend}] prune keep=0.25",
-            lambda w, d, t, b=backend, p=prune: _runner(
-                w, d, t, core=crossattn_core(b, False, p), pair=crossattn_pair(b, False, p)),
-            why_not=lambda w, d, t, f=why_not, b=backend: f(w, d, t) or (
-                "pruning is not in this backend's kernels yet" if b == "cuda" else None)))
+        for keep in (0.5, 0.25, 0.1):
+            prune = crossattn.BlockPruning(keep=keep)
+            impls.append(Impl(
+                f"crossattn[{backend}] prune keep={keep}",
+                lambda w, d, t, b=backend, p=prune: _runner(
+                    w, d, t, core=crossattn_core(b, False, p), pair=crossattn_pair(b, False, p)),
+                why_not=lambda w, d, t, f=why_not, b=backend: f(w, d, t) or (
+                    "pruning is not in this backend's kernels yet" if b == "cuda" else None)))
     return impls
