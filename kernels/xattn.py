@@ -163,15 +163,22 @@ def _dropout_args(seed, dropout_p, device):
     return _dummy(device, torch.int64), 0, 1.0, False
 
 
-def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                block_mask, block_q, block_k):
+def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k):
+    """What both passes derive from the op arguments: dims, launch config, kernel-ready masks,
+    temperatures, dropout and pruning arguments."""
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
-    device, dtype = q[0].device, q[0].dtype
-    bms, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
-        block_mask, q, k, _config(D, DV, dtype, "fwd"), block_q, block_k)
-    qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
-    seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
+    prune_args = _prune_args(block_mask, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+    return (B, H, D, DV, q[0].device, q[0].dtype, *prune_args,
+            *_prepare(q, k, q_valid, k_valid, temperature),
+            *_dropout_args(seed, dropout_p, q[0].device))
+
+
+def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+                block_mask, block_q, block_k):
+    (B, H, D, DV, device, dtype, bms, bm_sizes, cfg, prune, block_q, block_k,
+     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
+        "fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k)
     outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
     lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
@@ -244,13 +251,9 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, prunin
 
 def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
                 seed, dropout_p, weights, block_mask, block_q, block_k):
-    B, H, _, D = q[0].shape
-    DV = v[0].shape[3]
-    device, dtype = q[0].device, q[0].dtype
-    bms, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
-        block_mask, q, k, _config(D, DV, dtype, "bwd"), block_q, block_k)
-    qv, kv, temp, (has_qv, has_kv, has_t) = _prepare(q, k, q_valid, k_valid, temperature)
-    seed_t, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, device)
+    (B, H, D, DV, device, dtype, bms, bm_sizes, cfg, prune, block_q, block_k,
+     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
+        "bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k)
     n = len(q)
     mean = weights == WEIGHTS_MODES["mean"]
     has_dw = weights != 0 and all(d is not None for d in dweights)
