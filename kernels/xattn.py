@@ -24,10 +24,10 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
-from crossattn.reference import select_blocks_reference
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
 from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
+from .xattn_select import compact, select_blocks_triton
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
@@ -136,24 +136,28 @@ def _num_splits(programs: int, max_lk: int, block_n: int, device: torch.device) 
     return max(1, min(triton.cdiv(2 * sms, programs), max_lk // (4 * block_n), 64))
 
 
-def _prune_args(block_mask, q, k, cfg, block_q, block_k):
-    """Dense kept-block masks as uint8 ``[B, H, nqb, nkb]`` per direction (all kept for a
-    direction without pruning when the other has it), their sizes, and the launch config
-    with tiles that divide the pruning blocks."""
+def _prune_args(block_mask, block_layout, q, k, cfg, block_q, block_k):
+    """Per direction: the dense kept-block mask as uint8 ``[B, H, nqb, nkb]`` (the weights
+    pass tests one bit per tile) and the compact layout ``[B, H, nqb, 1 + nkb]`` (the other
+    passes walk the kept blocks only), all blocks for a direction without pruning when the
+    other has it; their sizes; and the launch config with tiles dividing the blocks."""
     prune = any(m is not None for m in block_mask)
     B, H = q[0].shape[:2]
     if not prune:
         dummy = _dummy(q[0].device, torch.uint8)
-        return [dummy] * len(q), [(1, 1)] * len(q), cfg, False, 1, 1
-    masks, sizes = [], []
-    for m, qq, kk in zip(block_mask, q, k):
+        return [dummy] * len(q), [dummy] * len(q), [(1, 1)] * len(q), cfg, False, 1, 1
+    masks, layouts, sizes = [], [], []
+    for m, lay, qq, kk in zip(block_mask, block_layout, q, k):
         nqb, nkb = triton.cdiv(qq.shape[2], block_q), triton.cdiv(kk.shape[2], block_k)
         if m is None:
-            m = torch.ones(B, H, nqb, nkb, device=qq.device, dtype=torch.uint8)
-        masks.append(m.expand(B, H, nqb, nkb).to(torch.uint8).contiguous())
+            m = torch.ones(1, 1, nqb, nkb, device=qq.device, dtype=torch.uint8)
+        m = m.expand(B, H, nqb, nkb)
+        m = (m.view(torch.uint8) if m.dtype == torch.bool else m.to(torch.uint8)).contiguous()
+        masks.append(m)
+        layouts.append(lay if lay is not None else compact(m, B, H))
         sizes.append((nqb, nkb))
     cfg = _Config(min(cfg.block_m, block_q), min(cfg.block_n, block_k), cfg.num_warps, cfg.num_stages)
-    return masks, sizes, cfg, True, block_q, block_k
+    return masks, layouts, sizes, cfg, True, block_q, block_k
 
 
 def _dropout_args(seed, dropout_p, device):
@@ -163,27 +167,32 @@ def _dropout_args(seed, dropout_p, device):
     return _dummy(device, torch.int64), 0, 1.0, False
 
 
-def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k):
+def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+           block_q, block_k):
     """What both passes derive from the op arguments: dims, launch config, kernel-ready masks,
     temperatures, dropout and pruning arguments."""
     B, H, _, D = q[0].shape
     DV = v[0].shape[3]
-    prune_args = _prune_args(block_mask, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+    prune_args = _prune_args(block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind),
+                             block_q, block_k)
     return (B, H, D, DV, q[0].device, q[0].dtype, *prune_args,
             *_prepare(q, k, q_valid, k_valid, temperature),
             *_dropout_args(seed, dropout_p, q[0].device))
 
 
 def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                block_mask, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, bm_sizes, cfg, prune, block_q, block_k,
+                block_mask, block_layout, block_q, block_k):
+    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
      qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k)
+        "fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+        block_q, block_k)
     outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
     lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     grid = (sum(nblk), B * H)
-    n_split = 1 if prune else _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
+    # Pruned rows deal their kept blocks round-robin to the splits, so the split count is
+    # chosen for the full key length; unpruned splits take contiguous key ranges.
+    n_split = _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
     split_len = [triton.cdiv(triton.cdiv(kk.shape[2], n_split), cfg.block_n) * cfg.block_n or cfg.block_n
                  for kk in k]
     if n_split > 1:  # partial results in fp32 workspaces, merged below
@@ -193,7 +202,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
         dest_o, dest_l = outs, lses
 
     def direction(i):
-        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i], bms[i],
+        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i], layouts[i],
                 q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i], *bm_sizes[i],
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
@@ -250,10 +259,13 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, prunin
 
 
 def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
-                seed, dropout_p, weights, block_mask, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, bm_sizes, cfg, prune, block_q, block_k,
+                seed, dropout_p, weights, block_mask, block_layout, block_q, block_k):
+    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
      qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_q, block_k)
+        "bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+        block_q, block_k)
+    # dK/dV programs walk the query blocks that kept their key block: the transposed layout.
+    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in bms] if prune else layouts
     n = len(q)
     mean = weights == WEIGHTS_MODES["mean"]
     has_dw = weights != 0 and all(d is not None for d in dweights)
@@ -275,20 +287,20 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     if B * H and sum(nqb):
         _xattn_bwd_delta_kernel[(sum(nqb), B * H)](
             *[a for i in (0, n - 1) for a in (
-                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], bms[i],
+                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], layouts[i],
                 *Ls[i], float(scale[i]), *bm_sizes[i], *q[i].stride(), *k[i].stride())],
             nqb[0], H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
         )
 
-    def grads_args(i, first, second):
+    def grads_args(i, first, second, lay):
         return (q[i], k[i], v[i], dout[i], lse[i], delta[i], dw[i], first[i], second[i],
-                qv[i], kv[i], temp[i], bms[i], *Ls[i], float(scale[i]), *bm_sizes[i],
+                qv[i], kv[i], temp[i], lay[i], *Ls[i], float(scale[i]), *bm_sizes[i],
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
     drop = (seed_t, thr, drop_scale)
     if B * H and sum(nkb):
         _xattn_bwd_dkdv_kernel[(sum(nkb), B * H)](
-            *grads_args(0, dk, dv), *grads_args(n - 1, dk, dv), *drop, nkb[0], H, D, DV,
+            *grads_args(0, dk, dv, t_layouts), *grads_args(n - 1, dk, dv, t_layouts), *drop, nkb[0], H, D, DV,
             block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
@@ -297,7 +309,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
             t.zero_()
     if B * H and sum(nqb):
         _xattn_bwd_dq_kernel[(sum(nqb), B * H)](
-            *grads_args(0, dq, dt_part), *grads_args(n - 1, dq, dt_part), *drop, nqb[0], H, D, DV,
+            *grads_args(0, dq, dt_part, layouts), *grads_args(n - 1, dq, dt_part, layouts), *drop, nqb[0], H, D, DV,
             block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
@@ -312,15 +324,15 @@ def xattn_fwd(
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
-    block_mask: list[Optional[Tensor]], block_q: int, block_k: int,
+    block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                       block_mask, block_q, block_k)
+                       block_mask, block_layout, block_q, block_k)
 
 
 @xattn_fwd.register_fake
 def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_q, block_k):
+      block_mask, block_layout, block_q, block_k):
     outs, lses, ws = [], [], []
     for qq, kk, vv in zip(q, k, v):
         B, H, Lq, _ = qq.shape
@@ -338,15 +350,15 @@ def xattn_bwd(
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
-    block_mask: list[Optional[Tensor]], block_q: int, block_k: int,
+    block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     return _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature,
-                       scale, seed, dropout_p, weights, block_mask, block_q, block_k)
+                       scale, seed, dropout_p, weights, block_mask, block_layout, block_q, block_k)
 
 
 @xattn_bwd.register_fake
 def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_q, block_k):
+      block_mask, block_layout, block_q, block_k):
     has_t = any(t is not None for t in temperature)
     return (
         [torch.empty_like(t) for t in q], [torch.empty_like(t) for t in k],
@@ -357,7 +369,8 @@ def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_q, block_k = inputs
+    (q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_layout,
+     block_q, block_k) = inputs
     outs, lses, _ = output
     n = len(q)
     ctx.n = n
@@ -367,12 +380,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
     ctx.has_seed = seed is not None
     ctx.has_bm = [m is not None for m in block_mask]
+    ctx.has_layout = [m is not None for m in block_layout]
     ctx.block_sizes = (block_q, block_k)
     saved = [*q, *k, *v, *outs, *lses]
     saved += [t for t in q_valid if t is not None] + [t for t in k_valid if t is not None]
     saved += [t for t in temperature if t is not None]
     saved += [seed] if seed is not None else []
     saved += [m for m in block_mask if m is not None]
+    saved += [m for m in block_layout if m is not None]
     ctx.save_for_backward(*saved)
 
 
@@ -391,11 +406,12 @@ def _unflatten(ctx):
     temperature = [take(1)[0] if has else None for has in ctx.has_temp]
     seed = take(1)[0] if ctx.has_seed else None
     block_mask = [take(1)[0] if has else None for has in ctx.has_bm]
-    return q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask
+    block_layout = [take(1)[0] if has else None for has in ctx.has_layout]
+    return q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout
 
 
 def _backward(ctx, d_outs, d_lses, d_ws):
-    q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask = _unflatten(ctx)
+    q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout = _unflatten(ctx)
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
     if ctx.weights and any(d is not None for d in d_ws):
@@ -406,7 +422,7 @@ def _backward(ctx, d_outs, d_lses, d_ws):
                 for d, qq, kk in zip(d_ws, q, k)]
     dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
                                   temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights,
-                                  block_mask, *ctx.block_sizes)
+                                  block_mask, block_layout, *ctx.block_sizes)
     d_temp = []
     for g, meta in zip(dtemp, ctx.temp_meta):
         if meta is None:
@@ -421,7 +437,8 @@ def _backward(ctx, d_outs, d_lses, d_ws):
 
     none = [None] * ctx.n
     return (dq, dk, dv, like(ctx.opt_mask[0], none), like(ctx.opt_mask[1], none),
-            like(ctx.has_temp, d_temp), None, None, None, None, like(ctx.has_bm, none), None, None)
+            like(ctx.has_temp, d_temp), None, None, None, None, like(ctx.has_bm, none),
+            like(ctx.has_layout, none), None, None)
 
 
 xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -457,24 +474,26 @@ def _op_args(problems):
 
 
 def _pruning_args(problems):
-    """Kept-block masks per direction (selected by the reference's rule on the device) and
-    the shared block sizes."""
+    """Kept blocks per direction, selected on the device by the Triton selection kernel
+    (dense mask and compact layout), and the shared block sizes."""
     configs = [p.pruning for p in problems]
     if all(c is None for c in configs):
-        return [None] * len(problems), 0, 0
+        return [None] * len(problems), [None] * len(problems), 0, 0
     sizes = {(c.block_q, c.block_k) for c in configs if c is not None}
     if len(sizes) > 1:
         raise ValueError(f"the Triton kernels need one block size for both directions, got {sorted(sizes)}")
     (block_q, block_k), = sizes
-    masks = []
+    masks, layouts = [], []
     for p in problems:
         if p.pruning is None:
             masks.append(None)
+            layouts.append(None)
             continue
-        masks.append(select_blocks_reference(
-            p.q, p.k, p.pruning, key_valid=p.key_valid(), query_valid=p.query_valid(),
-            scale=p.scale, temperature=p.temperature))
-    return masks, block_q, block_k
+        sel = select_blocks_triton(p.q, p.k, p.pruning, key_valid=p.key_valid(), query_valid=p.query_valid(),
+                                   scale=p.scale, temperature=p.temperature)
+        masks.append(sel.mask)
+        layouts.append(sel.layout)
+    return masks, layouts, block_q, block_k
 
 
 def _run(problems):

@@ -46,6 +46,18 @@ def _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, 
 
 
 @triton.jit
+def _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
+                   skb, skh, skn, skd, coef2, lse2, HAS_KV: tl.constexpr, MEAN: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """rowsum(P * dW) over one key tile."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+    p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
+    return tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
+
+
+@triton.jit
 def _xattn_bwd_delta_kernel(
     O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
@@ -88,17 +100,56 @@ def _xattn_bwd_delta_kernel(
         lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
         lse2 = lse2 * 1.4426950408889634
         row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
-        bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
-        for start_n in range(0, Lk, BLOCK_N):
-            kept = True
-            if PRUNE:
-                kept = tl.load(bm_row + start_n // block_k) != 0
-            if kept:
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-                p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-                delta += tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
+        if PRUNE:  # kept key blocks only (BLOCK_M | block_q, BLOCK_N | block_k)
+            lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
+            n_sub = block_k // BLOCK_N
+            for t in range(0, tl.load(lrow) * n_sub):
+                start_n = tl.load(lrow + 1 + t // n_sub) * block_k + (t % n_sub) * BLOCK_N
+                if start_n < Lk:
+                    delta += _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
+                                            skb, skh, skn, skd, coef2, lse2, HAS_KV, MEAN, BLOCK_N,
+                                            BLOCK_D, PREC)
+        else:
+            for start_n in range(0, Lk, BLOCK_N):
+                delta += _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
+                                        skb, skh, skn, skd, coef2, lse2, HAS_KV, MEAN, BLOCK_N,
+                                        BLOCK_D, PREC)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV, b, h, bh,
+               Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2, seed, drop_threshold, drop_scale,
+               direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV contributions of queries ``start_m .. start_m + BLOCK_M``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
+    )
+    row = bh.to(tl.int64) * Lq
+    lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
+    do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+    ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
+    p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
+    dp = tl.dot(do, vt, input_precision=PREC)
+    pd = p
+    if DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    if HAS_DW:
+        dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
+    ds = p * (dp - delta[:, None])
+    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -145,45 +196,65 @@ def _xattn_bwd_dkdv_kernel(
     coef = _head_coef(T, h, scale, HAS_T)
     coef2 = coef * 1.4426950408889634
     col_ok = _col_valid(KV, b, offs_n, Lk, HAS_KV)
+    seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-    kb = (nblk * BLOCK_N) // block_k  # this key tile's pruning block (BLOCK_N | block_k)
-    for start_m in range(0, Lq, BLOCK_M):
-        kept = True
-        if PRUNE:  # only the query blocks that kept this key block cost matrix work
-            kept = tl.load(BM + ((b * H + h) * nqbp + start_m // block_q) * nkbp + kb) != 0
-        if kept:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-            )
-            row = bh.to(tl.int64) * Lq
-            lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
-            do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                         mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-            ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
-            p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=PREC)
-            pd = p
-            if DROPOUT:
-                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-                pd = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            if HAS_DW:
-                dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    if PRUNE:
+        # Only the query blocks that kept this key block: the transposed layout
+        # ([B, H, nkbp, 1 + nqbp]; BLOCK_N | block_k, BLOCK_M | block_q).
+        lrow = BM + ((b * H + h) * nkbp + (nblk * BLOCK_N) // block_k) * (nqbp + 1)
+        m_sub = block_q // BLOCK_M
+        for t in range(0, tl.load(lrow) * m_sub):
+            start_m = tl.load(lrow + 1 + t // m_sub) * block_q + (t % m_sub) * BLOCK_M
+            if start_m < Lq:
+                dk, dv = _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV,
+                                    b, h, bh, Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2,
+                                    seed, drop_threshold, drop_scale, direction,
+                                    HAS_DW, MEAN, HAS_QV, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, PREC)
+    else:
+        for start_m in range(0, Lq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV,
+                                b, h, bh, Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2,
+                                seed, drop_threshold, drop_scale, direction,
+                                HAS_DW, MEAN, HAS_QV, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, PREC)
     dk = dk * coef
     out_n = bh.to(tl.int64) * Lk + offs_n
     tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
     tl.store(DVP + out_n[:, None] * DV + offs_dv[None, :], dv.to(DVP.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW, b, h, bh,
+             Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd, coef2, seed,
+             drop_threshold, drop_scale, direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr,
+             HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             PREC: tl.constexpr):
+    """dQ (and temperature) contributions of keys ``start_n .. start_n + BLOCK_N``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+    p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
+    vt = tl.load(
+        V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+        mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
+    )
+    dp = tl.dot(do, vt, input_precision=PREC)
+    if DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    if HAS_DW:
+        dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
+    ds = p * (dp - delta[:, None])
+    if HAS_T:
+        dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
+    dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    return dq, dt
 
 
 @triton.jit
@@ -233,33 +304,27 @@ def _xattn_bwd_dq_kernel(
     coef = _head_coef(T, h, scale, HAS_T)
     coef2 = coef * 1.4426950408889634
     row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+    seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
-    for start_n in range(0, Lk, BLOCK_N):
-        kept = True
-        if PRUNE:
-            kept = tl.load(bm_row + start_n // block_k) != 0
-        if kept:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-            p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-            vt = tl.load(
-                V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-                mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
-            )
-            dp = tl.dot(do, vt, input_precision=PREC)
-            if DROPOUT:
-                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            if HAS_DW:
-                dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-            ds = p * (dp - delta[:, None])
-            if HAS_T:
-                dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    if PRUNE:  # kept key blocks only (BLOCK_M | block_q, BLOCK_N | block_k)
+        lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
+        n_sub = block_k // BLOCK_N
+        for t in range(0, tl.load(lrow) * n_sub):
+            start_n = tl.load(lrow + 1 + t // n_sub) * block_k + (t % n_sub) * BLOCK_N
+            if start_n < Lk:
+                dq, dt = _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW,
+                                  b, h, bh, Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd,
+                                  coef2, seed, drop_threshold, drop_scale, direction,
+                                  HAS_DW, MEAN, HAS_KV, HAS_T, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
+    else:
+        for start_n in range(0, Lk, BLOCK_N):
+            dq, dt = _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW,
+                              b, h, bh, Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd,
+                              coef2, seed, drop_threshold, drop_scale, direction,
+                              HAS_DW, MEAN, HAS_KV, HAS_T, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
     dq = dq * coef
     tl.store(DQ + row * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))

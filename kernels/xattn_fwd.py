@@ -61,6 +61,38 @@ def _head_coef(T, h, scale, HAS_T: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m, row_ok, Lk, D, DV,
+              skb, skh, skn, skd, svb, svh, svn, svd, coef2, seed, drop_threshold, drop_scale,
+              direction, HAS_KV: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over keys ``start_n .. start_n + BLOCK_N``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = tl.load(
+        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
+    )
+    s = tl.dot(q, kt, input_precision=PREC) * coef2
+    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    v = tl.load(
+        V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _xattn_fwd_kernel(
     # direction 0
     Q0, K0, V0, O0, L0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, split_len0, nqbp0, nkbp0,
@@ -77,7 +109,7 @@ def _xattn_fwd_kernel(
     """Axis 0: query blocks of both directions; axis 1: batch * head; axis 2: key splits.
 
     With SPLIT (flash-decoding, for few query blocks and many keys) each program covers
-    ``split_len`` keys and O/L are fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` holding
+    ``split_len`` keys (with PRUNE: every n-th kept block) and O/L are fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` holding
     normalised partial outputs and partial LSEs (-inf when empty), merged by
     ``_xattn_fwd_combine_kernel``.
     """
@@ -110,43 +142,36 @@ def _xattn_fwd_kernel(
     )
     coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
     row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+    seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    # Pruning: the kept-block row of this query tile ([B, H, nqbp, nkbp], BLOCK_M | block_q).
-    bm_row = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * nkbp
-    n_lo = split * split_len  # split_len is a multiple of BLOCK_N
-    n_hi = tl.minimum(Lk, n_lo + split_len)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        kept = True
-        if PRUNE:  # a pruned key block costs no matrix work
-            kept = tl.load(bm_row + start_n // block_k) != 0
-        if kept:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = tl.load(
-                K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-            )
-            s = tl.dot(q, kt, input_precision=PREC) * coef2
-            ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-                p = tl.where(keep, p * drop_scale, 0.0)
-            v = tl.load(
-                V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+    if PRUNE:
+        # Only the kept key blocks of this query tile's pruning row ([B, H, nqbp, 1 + nkbp]:
+        # count, indices), dealt round-robin to the key splits so they share the work evenly
+        # whatever the count (BLOCK_M | block_q; a key block is n_sub tiles of BLOCK_N).
+        lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
+        n_sub = block_k // BLOCK_N
+        for e in range(split, tl.load(lrow), tl.num_programs(2)):
+            kb_start = tl.load(lrow + 1 + e) * block_k
+            for sub in range(0, n_sub):
+                start_n = kb_start + sub * BLOCK_N
+                if start_n < Lk:
+                    m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m,
+                                              row_ok, Lk, D, DV, skb, skh, skn, skd, svb, svh, svn, svd,
+                                              coef2, seed, drop_threshold, drop_scale, direction,
+                                              HAS_KV, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
+    else:
+        n_lo = split * split_len  # split_len is a multiple of BLOCK_N
+        n_hi = tl.minimum(Lk, n_lo + split_len)
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m, row_ok,
+                                      Lk, D, DV, skb, skh, skn, skd, svb, svh, svn, svd, coef2,
+                                      seed, drop_threshold, drop_scale, direction,
+                                      HAS_KV, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -11,9 +11,15 @@ POINTER_ARGS = {
     "Q": "data", "K": "data", "V": "data", "O": "data", "W": "data", "DW": "data", "DO": "data",
     "DQ": "data", "DK": "data", "DVP": "data",
     "L": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "LP": "fp32",
-    "QV": "u8", "KV": "u8", "BM": "u8", "SEED": "i64",
+    "QV": "u8", "KV": "u8", "BM": "i32", "SEED": "i64",
+    # selection kernels
+    "X": "data", "VALID": "u8", "MEAN": "fp32", "COUNT": "fp32", "PQ": "fp32", "PQN": "fp32",
+    "PK": "fp32", "PKN": "fp32", "SCORES": "fp32", "NKEEP": "i32", "MASK": "u8", "LAYOUT": "i32",
+    "M": "u8",
 }
-FLOAT_ARGS = {"scale", "drop_scale"}
+# The weights pass tests the dense kept-bit mask; the other passes walk the compact layout.
+DENSE_MASK_KERNELS = {"_xattn_weights_kernel"}
+FLOAT_ARGS = {"scale", "drop_scale", "mass"}
 INT64_ARGS = {"drop_threshold"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -27,6 +33,8 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
         base = name.rstrip("01")
         if base in POINTER_ARGS:
             kind = POINTER_ARGS[base]
+            if base == "BM" and kernel.fn.__name__ in DENSE_MASK_KERNELS:
+                kind = "u8"
             sig[name] = "*" + (TRITON_DTYPE[dtype] if kind == "data" else kind)
         elif base in FLOAT_ARGS:
             sig[name] = "fp32"
@@ -42,7 +50,7 @@ def kernel_variants(dtype: str, d: int):
     config the launcher picks and every optional feature switched on (the worst case)."""
     import torch
 
-    from crossattn.kernels import xattn, xattn_bwd, xattn_fwd
+    from crossattn.kernels import xattn, xattn_bwd, xattn_fwd, xattn_select
 
     bd = xattn._block_dim(d)
     prec = "ieee" if dtype == "float32" else "tf32"
@@ -52,9 +60,9 @@ def kernel_variants(dtype: str, d: int):
         blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec)
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if kind == "fwd":
-            for split in (False, True):  # the launcher never splits pruned attention
+            for split in (False, True):
                 yield (f"fwd{'_split' if split else ''}", xattn_fwd._xattn_fwd_kernel,
-                       dict(flags, PRUNE=not split, DROPOUT=True, SPLIT=split, **blocks), opts)
+                       dict(flags, DROPOUT=True, SPLIT=split, **blocks), opts)
             yield ("combine", xattn_fwd._xattn_fwd_combine_kernel,
                    dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd), dict(num_warps=cfg.num_warps))
             wblocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PREC=prec)
@@ -67,6 +75,12 @@ def kernel_variants(dtype: str, d: int):
             for name, kernel in (("bwd_dkdv", xattn_bwd._xattn_bwd_dkdv_kernel),
                                  ("bwd_dq", xattn_bwd._xattn_bwd_dq_kernel)):
                 yield name, kernel, dict(HAS_DW=True, MEAN=False, **flags, DROPOUT=True, **blocks), opts
+    # Block selection (launched with fixed block shapes and the default warps).
+    yield ("select_pool", xattn_select._xattn_pool_kernel,
+           dict(HAS_VALID=True, BLOCK_R=64, BLOCK_D=bd), {})
+    yield ("select_rank", xattn_select._xattn_select_kernel,
+           dict(MASS=True, HAS_T=True, BLOCK_J=64, BLOCK_I=32, BLOCK_D=bd), {})
+    yield ("select_compact", xattn_select._xattn_blocks_compact_kernel, dict(BLOCK_C=256), {})
 
 
 def compile_kernel(kernel, dtype: str, constexprs: dict, options: dict, arch: int):

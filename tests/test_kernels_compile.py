@@ -27,7 +27,7 @@ def test_kernels_compile_for_gpus_and_fit_99kb_shared_memory():
     results = json.loads(res.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
     assert {"fwd", "fwd_split", "combine", "weights_full", "weights_mean", "bwd_delta",
-            "bwd_dkdv", "bwd_dq"} <= kernels
+            "bwd_dkdv", "bwd_dq", "select_pool", "select_rank", "select_compact"} <= kernels
     assert {r["arch"] for r in results} == {86, 90}
     too_big = [r for r in results if r["arch"] == 86 and r["shared"] > SHARED_LIMIT]
     assert not too_big, f"over {SHARED_LIMIT} bytes of shared memory: {too_big}"

@@ -197,6 +197,7 @@ def test_bidirectional_one_launch_per_pass_matches_reference(dtype, monkeypatch)
 
 def test_opcheck():
     from crossattn.kernels.xattn import xattn_bwd, xattn_fwd
+    from crossattn.kernels.xattn_select import compact
 
     q, k, v = inputs(2, 2, 9, 21, 16, 24, torch.float32, requires_grad=True)
     kv = ~random_padding(2, 21, seed=1).to(DEVICE)
@@ -204,11 +205,13 @@ def test_opcheck():
     t = torch.tensor([0.5, 1.5], device=DEVICE, requires_grad=True)
     seed = torch.tensor(1234, dtype=torch.int64, device=DEVICE)
     block_mask = torch.rand(2, 1, 1, 2, device=DEVICE) > 0.3
-    no_prune = ([None], 0, 0)
+    no_prune = ([None], [None], 0, 0)
     for weights in (0, 1, 2):
         args = ([q], [k], [v], [qv], [kv], [t], [0.25], seed, 0.2, weights)
         torch.library.opcheck(xattn_fwd, args + no_prune)
-    torch.library.opcheck(xattn_fwd, args + ([block_mask], 16, 16))
+    torch.library.opcheck(xattn_fwd, args + ([block_mask], [None], 16, 16))
+    layout = compact(block_mask, 2, 2)
+    torch.library.opcheck(xattn_fwd, args + ([block_mask], [layout], 16, 16))
     with torch.no_grad():  # the backward op itself is not differentiable (no double backward)
         outs, lses, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune)
     bwd_args = ([torch.randn_like(outs[0])], [torch.randn(2, 2, 9, 21, device=DEVICE)],
