@@ -1,0 +1,95 @@
+"""``crossattn-attention-map``: a text-token x audio-frame heat map of the text-to-audio
+attention of a trained emotion model, for one utterance, as a PNG.
+
+    crossattn-attention-map --checkpoint runs/seed000/checkpoint.pt --index 0 --output map.png
+    crossattn-attention-map --checkpoint ... --text "I am so happy" --wav hello.wav --output map.png
+
+``--index`` takes the utterance from the run's own data (test split of the synthetic corpus);
+``--text`` + ``--wav`` take any utterance (16-bit PCM wav).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, title: str, path) -> None:
+    """``weights [T, A]`` -> PNG: tokens on the y axis, time on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, A = weights.shape
+    fig, ax = plt.subplots(figsize=(min(16, 3 + A * 0.08), 1.5 + 0.35 * T))
+    im = ax.imshow(weights.numpy(), aspect="auto", origin="upper", cmap="magma", interpolation="nearest",
+                   extent=(0, A * seconds_per_frame, T - 0.5, -0.5))
+    ax.set_yticks(range(T))
+    ax.set_yticklabels(tokens)
+    ax.set_xlabel("audio time (s)")
+    ax.set_ylabel("text token")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="attention weight (head mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True, help="PNG path")
+    p.add_argument("--index", type=int, help="utterance of the run's test (or validation) split")
+    p.add_argument("--text")
+    p.add_argument("--wav")
+    args = p.parse_args(argv)
+    if (args.index is None) == (args.text is None):
+        p.error("give either --index, or --text with --wav")
+    if args.text is not None and not args.wav:
+        p.error("--text needs --wav")
+
+    from crossattn.data import EmotionCollator, read_wav
+    from crossattn.models import EMOTIONS
+    from crossattn.train import build_data, build_model
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    run = argparse.Namespace(**state["args"])
+    if run.model != "emotion":
+        p.error(f"the checkpoint holds a {run.model!r} model; heat maps need the emotion model")
+    if run.fusion in ("concat", "audio_to_text"):
+        p.error(f"the checkpoint's model (fusion={run.fusion!r}) has no text-to-audio attention")
+    run.need_weights = "mean"
+    run.no_progress = True
+    model, tokenizer = build_model(run, state["num_outputs"], {"dims": None, "texts": []}, state.get("tokenizer"))
+    model.load_state_dict(state["model"])
+    model.eval()
+    if args.index is not None:
+        _, val, test, _, _ = build_data(run)
+        split = test if test is not None else val
+        if not 0 <= args.index < len(split):
+            p.error(f"--index must be in [0, {len(split)}), got {args.index}")
+        item = split[args.index]
+    else:
+        item = {"text": args.text, "waveform": read_wav(args.wav, 16000), "label": -1, "metadata": {}}
+    text_input, audio_input, metadata, _ = EmotionCollator(tokenizer, max_seconds=run.max_seconds)([item])
+    with torch.no_grad():
+        out = model(text_input, audio_input, metadata)
+    w = out["text_to_audio_attention"][0]
+    frames = int(out["audio_mask"][0].sum())
+    tokens = (tokenizer.tokens(item["text"]) if hasattr(tokenizer, "tokens")
+              else tokenizer.convert_ids_to_tokens(text_input["input_ids"][0]))
+    w = w[: len(tokens), :frames].float()
+    seconds = audio_input["attention_mask"][0].sum().item() / 16000
+    pred = EMOTIONS[int(out["logits"].argmax(-1))] if state["num_outputs"] == len(EMOTIONS) else str(int(out["logits"].argmax(-1)))
+    truth = EMOTIONS[item["label"]] if item.get("label", -1) >= 0 else "?"
+    render(w, tokens, seconds / max(frames, 1), f"\"{item['text']}\" — predicted {pred}, label {truth}",
+           args.output)
+    print(f"wrote {Path(args.output)} ({len(tokens)} tokens x {frames} frames)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

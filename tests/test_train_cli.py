@@ -1,0 +1,120 @@
+"""crossattn-train and crossattn-attention-map on the CPU at tiny scale."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from crossattn import attention_map, train  # noqa: E402
+
+
+def _common(tmp_path, out, *extra):
+    return ["--output", str(tmp_path / out), "--data-dir", str(tmp_path / "data"), "--per-class", "6",
+            "--batch-size", "6", "--no-progress", "--d-model", "32", *extra]
+
+
+def _metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path):
+    assert train.main(_common(tmp_path, "run", "--epochs", "2", "--diversity-weight", "0.01",
+                              "--alignment-weight", "0.1")) == 0
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 0 and ckpt["step"] == 2 * 5  # 29 train items / 6
+    assert not (run / "checkpoint.pt.tmp").exists()
+    metrics = _metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    val = metrics[-1]["validation"]
+    cm = np.array(val["confusion_matrix"])
+    assert cm.shape == (7, 7) and cm.sum() == val["n"] == 7
+    assert abs(val["accuracy"] - np.trace(cm) / cm.sum()) < 1e-12
+    assert 0.0 <= val["weighted_f1"] <= 1.0 and "accuracy_congruent" in val
+    assert "test" in metrics[-1]
+    png = tmp_path / "map.png"
+    assert attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--index", "0", "--output", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    args = ["--epochs", "2", "--seed", "3"]
+    assert train.main(_common(tmp_path, "straight", *args)) == 0
+    # Interrupted after 3 steps (mid-epoch), then resumed.
+    assert train.main(_common(tmp_path, "resumed", *args, "--max-steps", "3", "--save-every", "1")) == 0
+    mid = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert (mid["epoch"], mid["batch_in_epoch"], mid["step"]) == (0, 3, 3)
+    assert train.main(_common(tmp_path, "resumed", *args, "--resume")) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert b["step"] == a["step"] == 10
+    for name, t in a["model"].items():
+        torch.testing.assert_close(b["model"][name], t, rtol=0, atol=0, msg=name)
+
+
+def test_config_file_and_argument_errors(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"epochs": 1, "fusion": "concat", "max-steps": 2, "per_class": 6}))
+    assert train.main(["--config", str(cfg), "--output", str(tmp_path / "c"), "--data-dir",
+                       str(tmp_path / "data"), "--no-progress", "--d-model", "32"]) == 0
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert state["args"]["fusion"] == "concat" and state["step"] == 2
+    cfg.write_text(json.dumps({"epochz": 1}))
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(cfg), "--output", str(tmp_path / "d")])
+    assert "unknown options ['epochz']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--data", "mmsa", "--output", str(tmp_path / "e")])
+    assert "--data mmsa needs --pickle" in capsys.readouterr().err
+
+
+def _pickle(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return {"text": rng.normal(size=(n, 8, 12)).astype(np.float32),
+                "audio": rng.normal(size=(n, 8, 5)).astype(np.float32),
+                "vision": rng.normal(size=(n, 8, 6)).astype(np.float32),
+                "labels": rng.uniform(-3, 3, size=(n, 1, 1)).astype(np.float32)}
+
+    path = tmp_path / "aligned.pkl"
+    path.write_bytes(pickle.dumps({"train": split(12), "valid": split(4), "test": split(4)}))
+    return path
+
+
+@pytest.mark.parametrize("model, target", [("hctdmg", "acc7"), ("hctdmg", "regression"), ("early", "acc2"),
+                                           ("late", "acc7"), ("attention", "acc2")])
+def test_feature_models_train_on_an_aligned_pickle(tmp_path, model, target):
+    out = tmp_path / "m"
+    assert train.main(["--data", "mmsa", "--pickle", str(_pickle(tmp_path)), "--model", model, "--target", target,
+                       "--epochs", "1", "--batch-size", "4", "--output", str(out), "--no-progress",
+                       "--d-model", "16", "--heads", "2"]) == 0
+    val = _metrics(out)[0]["validation"]
+    assert ("mae" in val) == (target == "regression") and val["n"] == 4
+
+
+@pytest.mark.parametrize("model", ["late", "early", "attention"])
+def test_fusion_baselines_train_on_the_synthetic_corpus(tmp_path, model):
+    assert train.main(_common(tmp_path, model, "--model", model, "--epochs", "1", "--heads", "2")) == 0
+    assert _metrics(tmp_path / model)[0]["validation"]["n"] == 7
+
+
+@pytest.mark.slow
+def test_training_under_torchrun_ddp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "crossattn.train", *_common(tmp_path, "ddp", "--epochs", "1", "--device", "cpu")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["step"] == 3  # 29 items over 2 ranks, batches of 6
+    assert len(_metrics(tmp_path / "ddp")) == 1
