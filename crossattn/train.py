@@ -280,7 +280,7 @@ def evaluate(model, dataset, args, tokenizer, num_outputs, device) -> dict:
 def _evaluate(model, dataset, args, tokenizer, num_outputs, device) -> dict:
     model.eval()
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator(args, tokenizer))
-    preds, labels, extra = [], [], {"congruent": []}
+    preds, labels = [], []
     for batch in loader:
         out, y = forward(model, batch, args, device)
         preds.append(out.get("prediction", out["logits"].argmax(-1)) if num_outputs > 1 else out["logits"])

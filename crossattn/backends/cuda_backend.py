@@ -1,31 +1,31 @@
-"""The ``cuda`` backend: CUDA C++ kernels from ``csrc/``, built into ``crossattn._C``.
+"""The ``cuda`` backend: CUDA C++ kernels from ``csrc/`` (the ``crossattn._C`` extension, or
+a JIT build with ``CROSSATTN_CUDA_JIT=1``), driven by ``crossattn._cuda``.
 
-The extension provides ``unsupported(problem)``, ``attention(problem)`` and
-``bidirectional(xy, yx)``; this wrapper adds the checks that do not depend on it.
+``crossattn._cuda`` provides ``unsupported(problem)``, ``attention(problem)`` and
+``bidirectional(xy, yx)``; this wrapper adds the checks that need neither the extension nor
+a GPU.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from .._validation import AttentionProblem
 from .base import ModuleBackend
 
-BUILD_HINT = (
-    "reinstall on a machine with a CUDA-enabled PyTorch and nvcc: "
-    "CROSSATTN_FORCE_CUDA=1 pip install --no-build-isolation ."
-)
-
 
 class CudaBackend(ModuleBackend):
     name = "cuda"
-    module_name = "crossattn._C"
+    module_name = "crossattn._cuda"
 
     def unavailable(self) -> str | None:
+        from .._cuda import build_hint
+
         reasons = []
-        if importlib.util.find_spec(self.module_name) is None:
-            reasons.append(f"the CUDA extension {self.module_name} is not built ({BUILD_HINT})")
+        if importlib.util.find_spec("crossattn._C") is None and os.environ.get("CROSSATTN_CUDA_JIT") != "1":
+            reasons.append(f"the CUDA extension crossattn._C is not built ({build_hint()})")
         if not torch.cuda.is_available():
             reasons.append("no CUDA device is available")
         return "; ".join(reasons) or None

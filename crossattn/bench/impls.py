@@ -238,6 +238,5 @@ def registry(quick: bool) -> list[Impl]:
                 f"crossattn[{backend}] prune keep={keep}",
                 lambda w, d, t, b=backend, p=prune: _runner(
                     w, d, t, core=crossattn_core(b, False, p), pair=crossattn_pair(b, False, p)),
-                why_not=lambda w, d, t, f=why_not, b=backend: f(w, d, t) or (
-                    "pruning is not in this backend's kernels yet" if b == "cuda" else None)))
+                why_not=why_not))
     return impls

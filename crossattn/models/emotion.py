@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from crossattn.nn import BidirectionalCrossAttention, CrossModalAttention
 
 from .encoders import (
-    LogMelEncoder, WordTokenizer, encode_audio, encode_text, hidden_size, load_audio_encoder,
+    LogMelEncoder, encode_audio, encode_text, hidden_size, load_audio_encoder,
     load_text_encoder, masked_mean, tiny_bert, tiny_wav2vec2,
 )
 
@@ -179,10 +179,10 @@ class TextAudioEmotionModel(nn.Module):
         on ``forward``'s outputs; differentiable through the fused kernels' weights."""
         losses = {}
         tm, am = outputs["text_mask"], outputs["audio_mask"]
-        for key, qm, km in (("text_to_audio_attention", tm, am), ("audio_to_text_attention", am, tm)):
+        for key, qm in (("text_to_audio_attention", tm), ("audio_to_text_attention", am)):
             w = outputs[key]
             if w is not None:
-                losses[f"diversity_{key.split('_attention')[0]}"] = diversity_loss(w, qm, km)
+                losses[f"diversity_{key.split('_attention')[0]}"] = diversity_loss(w, qm)
         w = outputs["text_to_audio_attention"]
         if w is not None:
             losses["alignment"] = alignment_loss(w, outputs["text_features"], outputs["audio_features"], tm, am)
@@ -205,7 +205,7 @@ def attention_entropy(weights: Tensor, query_mask: Tensor | None = None) -> Tens
     return (ent * m).sum() / m.sum().clamp(min=1.0)
 
 
-def diversity_loss(weights: Tensor, query_mask: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+def diversity_loss(weights: Tensor, query_mask: Tensor | None = None) -> Tensor:
     """``L_div = -mean_i H(alpha_i)``: minimising it spreads attention (seed 000)."""
     return -attention_entropy(weights, query_mask)
 
@@ -227,6 +227,3 @@ def alignment_loss(weights: Tensor, text: Tensor, audio: Tensor, text_mask: Tens
         m = m * audio_mask[:, None, :].to(w.dtype)
     return (loss * m).sum() / m.sum().clamp(min=1.0)
 
-
-def build_tokenizer(texts) -> WordTokenizer:
-    return WordTokenizer.from_corpus(texts)
