@@ -6,20 +6,55 @@ PyTorch stable ABI) is built only where a CUDA-enabled PyTorch and nvcc are pres
 `pip install .` on a CPU-only machine builds nothing heavy. Build switches:
 
 * ``CROSSATTN_SKIP_CUDA_BUILD=1``: never build the extension;
-* ``CROSSATTN_FORCE_CUDA=1``: build it even without a visible GPU (a CUDA PyTorch and nvcc
-  are still required) and fail loudly if it cannot be built;
+* ``CROSSATTN_FORCE_CUDA=1``: build it even without a visible GPU and fail loudly if it
+  cannot be built. nvcc is required; with a CPU-only PyTorch the library is compiled and
+  linked by nvcc alone (the stable ABI resolves PyTorch's C shim when it is loaded), e.g.
+  to build wheels for GPU machines on a CPU machine;
 * ``TORCH_CUDA_ARCH_LIST``: target architectures, default ``8.0;8.6;8.9;9.0``.
 
 The build needs torch importable, so build without isolation:
 ``pip install --no-build-isolation .`` (an isolated build simply skips the extension).
 """
 import os
+import shutil
+import subprocess
 from glob import glob
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
-NVCC_FLAGS = ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+# The stable ABI targeted: the library loads into any PyTorch from 2.10 on.
+TARGET = "-DTORCH_TARGET_VERSION=0x020a000000000000"
+NVCC_FLAGS = ["-O3", "-std=c++17", "-DUSE_CUDA", TARGET, "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _gencode(arch_list):
+    flags = []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if item:
+            num = item.removesuffix("+PTX").replace(".", "")
+            flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+            if item.endswith("+PTX"):
+                flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+class NvccBuildExt(build_ext):
+    """Compiles and links ``crossattn._C`` with nvcc alone (no CUDA PyTorch needed)."""
+
+    nvcc = "nvcc"
+    torch_include = ""
+
+    def build_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+        cmd = [self.nvcc, "-shared", "-o", str(out), *ext.sources, *NVCC_FLAGS, "-isystem", self.torch_include,
+               *_gencode(archs), "-Xcompiler", "-fPIC", "-cudart", "static"]
+        print("crossattn: " + " ".join(cmd))
+        subprocess.check_call(cmd)
 
 
 def cuda_build_plan(env=os.environ):
@@ -35,20 +70,24 @@ def cuda_build_plan(env=os.environ):
             raise RuntimeError("CROSSATTN_FORCE_CUDA=1: torch is not importable in the build environment; "
                                "install a CUDA-enabled torch first and build with pip install --no-build-isolation .")
         return [], {}, "torch is not importable in the build environment (use --no-build-isolation)"
-    problems = []
-    if torch.version.cuda is None:
-        problems.append(f"this PyTorch ({torch.__version__}) is CPU-only")
-    if CUDA_HOME is None:
-        problems.append("nvcc was not found (set CUDA_HOME)")
-    if problems:
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if nvcc is None:
         if force:
-            raise RuntimeError("CROSSATTN_FORCE_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(problems))
-        return [], {}, "; ".join(problems)
+            raise RuntimeError("CROSSATTN_FORCE_CUDA=1 but the CUDA extension cannot be built: nvcc was not "
+                               "found (set CUDA_HOME)")
+        return [], {}, "nvcc was not found (set CUDA_HOME)"
+    sources = sorted(glob("csrc/*.cu"))
+    if torch.version.cuda is None:
+        if not force:
+            return [], {}, f"this PyTorch ({torch.__version__}) is CPU-only (CROSSATTN_FORCE_CUDA=1 builds anyway)"
+        NvccBuildExt.nvcc = nvcc
+        NvccBuildExt.torch_include = str(Path(torch.__file__).parent / "include")
+        return [Extension("crossattn._C", sources)], {"build_ext": NvccBuildExt}, None
     if not env.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     ext = CUDAExtension(
-        "crossattn._C", sorted(glob("csrc/*.cu")),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DUSE_CUDA"], "nvcc": NVCC_FLAGS},
+        "crossattn._C", sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DUSE_CUDA", TARGET], "nvcc": NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
 

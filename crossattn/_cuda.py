@@ -5,7 +5,7 @@ The extension registers one op through PyTorch's stable ABI,
 one launch, returning ``(out0, lse0, weights0, out1, lse1, weights1)``. This module loads
 it, adds its fake implementation (``torch.compile``) and autograd (the backward runs the
 Triton backward kernels from the saved LSE), and provides the backend API
-(``unsupported``, ``attention``, ``bidirectional``).
+(``unsupported``, ``run``).
 
 Loading: ``import crossattn._C`` finds the built library (``pip install`` with a CUDA
 PyTorch and nvcc, see csrc/README.md); with ``CROSSATTN_CUDA_JIT=1`` a source checkout is
@@ -53,7 +53,9 @@ def nvcc_arch_flags(arch_list: str | None = None) -> list[str]:
     return flags
 
 
-NVCC_FLAGS = ["-std=c++17", "-O3", "-DUSE_CUDA", "--expt-relaxed-constexpr"]
+# The stable ABI targeted (PyTorch 2.10): the library loads into any later PyTorch.
+TARGET_VERSION = "-DTORCH_TARGET_VERSION=0x020a000000000000"
+NVCC_FLAGS = ["-std=c++17", "-O3", "-DUSE_CUDA", TARGET_VERSION, "--expt-relaxed-constexpr"]
 
 
 def jit_load(verbose: bool = False) -> None:
@@ -64,7 +66,7 @@ def jit_load(verbose: bool = False) -> None:
     if not sources:
         raise RuntimeError(f"CROSSATTN_CUDA_JIT=1 needs the CUDA sources, but {CSRC} has none: "
                            "use a source checkout of crossattn")
-    load(name="crossattn_cuda_jit", sources=sources, extra_cflags=["-O3", "-DUSE_CUDA"],
+    load(name="crossattn_cuda_jit", sources=sources, extra_cflags=["-O3", "-DUSE_CUDA", TARGET_VERSION],
          extra_cuda_cflags=NVCC_FLAGS + nvcc_arch_flags(), is_python_module=False, verbose=verbose)
 
 
@@ -73,7 +75,11 @@ def load_extension() -> None:
     if not _op_defined():
         spec = importlib.util.find_spec("crossattn._C")
         if spec is not None and spec.origin:
-            torch.ops.load_library(spec.origin)
+            try:
+                torch.ops.load_library(spec.origin)
+            except OSError as e:  # e.g. built on a CPU machine, loaded into a CPU-only PyTorch
+                raise RuntimeError(f"crossattn._C is built but does not load into this PyTorch "
+                                   f"({torch.__version__}, CUDA {torch.version.cuda}): {e}") from e
         elif os.environ.get("CROSSATTN_CUDA_JIT") == "1":
             jit_load()
         else:
@@ -194,8 +200,11 @@ def unsupported(problem) -> str | None:
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and isinstance(t, torch.Tensor) and t.requires_grad
         for t in (problem.q, problem.k, problem.v, problem.temperature))
-    if needs_grad and importlib.util.find_spec("triton") is None:
+    no_triton = importlib.util.find_spec("triton") is None
+    if needs_grad and no_triton:
         return "the CUDA backend's backward runs the Triton kernels, and Triton is not installed"
+    if problem.pruning is not None and no_triton:
+        return "pruning selects its blocks with the Triton selection kernel, and Triton is not installed"
     return None
 
 
@@ -227,7 +236,8 @@ def _pruning(problems):
     return dense, lays, block_q, block_k
 
 
-def _run(problems):
+def run(problems):
+    """One or two directions in one launch per pass: ``(outs, weights)`` lists."""
     load_extension()
     first = problems[0]
     H = first.q.shape[1]
@@ -248,12 +258,3 @@ def _run(problems):
     weights = [res[2], res[5]][: len(problems)] if first.need_weights else [None] * len(problems)
     return outs, weights
 
-
-def attention(problem):
-    outs, weights = _run([problem])
-    return outs[0], weights[0]
-
-
-def bidirectional(xy, yx):
-    (out_x, out_y), (w_xy, w_yx) = _run([xy, yx])
-    return out_x, out_y, w_xy, w_yx

@@ -65,7 +65,9 @@ struct Params {
   int B, H, D, Dv;
   int block_q, block_k;
   int prune;
-  int tiles0;  // programs of direction 0 along grid.x
+  int tiles0;      // tiles of direction 0
+  int tiles;       // tiles of both directions; the 1-D grid is (batch[*head]) x tiles, so that
+                   // no grid dimension limit (65 535 on y) caps batch * heads
 };
 
 template <typename T>
@@ -122,10 +124,11 @@ __global__ void __launch_bounds__(32) xattn_fwd_kernel(const Params p) {
   __shared__ __align__(32) float sT[16 * 16];
 
   const int lane = threadIdx.x;
-  const int dir = blockIdx.x < p.tiles0 ? 0 : 1;
-  const int tile = dir == 0 ? blockIdx.x : blockIdx.x - p.tiles0;
+  const int pid = static_cast<int>(blockIdx.x % p.tiles);
+  const int bh = static_cast<int>(blockIdx.x / p.tiles), b = bh / p.H, h = bh % p.H;
+  const int dir = pid < p.tiles0 ? 0 : 1;
+  const int tile = dir == 0 ? pid : pid - p.tiles0;
   const DirParams& P = p.dir[dir];
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
   const int row0 = tile * kRows;
   const T* q = static_cast<const T*>(P.q) + b * P.sqb + h * P.sqh;
   const T* k = static_cast<const T*>(P.k) + b * P.skb + h * P.skh;
@@ -237,14 +240,16 @@ __global__ void __launch_bounds__(32) xattn_weights_kernel(const Params p, const
   __shared__ __align__(32) float sS[kRows * BN];
 
   const int lane = threadIdx.x;
-  const int dir = blockIdx.x < p.tiles0 ? 0 : 1;
-  const int tile = dir == 0 ? blockIdx.x : blockIdx.x - p.tiles0;
+  const int pid = static_cast<int>(blockIdx.x % p.tiles);
+  const int slab = static_cast<int>(blockIdx.x / p.tiles);  // b ("mean") or b * H + h
+  const int dir = pid < p.tiles0 ? 0 : 1;
+  const int tile = dir == 0 ? pid : pid - p.tiles0;
   const DirParams& P = p.dir[dir];
   const int row0 = (tile / P.ktiles) * kRows, c0 = (tile % P.ktiles) * BN;
   const int r = lane >> 1, half = lane & 1;
   const int grow = row0 + r;
-  const int b = mean ? blockIdx.y : blockIdx.y / p.H;
-  const int h_lo = mean ? 0 : blockIdx.y % p.H, h_hi = mean ? p.H : h_lo + 1;
+  const int b = mean ? slab : slab / p.H;
+  const int h_lo = mean ? 0 : slab % p.H, h_hi = mean ? p.H : h_lo + 1;
   bool row_ok = grow < P.Lq;
   if (row_ok && P.qv != nullptr) row_ok = P.qv[static_cast<int64_t>(b) * P.Lq + grow] != 0;
   float acc[BN / 2];
@@ -281,7 +286,7 @@ __global__ void __launch_bounds__(32) xattn_weights_kernel(const Params p, const
   }
   if (grow >= P.Lq) return;
   const float norm = mean ? 1.f / p.H : 1.f;
-  T* w = static_cast<T*>(P.w) + (static_cast<int64_t>(blockIdx.y) * P.Lq + grow) * P.Lk;
+  T* w = static_cast<T*>(P.w) + (static_cast<int64_t>(slab) * P.Lq + grow) * P.Lk;
 #pragma unroll
   for (int j = 0; j < BN / 2; ++j) {
     const int col = c0 + half * (BN / 2) + j;
@@ -312,23 +317,43 @@ struct Direction {
 template <typename T, int DMAX, int BN>
 void launch(Params& prm, int ndir, int weights, cudaStream_t stream) {
   const dim3 block(32);
-  const int grid_x = prm.dir[0].qtiles + (ndir == 2 ? prm.dir[1].qtiles : 0);
-  if (grid_x > 0 && prm.B * prm.H > 0) {
-    xattn_fwd_kernel<T, DMAX, BN><<<dim3(grid_x, prm.B * prm.H), block, 0, stream>>>(prm);
-    STD_TORCH_CHECK(cudaGetLastError() == cudaSuccess, "crossattn_cuda: forward launch failed: ",
-                    cudaGetErrorString(cudaGetLastError()));
+  prm.tiles0 = prm.dir[0].qtiles;
+  prm.tiles = prm.tiles0 + (ndir == 2 ? prm.dir[1].qtiles : 0);
+  const int64_t programs = static_cast<int64_t>(prm.tiles) * prm.B * prm.H;
+  STD_TORCH_CHECK(programs < (int64_t{1} << 31), "crossattn_cuda: too many query tiles for one launch");
+  if (programs > 0) {
+    xattn_fwd_kernel<T, DMAX, BN><<<dim3(static_cast<unsigned>(programs)), block, 0, stream>>>(prm);
+    const cudaError_t err = cudaGetLastError();
+    STD_TORCH_CHECK(err == cudaSuccess, "crossattn_cuda: forward launch failed: ", cudaGetErrorString(err));
   }
   if (weights != 0) {
     Params wp = prm;
     wp.tiles0 = prm.dir[0].qtiles * prm.dir[0].ktiles;
-    const int wx = wp.tiles0 + (ndir == 2 ? prm.dir[1].qtiles * prm.dir[1].ktiles : 0);
-    const int wy = weights == 2 ? prm.B : prm.B * prm.H;
-    if (wx > 0 && wy > 0) {
-      xattn_weights_kernel<T, DMAX, BN><<<dim3(wx, wy), block, 0, stream>>>(wp, weights == 2);
-      STD_TORCH_CHECK(cudaGetLastError() == cudaSuccess, "crossattn_cuda: weights launch failed");
+    wp.tiles = wp.tiles0 + (ndir == 2 ? prm.dir[1].qtiles * prm.dir[1].ktiles : 0);
+    const int64_t wprograms = static_cast<int64_t>(wp.tiles) * (weights == 2 ? prm.B : prm.B * prm.H);
+    STD_TORCH_CHECK(wprograms < (int64_t{1} << 31), "crossattn_cuda: too many weight tiles for one launch");
+    if (wprograms > 0) {
+      xattn_weights_kernel<T, DMAX, BN><<<dim3(static_cast<unsigned>(wprograms)), block, 0, stream>>>(wp, weights == 2);
+      const cudaError_t err = cudaGetLastError();
+      STD_TORCH_CHECK(err == cudaSuccess, "crossattn_cuda: weights launch failed: ", cudaGetErrorString(err));
     }
   }
 }
+
+// Makes q's device current for the launch (restored on scope exit).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int32_t index) {
+    STD_TORCH_CHECK(aoti_torch_create_cuda_guard(index, &guard_) == AOTI_TORCH_SUCCESS,
+                    "crossattn_cuda: cannot select CUDA device ", index);
+  }
+  ~DeviceGuard() { aoti_torch_delete_cuda_guard(guard_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  CUDAGuardHandle guard_ = nullptr;
+};
 
 template <typename T>
 void dispatch(Params& prm, int ndir, int weights, cudaStream_t stream) {
@@ -418,9 +443,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> xattn_fwd(
       STD_TORCH_CHECK(P.dense != nullptr, "crossattn_cuda::xattn_fwd: pruned weights need the dense block mask");
     }
   }
-  prm.tiles0 = prm.dir[0].qtiles;
   if (dirs.size() == 1) prm.dir[1] = prm.dir[0];
 
+  const DeviceGuard guard(q0.get_device_index());
   void* stream_ptr = nullptr;
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(q0.get_device_index(), &stream_ptr) == AOTI_TORCH_SUCCESS,
                   "crossattn_cuda: cannot get the current CUDA stream");

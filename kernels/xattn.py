@@ -449,6 +449,8 @@ def unsupported(problem) -> str | None:
     B, H, Lq, Lk, D, Dv = problem.dims
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
+    if B * H > 65535:  # grid axis 1 carries batch * heads; CUDA caps it at 65 535
+        return f"batch * heads must be at most 65535 for the Triton kernels, got {B} * {H} = {B * H}"
     if _interpreting() and problem.q.dtype == torch.bfloat16:
         return "bfloat16 tl.dot gives wrong results in the Triton interpreter (fine on a GPU)"
     return None
@@ -496,17 +498,9 @@ def _pruning_args(problems):
     return masks, layouts, block_q, block_k
 
 
-def _run(problems):
+def run(problems):
+    """One or two directions in one launch per pass: ``(outs, weights)`` lists."""
     outs, _, ws = xattn_fwd(*_op_args(problems))
     weights = [w if problems[0].need_weights else None for w in ws]
     return outs, weights
 
-
-def attention(problem):
-    outs, weights = _run([problem])
-    return outs[0], weights[0]
-
-
-def bidirectional(xy, yx):
-    (out_x, out_y), (w_xy, w_yx) = _run([xy, yx])
-    return out_x, out_y, w_xy, w_yx

@@ -118,13 +118,9 @@ def _xattn_bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV, b, h, bh,
-               Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2, seed, drop_threshold, drop_scale,
-               direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr,
-               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """dK, dV contributions of queries ``start_m .. start_m + BLOCK_M``."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+def _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward needs of query rows ``offs_m``: q, LSE (base 2), delta, dO."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
@@ -136,6 +132,19 @@ def _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV,
     delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
     do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
                  mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+    return q, lse2, delta, do
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV, b, h, bh,
+               Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2, seed, drop_threshold, drop_scale,
+               direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV contributions of queries ``start_m .. start_m + BLOCK_M``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q, lse2, delta, do = _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
+                                     BLOCK_D, BLOCK_DV)
     ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
     p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
     dp = tl.dot(do, vt, input_precision=PREC)
@@ -291,16 +300,9 @@ def _xattn_bwd_dq_kernel(
         svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-    )
     row = bh.to(tl.int64) * Lq
-    lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
-    do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+    q, lse2, delta, do = _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
+                                     BLOCK_D, BLOCK_DV)
     coef = _head_coef(T, h, scale, HAS_T)
     coef2 = coef * 1.4426950408889634
     row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)

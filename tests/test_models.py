@@ -250,3 +250,25 @@ def test_fusion_baseline_errors():
         FusionBaseline("early", (4,), 2)
     with pytest.raises(ValueError, match="expected 2 modalities"):
         FusionBaseline("early", (4, 4), 2, d_model=8, num_heads=2)([torch.zeros(1, 2, 4)])
+
+
+def test_from_pretrained_local_paths(tmp_path, monkeypatch):
+    """Encoders and tokenizer load from local directories (offline: no download)."""
+    import transformers
+
+    from crossattn.models.encoders import tiny_bert, tiny_wav2vec2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text_dir, audio_dir = tmp_path / "bert", tmp_path / "w2v"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "i", "am", "so", "happy", "sad"]
+    text_dir.mkdir()
+    (text_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer(str(text_dir / "vocab.txt")).save_pretrained(text_dir)
+    tiny_bert(vocab_size=len(words)).save_pretrained(text_dir)
+    tiny_wav2vec2().save_pretrained(audio_dir)
+    model = TextAudioEmotionModel.from_pretrained(str(text_dir), str(audio_dir), d_model=32, num_heads=2, hidden=32)
+    text = model.tokenizer(["i am so happy", "sad"], padding=True, return_tensors="pt")
+    out = model(dict(text), {"input_values": torch.randn(2, 8000), "attention_mask": torch.ones(2, 8000, dtype=torch.long)})
+    assert out["logits"].shape == (2, 7) and out["text_to_audio_attention"].shape[1] == text["input_ids"].shape[1]
+    with pytest.raises(OSError):
+        TextAudioEmotionModel.from_pretrained(str(tmp_path / "missing"))

@@ -111,7 +111,7 @@ def test_fusion_baselines_train_on_the_synthetic_corpus(tmp_path, model):
 @pytest.mark.slow
 def test_training_under_torchrun_ddp(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "crossattn.train", *_common(tmp_path, "ddp", "--epochs", "1", "--device", "cpu")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -397,3 +397,9 @@ def test_pruned_bidirectional_takes_a_pair():
             qx, kx, vx, qy, ky, vy, backend="triton",
             prune=(crossattn.BlockPruning(block_q=16, block_k=16, top_k=1),
                    crossattn.BlockPruning(block_q=32, block_k=16, top_k=1)))
+
+
+def test_batch_times_heads_beyond_the_grid_limit_is_refused_clearly():
+    q = torch.zeros(65536, 1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch \* heads must be at most 65535"):
+        run(q, q, q)

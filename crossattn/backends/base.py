@@ -34,8 +34,9 @@ class Backend:
 
 class ModuleBackend(Backend):
     """A backend whose computation lives in a separately built module (Triton kernels, the
-    CUDA extension) exposing ``unsupported(problem)``, ``attention(problem)`` and
-    ``bidirectional(xy, yx)``; the module is imported on first use."""
+    CUDA extension) exposing ``unsupported(problem)`` and ``run(problems)`` (one or two
+    directions in one launch -> ``(outs, weights)`` lists); the module is imported on first
+    use."""
 
     module_name: str = ""
     _loaded = None
@@ -56,7 +57,9 @@ class ModuleBackend(Backend):
         return self.device_unsupported(problem) or self._module().unsupported(problem)
 
     def attention(self, problem: AttentionProblem):
-        return self._module().attention(problem)
+        outs, weights = self._module().run([problem])
+        return outs[0], weights[0]
 
     def bidirectional(self, xy: AttentionProblem, yx: AttentionProblem):
-        return self._module().bidirectional(xy, yx)
+        (out_x, out_y), (w_xy, w_yx) = self._module().run([xy, yx])
+        return out_x, out_y, w_xy, w_yx

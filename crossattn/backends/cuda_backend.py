@@ -1,8 +1,7 @@
 """The ``cuda`` backend: CUDA C++ kernels from ``csrc/`` (the ``crossattn._C`` extension, or
 a JIT build with ``CROSSATTN_CUDA_JIT=1``), driven by ``crossattn._cuda``.
 
-``crossattn._cuda`` provides ``unsupported(problem)``, ``attention(problem)`` and
-``bidirectional(xy, yx)``; this wrapper adds the checks that need neither the extension nor
+``crossattn._cuda`` provides ``unsupported(problem)`` and ``run(problems)``; this wrapper adds the checks that need neither the extension nor
 a GPU.
 """
 from __future__ import annotations

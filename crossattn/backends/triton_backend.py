@@ -1,8 +1,8 @@
 """The ``triton`` backend: fused kernels from ``crossattn.kernels`` (the top-level ``kernels/``
 folder of the source tree).
 
-The kernels module ``crossattn.kernels.xattn`` provides ``unsupported(problem)``,
-``attention(problem)`` and ``bidirectional(xy, yx)``; this wrapper adds the checks that do
+The kernels module ``crossattn.kernels.xattn`` provides ``unsupported(problem)`` and
+``run(problems)``; this wrapper adds the checks that do
 not depend on the kernels: Triton installed, a CUDA device or the interpreter, dtypes.
 """
 from __future__ import annotations
