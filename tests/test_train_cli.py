@@ -44,6 +44,17 @@ def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path):
     png = tmp_path / "map.png"
     assert attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--index", "0", "--output", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # Any utterance: text + a 16-bit PCM wav.
+    from crossattn.data import write_wav
+
+    t = np.arange(24000) / 16000
+    write_wav(tmp_path / "u.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    png2 = tmp_path / "map2.png"
+    assert attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--text", "I am so happy",
+                               "--wav", str(tmp_path / "u.wav"), "--output", str(png2)]) == 0
+    assert png2.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--text", "x", "--output", str(png2)])
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
