@@ -16,6 +16,7 @@ The build needs torch importable, so build without isolation:
 ``pip install --no-build-isolation .`` (an isolated build simply skips the extension).
 """
 import os
+import runpy
 import shutil
 import subprocess
 from glob import glob
@@ -24,21 +25,9 @@ from pathlib import Path
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
-# The stable ABI targeted: the library loads into any PyTorch from 2.10 on.
-TARGET = "-DTORCH_TARGET_VERSION=0x020a000000000000"
-NVCC_FLAGS = ["-O3", "-std=c++17", "-DUSE_CUDA", TARGET, "--expt-relaxed-constexpr", "-lineinfo"]
-
-
-def _gencode(arch_list):
-    flags = []
-    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        if item:
-            num = item.removesuffix("+PTX").replace(".", "")
-            flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-            if item.endswith("+PTX"):
-                flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
+# One source for the flags: crossattn/_build_flags.py, run here without importing the package.
+_FLAGS = runpy.run_path(str(Path(__file__).resolve().parent / "crossattn" / "_build_flags.py"))
+DEFAULT_ARCHS, NVCC_FLAGS, CXX_FLAGS = _FLAGS["DEFAULT_ARCHS"], _FLAGS["NVCC_FLAGS"], _FLAGS["CXX_FLAGS"]
 
 
 class NvccBuildExt(build_ext):
@@ -50,9 +39,8 @@ class NvccBuildExt(build_ext):
     def build_extension(self, ext):
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         cmd = [self.nvcc, "-shared", "-o", str(out), *ext.sources, *NVCC_FLAGS, "-isystem", self.torch_include,
-               *_gencode(archs), "-Xcompiler", "-fPIC", "-cudart", "static"]
+               *_FLAGS["nvcc_arch_flags"](), "-Xcompiler", "-fPIC", "-cudart", "static"]
         print("crossattn: " + " ".join(cmd))
         subprocess.check_call(cmd)
 
@@ -87,7 +75,7 @@ def cuda_build_plan(env=os.environ):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     ext = CUDAExtension(
         "crossattn._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DUSE_CUDA", TARGET], "nvcc": NVCC_FLAGS},
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ._build_flags import CXX_FLAGS, NVCC_FLAGS, nvcc_arch_flags
+
 OP = "crossattn_cuda::xattn_fwd"
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 _state = {"registered": False}
@@ -37,27 +38,6 @@ def _op_defined() -> bool:
         return False
 
 
-def nvcc_arch_flags(arch_list: str | None = None) -> list[str]:
-    """``-gencode`` flags for ``TORCH_CUDA_ARCH_LIST`` (default 8.0;8.6;8.9;9.0; "+PTX" adds
-    PTX for the last entry)."""
-    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
-    flags = []
-    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        if not item:
-            continue
-        ptx = item.endswith("+PTX")
-        num = item.removesuffix("+PTX").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
-
-
-# The stable ABI targeted (PyTorch 2.10): the library loads into any later PyTorch.
-TARGET_VERSION = "-DTORCH_TARGET_VERSION=0x020a000000000000"
-NVCC_FLAGS = ["-std=c++17", "-O3", "-DUSE_CUDA", TARGET_VERSION, "--expt-relaxed-constexpr"]
-
-
 def jit_load(verbose: bool = False) -> None:
     """Compile ``csrc/*.cu`` now and load them (needs a source checkout, nvcc and ninja)."""
     from torch.utils.cpp_extension import load
@@ -66,7 +46,7 @@ def jit_load(verbose: bool = False) -> None:
     if not sources:
         raise RuntimeError(f"CROSSATTN_CUDA_JIT=1 needs the CUDA sources, but {CSRC} has none: "
                            "use a source checkout of crossattn")
-    load(name="crossattn_cuda_jit", sources=sources, extra_cflags=["-O3", "-DUSE_CUDA", TARGET_VERSION],
+    load(name="crossattn_cuda_jit", sources=sources, extra_cflags=CXX_FLAGS,
          extra_cuda_cflags=NVCC_FLAGS + nvcc_arch_flags(), is_python_module=False, verbose=verbose)
 
 

@@ -101,12 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- data
+_FEATURE_MEL = {}
+
+
 def text_audio_features(item: dict, dim: int = 64, n_mels: int = 40, stack: int = 4) -> dict:
     """Fixed features for the feature-level models on the text+audio corpora: hashed
     character-trigram word vectors (a GloVe stand-in) and log-mel frames stacked by 4."""
     import hashlib
 
-    from crossattn.models.encoders import WordTokenizer, mel_filterbank
+    from crossattn.models.encoders import LogMelEncoder, WordTokenizer
 
     words = WordTokenizer.words(item["text"]) or ["<empty>"]
     text = torch.zeros(len(words), dim)
@@ -115,13 +118,12 @@ def text_audio_features(item: dict, dim: int = 64, n_mels: int = 40, stack: int 
             gram = f"#{w}#"[j:j + 3]
             h = int(hashlib.md5(gram.encode()).hexdigest(), 16)
             text[i, h % dim] += 1.0 if (h >> 64) & 1 else -1.0
-    wave = item["waveform"]
-    win, hop = 400, 160
-    wave = nn.functional.pad(wave, (0, max(0, win - wave.numel())))
-    spec = torch.stft(wave, 512, hop, win, torch.hann_window(win), center=False, return_complex=True)
-    mel = torch.log(spec.abs().pow(2).T @ mel_filterbank(512, n_mels, 16000) + 1e-6)
-    frames = mel.shape[0] // stack * stack or stack
-    mel = nn.functional.pad(mel, (0, 0, 0, max(0, frames - mel.shape[0])))[:frames]
+    if n_mels not in _FEATURE_MEL:  # the emotion model's front-end, without its learned layers
+        _FEATURE_MEL[n_mels] = LogMelEncoder(n_mels=n_mels, layers=0)
+    with torch.no_grad():
+        mel = _FEATURE_MEL[n_mels].log_mel(item["waveform"][None].float())[0]
+    frames = max(stack, -(-mel.shape[0] // stack) * stack)
+    mel = nn.functional.pad(mel, (0, 0, 0, frames - mel.shape[0]))
     return dict(features=[text.numpy(), mel.reshape(-1, stack * n_mels).numpy()], label=torch.tensor(item["label"]))
 
 

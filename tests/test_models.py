@@ -71,14 +71,15 @@ def test_attention_rows_are_distributions_over_valid_frames():
     torch.testing.assert_close(sums[tm.bool()], torch.ones_like(sums[tm.bool()]))
 
 
-def test_padding_invariance():
-    """An utterance gives the same logits and weights alone or padded inside a batch."""
+@pytest.mark.parametrize("i", [1, 2])
+def test_padding_invariance(i):
+    """An utterance gives the same logits and weights alone or padded inside a batch (item 2's
+    12 345 samples end mid-window: only whole STFT frames count)."""
     torch.manual_seed(0)
     model = TextAudioEmotionModel.tiny(tokenizer=TOK).eval()
     text, audio = batch()
     meta = {"age": torch.tensor([30.0, 40.0, 50.0]), "gender": torch.tensor([0, 1, 0])}
     full = model(text, audio, meta)
-    i = 1  # shortest audio, text padded to the longest sentence
     t_len, a_len = int(text["attention_mask"][i].sum()), int(audio["attention_mask"][i].sum())
     alone = model({k: v[i:i + 1, :t_len] for k, v in text.items()},
                   {k: v[i:i + 1, :a_len] for k, v in audio.items()},
@@ -87,6 +88,7 @@ def test_padding_invariance():
     A = alone["text_to_audio_attention"].shape[-1]
     torch.testing.assert_close(alone["text_to_audio_attention"][0],
                                full["text_to_audio_attention"][i, :t_len, :A], atol=1e-6, rtol=1e-4)
+    assert int(full["audio_mask"][i].sum()) == A
 
 
 def test_wav2vec2_audio_encoder_and_options():

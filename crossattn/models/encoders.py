@@ -77,24 +77,22 @@ class LogMelEncoder(nn.Module):
         """``[B, S]`` -> ``[B, frames, n_mels]``."""
         if wave.dim() != 2:
             raise ValueError(f"audio input_values must be [B, samples], got shape {list(wave.shape)}")
-        if wave.shape[1] < self.win:
-            wave = nn.functional.pad(wave, (0, self.win - wave.shape[1]))
+        if wave.shape[1] < self.n_fft:
+            wave = nn.functional.pad(wave, (0, self.n_fft - wave.shape[1]))
         spec = torch.stft(wave.float(), self.n_fft, hop_length=self.hop, win_length=self.win,
                           window=self.window, center=False, return_complex=True)
         power = spec.abs().pow(2).transpose(1, 2)  # [B, frames, freq]
         return torch.log(power @ self.mel + 1e-6)
 
-    def frame_lengths(self, samples: Tensor) -> Tensor:
-        frames = torch.clamp((samples - self.win) // self.hop + 1, min=1)
-        for _ in self.convs:
-            frames = (frames - 1) // 2 + 1
-        return frames
+    def stft_frames(self, samples: Tensor) -> Tensor:
+        """STFT frames lying wholly inside ``samples`` valid samples (n_fft wide, hop apart)."""
+        return torch.clamp((samples - self.n_fft) // self.hop + 1, min=1)
 
     def forward(self, input_values: Tensor, attention_mask: Tensor | None = None):
         x = self.log_mel(input_values).transpose(1, 2)  # [B, n_mels, frames]
         lengths = None
         if attention_mask is not None:
-            lengths = torch.clamp((attention_mask.sum(-1) - self.win) // self.hop + 1, min=1)
+            lengths = self.stft_frames(attention_mask.sum(-1))
         for conv in self.convs:
             if lengths is not None:  # padded frames are zeros, as beyond an unpadded end
                 x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
