@@ -348,6 +348,8 @@ def main(argv=None) -> int:
         optimiser.load_state_dict(state["optimizer"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     core = model
     if world > 1:
         # Hugging Face audio encoders hold parameters some steps leave unused (masked_spec_embed).
@@ -360,6 +362,7 @@ def main(argv=None) -> int:
                 "model": core.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch_,
                 "batch_in_epoch": batch_, "step": step, "args": vars(args), "num_outputs": num_outputs,
                 "extra": {"dims": extra["dims"]}, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "tokenizer": tokenizer.state_dict() if hasattr(tokenizer, "state_dict") else None,
             })
 
