@@ -27,7 +27,7 @@ from crossattn._philox import dropout_threshold
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
 from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
-from .xattn_select import compact, select_blocks_triton
+from .xattn_select import _grid, compact, select_blocks_triton
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
@@ -207,19 +207,19 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
                 *q[i].stride(), *k[i].stride(), *v[i].stride())
 
     if grid[0] and grid[1]:
-        _xattn_fwd_kernel[grid + (n_split,)](
+        _xattn_fwd_kernel[_grid(*grid, n_split)](
             *direction(0), *direction(len(q) - 1),
-            seed_t, thr, drop_scale, nblk[0], H, D, DV, block_q, block_k,
+            seed_t, thr, drop_scale, nblk[0], grid[0], H, D, DV, block_q, block_k,
             HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1, PRUNE=prune,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
             PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if n_split > 1:
             last = len(q) - 1
-            _xattn_fwd_combine_kernel[grid](
+            _xattn_fwd_combine_kernel[_grid(*grid)](
                 dest_o[0], dest_l[0], outs[0], lses[0], q[0].shape[2],
                 dest_o[last], dest_l[last], outs[last], lses[last], q[last].shape[2],
-                nblk[0], n_split, DV, BLOCK_M=cfg.block_m, BLOCK_DV=_block_dim(DV),
+                nblk[0], grid[0], n_split, DV, BLOCK_M=cfg.block_m, BLOCK_DV=_block_dim(DV),
                 num_warps=cfg.num_warps,
             )
     ws = [q[i].new_empty(0) for i in range(len(q))]
@@ -249,8 +249,8 @@ def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, prunin
 
     grid = (sum(ntiles), B if mean else B * H)
     if grid[0] and grid[1]:
-        _xattn_weights_kernel[grid](
-            *direction(0), *direction(len(q) - 1), ntiles[0], H, D, block_q, block_k,
+        _xattn_weights_kernel[_grid(*grid)](
+            *direction(0), *direction(len(q) - 1), ntiles[0], grid[0], H, D, block_q, block_k,
             MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
             PREC=_precision(q[0].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -285,11 +285,11 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
     Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
 
     if B * H and sum(nqb):
-        _xattn_bwd_delta_kernel[(sum(nqb), B * H)](
+        _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](
             *[a for i in (0, n - 1) for a in (
                 out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], layouts[i],
                 *Ls[i], float(scale[i]), *bm_sizes[i], *q[i].stride(), *k[i].stride())],
-            nqb[0], H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
+            nqb[0], sum(nqb), H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
         )
 
     def grads_args(i, first, second, lay):
@@ -299,8 +299,9 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
 
     drop = (seed_t, thr, drop_scale)
     if B * H and sum(nkb):
-        _xattn_bwd_dkdv_kernel[(sum(nkb), B * H)](
-            *grads_args(0, dk, dv, t_layouts), *grads_args(n - 1, dk, dv, t_layouts), *drop, nkb[0], H, D, DV,
+        _xattn_bwd_dkdv_kernel[_grid(sum(nkb), B * H)](
+            *grads_args(0, dk, dv, t_layouts), *grads_args(n - 1, dk, dv, t_layouts), *drop, nkb[0], sum(nkb),
+            H, D, DV,
             block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
@@ -308,8 +309,9 @@ def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature
         for t in dk + dv:
             t.zero_()
     if B * H and sum(nqb):
-        _xattn_bwd_dq_kernel[(sum(nqb), B * H)](
-            *grads_args(0, dq, dt_part, layouts), *grads_args(n - 1, dq, dt_part, layouts), *drop, nqb[0], H, D, DV,
+        _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](
+            *grads_args(0, dq, dt_part, layouts), *grads_args(n - 1, dq, dt_part, layouts), *drop, nqb[0],
+            sum(nqb), H, D, DV,
             block_q, block_k,
             HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
         )
@@ -449,8 +451,6 @@ def unsupported(problem) -> str | None:
     B, H, Lq, Lk, D, Dv = problem.dims
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
-    if B * H > 65535:  # grid axis 1 carries batch * heads; CUDA caps it at 65 535
-        return f"batch * heads must be at most 65535 for the Triton kernels, got {B} * {H} = {B * H}"
     if _interpreting() and problem.q.dtype == torch.bfloat16:
         return "bfloat16 tl.dot gives wrong results in the Triton interpreter (fine on a GPU)"
     return None

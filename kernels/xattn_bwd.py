@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .xattn_fwd import _col_valid, _head_coef, _keep_mask, _row_valid
+from .xattn_fwd import _col_valid, _head_coef, _keep_mask, _row_valid, _tile_and_slab
 
 
 @triton.jit
@@ -63,14 +63,13 @@ def _xattn_bwd_delta_kernel(
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
     O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    nblk0, H, D, DV, block_q, block_k,
+    nblk0, ntiles, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
@@ -167,14 +166,13 @@ def _xattn_bwd_dkdv_kernel(
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
     Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
+    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
@@ -272,14 +270,13 @@ def _xattn_bwd_dq_kernel(
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
     Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
+    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
@@ -293,7 +290,7 @@ def _xattn_bwd_dq_kernel(
     else:
         direction = 1
         mblk = pid - nblk0
-        nblk_dir = tl.num_programs(0) - nblk0
+        nblk_dir = ntiles - nblk0
         Q, K, V, DO, L, DELTA, DW, DQ, DT, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, Lq1, Lk1, scale1
         BM, nqbp, nkbp = BM1, nqbp1, nkbp1
         sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d

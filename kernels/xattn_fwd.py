@@ -21,6 +21,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _tile_and_slab(ntiles):
+    """(tile, slab) of this program in a 1-D grid of ``ntiles * slabs`` programs. A slab is a
+    batch * head (or a batch); one grid axis because CUDA caps axes 1 and 2 at 65 535."""
+    pid = tl.program_id(0)
+    return pid % ntiles, pid // ntiles
+
+
+@triton.jit
 def _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold):
     """Bool [BLOCK_M, BLOCK_N]: True where dropout keeps the weight (key j takes word j % 4
     of the Philox call for counter (j // 4, i, b*H + h, direction))."""
@@ -100,21 +108,20 @@ def _xattn_fwd_kernel(
     # direction 1 (unused when nblk0 covers the grid)
     Q1, K1, V1, O1, L1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, split_len1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, H, D, DV, block_q, block_k,
+    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
     SPLIT: tl.constexpr, PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Axis 0: query blocks of both directions; axis 1: batch * head; axis 2: key splits.
+    """Axis 0: query blocks of both directions x batch * head; axis 2: key splits.
 
     With SPLIT (flash-decoding, for few query blocks and many keys) each program covers
     ``split_len`` keys (with PRUNE: every n-th kept block) and O/L are fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` holding
     normalised partial outputs and partial LSEs (-inf when empty), merged by
     ``_xattn_fwd_combine_kernel``.
     """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = _tile_and_slab(ntiles)
     split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -178,7 +185,7 @@ def _xattn_fwd_kernel(
     empty_lse = float("-inf") if SPLIT else float("inf")  # final: +inf (reference convention)
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
                    empty_lse)
-    row = split.to(tl.int64) * tl.num_programs(1) + bh
+    row = split.to(tl.int64) * (tl.num_programs(0) // ntiles) + bh
     tl.store(O + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
     tl.store(L + row * Lq + offs_m, lse, mask=offs_m < Lq)
@@ -186,19 +193,19 @@ def _xattn_fwd_kernel(
 
 @triton.jit
 def _xattn_fwd_combine_kernel(
-    OP0, LP0, O0, L0, Lq0, OP1, LP1, O1, L1, Lq1, nblk0, n_split, DV,
+    OP0, LP0, O0, L0, Lq0, OP1, LP1, O1, L1, Lq1, nblk0, ntiles, n_split, DV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merges the split-key partial outputs: a softmax over the partial LSEs."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid, bh = _tile_and_slab(ntiles)
+    bh = bh.to(tl.int64)
     if pid < nblk0:
         mblk = pid
         OP, LP, O, L, Lq = OP0, LP0, O0, L0, Lq0
     else:
         mblk = pid - nblk0
         OP, LP, O, L, Lq = OP1, LP1, O1, L1, Lq1
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(0) // ntiles
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     omask = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
@@ -261,15 +268,15 @@ def _xattn_weights_kernel(
     sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
     Q1, K1, L1, W1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nkb1, nqbp1, nkbp1,
     sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    ntiles0, H, D, block_q, block_k,
+    ntiles0, ntiles, H, D, block_q, block_k,
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
     PRUNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     """Writes the weights from the stored LSE, one tile per program: no score matrix in
     memory and no softmax pass. MEAN: axis 1 is the batch and the heads are averaged here;
-    otherwise axis 1 is batch * head."""
-    pid = tl.program_id(0)
+    otherwise batch * head (one grid axis: tiles x slabs)."""
+    pid, slab = _tile_and_slab(ntiles)
     if pid < ntiles0:
         tile = pid
         Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0
@@ -285,7 +292,7 @@ def _xattn_weights_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if MEAN:
-        b = tl.program_id(1).to(tl.int64)
+        b = slab.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for h in range(0, H):
             acc += _weights_tile(Q, K, L, QV, KV, T, BM, b, h, b * H + h, offs_m, offs_n, offs_d,
@@ -294,7 +301,7 @@ def _xattn_weights_kernel(
         w = acc / H
         w_base = W + b.to(tl.int64) * Lq * Lk
     else:
-        bh = tl.program_id(1)
+        bh = slab
         w = _weights_tile(Q, K, L, QV, KV, T, BM, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh,
                           offs_m, offs_n, offs_d, Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
                           nqbp, nkbp, block_q, block_k, H, HAS_QV, HAS_KV, HAS_T, PRUNE, PREC)

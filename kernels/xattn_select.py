@@ -29,16 +29,17 @@ import triton.language as tl
 
 from crossattn.reference import default_scale
 
+from .xattn_fwd import _tile_and_slab
+
 
 @triton.jit
 def _xattn_pool_kernel(
     X, VALID, MEAN, COUNT, length, nb, H, D, sxb, sxh, sxl, sxd, block,
     HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Axis 0: blocks; axis 1: batch * head. MEAN is fp32 ``[B*H, nb, D]``, COUNT fp32
+    """Programs: blocks x batch * head. MEAN is fp32 ``[B*H, nb, D]``, COUNT fp32
     ``[B*H, nb]`` (valid rows of the block)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    blk, bh = _tile_and_slab(nb)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -67,11 +68,10 @@ def _xattn_select_kernel(
     MASS: tl.constexpr, HAS_T: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Axis 0: query blocks; axis 1: batch * head. Writes the dense uint8 row of MASK
+    """Programs: query blocks x batch * head. Writes the dense uint8 row of MASK
     ``[B*H, nqb, nkb]`` and the compact row of LAYOUT ``[B*H, nqb, 1 + nkb]``; SCORES is an
     fp32 scratch row per program."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    qb, bh = _tile_and_slab(nqb)
     h = bh % H
     row = bh.to(tl.int64) * nqb + qb
     offs_d = tl.arange(0, BLOCK_D)
@@ -139,10 +139,9 @@ def _xattn_select_kernel(
 def _xattn_blocks_compact_kernel(
     M, LAYOUT, R, C, H, smb, smh, smr, smc, BLOCK_C: tl.constexpr,
 ):
-    """Axis 0: rows; axis 1: batch * head. Dense kept mask (any strides: broadcast or
+    """Programs: rows x batch * head. Dense kept mask (any strides: broadcast or
     transposed views) to the compact layout ``[B*H, R, 1 + C]``."""
-    r = tl.program_id(0)
-    bh = tl.program_id(1)
+    r, bh = _tile_and_slab(R)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base = M + b * smb + h * smh + r.to(tl.int64) * smr
@@ -166,6 +165,15 @@ class BlockLayout(NamedTuple):
     layout: torch.Tensor
 
 
+def _grid(tiles: int, slabs: int, *rest: int) -> tuple:
+    """The 1-D launch grid of ``tiles x slabs`` programs (see ``_tile_and_slab``)."""
+    programs = tiles * slabs
+    if programs >= 2**31:
+        raise ValueError(f"{tiles} tiles x {slabs} batch*heads = {programs} programs: more than one launch "
+                         "takes (2**31 - 1); split the batch")
+    return (programs, 1, *rest)
+
+
 def _block_r(block: int) -> int:
     return min(block, 64)
 
@@ -178,7 +186,7 @@ def block_means(x, valid, block):
     count = torch.empty(B * H, nb, device=x.device, dtype=torch.float32)
     if nb and B * H:
         valid_u8 = valid.to(torch.uint8).contiguous() if valid is not None else mean
-        _xattn_pool_kernel[(nb, B * H)](
+        _xattn_pool_kernel[_grid(nb, B * H)](
             x, valid_u8, mean, count, L, nb, H, D, *x.stride(), block,
             HAS_VALID=valid is not None, BLOCK_R=_block_r(block),
             BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -210,7 +218,7 @@ def compact(mask: torch.Tensor, B: int, H: int) -> torch.Tensor:
         mask = mask.view(torch.uint8)
     layout = torch.empty(B, H, R, C + 1, device=mask.device, dtype=torch.int32)
     if R and B * H:
-        _xattn_blocks_compact_kernel[(R, B * H)](
+        _xattn_blocks_compact_kernel[_grid(R, B * H)](
             mask, layout, R, C, H, *mask.stride(), BLOCK_C=min(256, max(16, triton.next_power_of_2(C))),
         )
     return layout
@@ -243,7 +251,7 @@ def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, sca
     layout = torch.empty(B, H, nqb, nkb + 1, device=device, dtype=torch.int32)
     scores = torch.empty(B * H * nqb, max(nkb, 1), device=device, dtype=torch.float32)
     if nqb and B * H:
-        _xattn_select_kernel[(nqb, B * H)](
+        _xattn_select_kernel[_grid(nqb, B * H)](
             mean_q, n_q, mean_k, n_k, temp, scores, _keep_table(pruning, nkb, device), mask, layout,
             nqb, nkb, H, D, scale, float(pruning.mass or 0.0), pruning.min_blocks,
             MASS=pruning.mass is not None, HAS_T=has_t,
