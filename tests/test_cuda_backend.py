@@ -217,3 +217,13 @@ def test_cuda_bidirectional_pruned_with_gradients_on_gpu(dtype):
     sum((r ** 2).sum() for r in ref).backward()
     for a, b in zip((qx, kx, vx, qy, ky, vy), ins64):
         assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * 10, what="grad")
+
+
+@pytest.mark.gpu
+@needs_gpu_build
+def test_cuda_more_batch_heads_than_a_grid_axis_holds_on_gpu():
+    q, k, v = make_qkv(70001, 1, 3, 20, 16, dtype=torch.float16, device="cuda", seed=13)
+    out, w = crossattn.cross_attention(q, k, v, need_weights="mean", backend="cuda")
+    ref_out, ref_w = attention_reference(*f64(q, k, v), need_weights="mean")
+    assert_close(out, ref_out, torch.float16, what="out")
+    assert_close(w, ref_w, torch.float16, what="weights")
