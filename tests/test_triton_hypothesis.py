@@ -52,14 +52,22 @@ def test_random_problems_match_reference(problem):
     if isinstance(t, torch.Tensor):
         kw["temperature"] = t = t.detach().to(DEVICE).requires_grad_(True)
     q, k, v = (x.to(DEVICE).requires_grad_(True) for x in (q, k, v))
+    kw64 = dict(kw)
+    if isinstance(t, torch.Tensor):
+        kw64["temperature"] = t64 = t.detach().double().requires_grad_(True)
+    _check_against_reference(q, k, v, kw, kw64)
+    if isinstance(t, torch.Tensor):
+        assert_close(t.grad, t64.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="dtemperature")
+
+
+def _check_against_reference(q, k, v, kw, kw64):
+    """Triton with ``kw`` against the float64 reference with ``kw64`` (same dropout seed):
+    output, weights, and the gradients of a loss on both."""
     torch.manual_seed(0)
     out, w = crossattn.cross_attention(q, k, v, backend="triton", **kw)
     torch.manual_seed(0)
     seed = draw_dropout_seed() if kw.get("dropout_p") else None
     ins64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    kw64 = dict(kw)
-    if isinstance(t, torch.Tensor):
-        kw64["temperature"] = t64 = t.detach().double().requires_grad_(True)
     ref_out, ref_w = attention_reference(*ins64, dropout_seed=seed, **kw64)
     assert_close(out, ref_out, torch.float32, what="out")
     loss, ref_loss = out.double().sum(), ref_out.sum()
@@ -69,12 +77,8 @@ def test_random_problems_match_reference(problem):
         ref_loss = ref_loss + (ref_w ** 2).sum()
     loss.backward()
     ref_loss.backward()
-    tol = GRAD_TOL[torch.float32] * 10
     for a, b in zip((q, k, v), ins64):
-        assert_close(a.grad, b.grad, torch.float32, tol=tol, what="grad")
-    if isinstance(t, torch.Tensor):
-        assert_close(t.grad, t64.grad, torch.float32, tol=tol, what="dtemperature")
-
+        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
 
 @st.composite
 def pruned_problems(draw):
@@ -124,19 +128,4 @@ def test_random_pruned_problems_match_reference(problem):
     chosen = select_blocks_triton(q, k, prune, key_valid=None if kpm is None else ~kpm,
                                   query_valid=None if qpm is None else ~qpm).mask
     fixed = crossattn.BlockPruning(block_q=prune.block_q, block_k=prune.block_k, block_mask=chosen.cpu())
-    torch.manual_seed(0)
-    out, w = crossattn.cross_attention(q, k, v, backend="triton", **kw)
-    torch.manual_seed(0)
-    seed = draw_dropout_seed() if kw.get("dropout_p") else None
-    ins64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref_out, ref_w = attention_reference(*ins64, dropout_seed=seed, **dict(kw, prune=fixed))
-    assert_close(out, ref_out, torch.float32, what="out")
-    loss, ref_loss = out.double().sum(), ref_out.sum()
-    if kw["need_weights"]:
-        assert_close(w, ref_w, torch.float32, what="weights")
-        loss = loss + (w.double() ** 2).sum()
-        ref_loss = ref_loss + (ref_w ** 2).sum()
-    loss.backward()
-    ref_loss.backward()
-    for a, b in zip((q, k, v), ins64):
-        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+    _check_against_reference(q, k, v, kw, dict(kw, prune=fixed))
