@@ -227,3 +227,18 @@ def test_cuda_more_batch_heads_than_a_grid_axis_holds_on_gpu():
     ref_out, ref_w = attention_reference(*f64(q, k, v), need_weights="mean")
     assert_close(out, ref_out, torch.float16, what="out")
     assert_close(w, ref_w, torch.float16, what="weights")
+
+
+def test_loading_without_a_build_says_how_to_get_one(monkeypatch, tmp_path):
+    from crossattn import _cuda
+
+    if BUILT:
+        pytest.skip("the extension is built here")
+    monkeypatch.setattr(_cuda, "_op_defined", lambda: False)  # as in a fresh process without the library
+    monkeypatch.delenv("CROSSATTN_CUDA_JIT", raising=False)
+    with pytest.raises(RuntimeError, match="CROSSATTN_FORCE_CUDA=1 pip install --no-build-isolation"):
+        _cuda.load_extension()
+    monkeypatch.setenv("CROSSATTN_CUDA_JIT", "1")
+    monkeypatch.setattr(_cuda, "CSRC", tmp_path)  # an installed package: no sources to compile
+    with pytest.raises(RuntimeError, match="needs the CUDA sources"):
+        _cuda.load_extension()
