@@ -127,6 +127,21 @@ def check_gradients(run, q, k, v, kw, need_weights, dtype, tol_scale=1.0):
         assert_close(t.grad, kw64["temperature"].grad, dtype, tol=tol, what="dtemperature")
 
 
+def check_bidirectional(res, ref, leaves, leaves64, dtype, tol_scale=10.0):
+    """A bidirectional result against its float64 reference: every field (None where the
+    reference has None), then the gradients of sum(field**2) for each pair of leaves."""
+    for name in res._fields:
+        a, b = getattr(res, name), getattr(ref, name)
+        if b is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert_close(a, b, dtype, what=name)
+    sum((r.double() ** 2).sum() for r in res if r is not None).backward()
+    sum((r ** 2).sum() for r in ref if r is not None).backward()
+    for a, b in zip(leaves, leaves64):
+        assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * tol_scale, what="grad")
+
+
 # Option sets shared by the backend tests (strings are materialised per shape).
 FEATURES = {
     "plain": {},

@@ -19,7 +19,9 @@ import torch
 import crossattn
 from crossattn import BlockPruning
 from crossattn.reference import attention_reference, bidirectional_reference
-from conftest import GRAD_TOL, INTERPRETING, assert_close, f64, make_qkv, random_padding, triton_ready
+from conftest import (
+    INTERPRETING, assert_close, check_bidirectional, f64, make_qkv, random_padding, triton_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT = importlib.util.find_spec("crossattn._C") is not None
@@ -146,15 +148,7 @@ def test_glue_bidirectional_with_every_option(stand_in, need_weights):
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     t64 = (t[0].detach().double().requires_grad_(True), 0.7)
     ref = bidirectional_reference(*ins64, prune=fixed, **dict(kw, temperature=t64))
-    for name in res._fields:
-        if getattr(ref, name) is None:
-            assert getattr(res, name) is None
-        else:
-            assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
-    sum((r.double() ** 2).sum() for r in res if r is not None).backward()
-    sum((r ** 2).sum() for r in ref if r is not None).backward()
-    for a, b in zip((qx, kx, vx, qy, ky, vy, t[0]), (*ins64, t64[0])):
-        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy, t[0]), (*ins64, t64[0]), torch.float32)
 
 
 def test_glue_opcheck(stand_in):
@@ -211,12 +205,7 @@ def test_cuda_bidirectional_pruned_with_gradients_on_gpu(dtype):
     fixed = tuple(BlockPruning(block_q=16, block_k=64, block_mask=s) for s in sels)
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     ref = bidirectional_reference(*ins64, y_padding_mask=ym, prune=fixed, need_weights="full")
-    for name in res._fields:
-        assert_close(getattr(res, name), getattr(ref, name), dtype, what=name)
-    sum((r.double() ** 2).sum() for r in res).backward()
-    sum((r ** 2).sum() for r in ref).backward()
-    for a, b in zip((qx, kx, vx, qy, ky, vy), ins64):
-        assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * 10, what="grad")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy), ins64, dtype)
 
 
 @pytest.mark.gpu

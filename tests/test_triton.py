@@ -13,8 +13,8 @@ import crossattn
 from crossattn._philox import draw_dropout_seed
 from crossattn.reference import bidirectional_reference
 from conftest import (
-    DEVICE, FEATURES, GRAD_TOL, INTERPRETING, assert_close, check_gradients, f64, make_qkv,
-    materialise, random_padding, reference, triton_ready,
+    DEVICE, FEATURES, GRAD_TOL, INTERPRETING, assert_close, check_bidirectional, check_gradients, f64,
+    make_qkv, materialise, random_padding, reference, triton_ready,
 )
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
@@ -258,12 +258,7 @@ def test_seed_workload_on_gpu(dtype):
     res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, backend="triton", **kw)
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     ref = bidirectional_reference(*ins64, **kw)
-    for name in res._fields:
-        assert_close(getattr(res, name), getattr(ref, name), dtype, what=name)
-    sum((r.double() ** 2).sum() for r in res).backward()
-    sum((r ** 2).sum() for r in ref).backward()
-    for a, b in zip((qx, kx, vx, qy, ky, vy), ins64):
-        assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * 10, what="grad")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy), ins64, dtype)
 
 
 @pytest.mark.gpu
@@ -317,12 +312,7 @@ def test_bidirectional_options_on_one_side_only():
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     t64 = t.detach().double().requires_grad_(True)
     ref = bidirectional_reference(*ins64, temperature=(t64, None), **kw)
-    for name in res._fields:
-        assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
-    sum((r.double() ** 2).sum() for r in res).backward()
-    sum((r ** 2).sum() for r in ref).backward()
-    for a, b in zip((qx, kx, vx, qy, ky, vy, t), (*ins64, t64)):
-        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy, t), (*ins64, t64), torch.float32)
 
 
 @pytest.mark.parametrize("need_weights", ["full", "mean"])
@@ -386,12 +376,7 @@ def test_pruned_bidirectional_takes_a_pair():
                                                   need_weights="full", backend="triton")
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     ref = bidirectional_reference(*ins64, prune=prune, need_weights="full")
-    for name in res._fields:
-        assert_close(getattr(res, name), getattr(ref, name), torch.float32, what=name)
-    sum((r.double() ** 2).sum() for r in res).backward()
-    sum((r ** 2).sum() for r in ref).backward()
-    for a, b in zip((qx, kx, vx, qy, ky, vy), ins64):
-        assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32] * 10, what="grad")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy), ins64, torch.float32)
     with pytest.raises(ValueError, match="one block size for both directions"):
         crossattn.bidirectional_cross_attention(
             qx, kx, vx, qy, ky, vy, backend="triton",
