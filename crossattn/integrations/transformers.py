@@ -91,6 +91,20 @@ def crossattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     return mask
 
 
+def _weights_requested(kwargs) -> bool:
+    """Whether the caller wants the weights: ``output_attentions`` reaches the attention
+    function in some models only; the others record the weights with output hooks, active
+    while transformers' output collector asks for some attentions."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers passes output_attentions down
+        return False
+    collecting = _active_collector.get()
+    return bool(collecting) and any("attentions" in key for key in collecting)
+
+
 def _log_once(reason: str) -> None:
     if reason not in _logged:
         _logged.add(reason)
@@ -136,7 +150,7 @@ def crossattn_attention_forward(module, query, key, value, attention_mask, dropo
                                 position_bias: torch.Tensor | None = None, **kwargs):
     """transformers attention function: ``query [B, H, Lq, D]``, ``key``/``value``
     ``[B, Hkv, Lk, D]`` -> ``(out [B, Lq, H, Dv], weights [B, H, Lq, Lk] or None)``."""
-    want_weights = bool(kwargs.get("output_attentions", False))
+    want_weights = _weights_requested(kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None)
     reason = None
