@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._validation import _check_padding_mask, _value_checks_enabled
+from .._validation import _check_padding_mask, _check_values
 from ..functional import bidirectional_cross_attention, cross_attention
 
 __all__ = ["CrossModalAttention", "BidirectionalCrossAttention"]
@@ -78,14 +78,10 @@ def _hf_padding(mask: Tensor | None, name: str, like: Tensor, like_name: str) ->
         return ~mask
     if mask.is_complex():
         raise TypeError(f"{name} must be a bool, integer or float tensor of 0s and 1s, got {mask.dtype}")
-    if mask.device.type != "meta" and _value_checks_enabled(mask):
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name} must be a Hugging Face attention mask of 0s and 1s (1 = real token, "
-                f"0 = padding), got the value {mask[bad].flatten()[0].item()}; an additive mask "
-                f"(0 = attend, -inf = padding) is not one: pass ({name} == 0).long() instead"
-            )
+    _check_values(mask, ((mask == 0) | (mask == 1)).all(), lambda: (
+        f"{name} must be a Hugging Face attention mask of 0s and 1s (1 = real token, 0 = "
+        f"padding), got other values; an additive mask (0 = attend, -inf = padding) is not "
+        f"one: pass ({name} == 0).long() instead"))
     return mask == 0
 
 

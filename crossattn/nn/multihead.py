@@ -12,10 +12,6 @@ from ..functional import cross_attention
 __all__ = ["MultiheadAttention", "convert_multihead_attention"]
 
 
-def _TMP(bias, causal):  # TEMPORARY until the API merge
-    return {k: v for k, v in dict(attn_bias=bias, is_causal=causal).items() if v is not None and v is not False}
-
-
 def _check_mask_type(mask, name, other_type, other_name, check_other=True):
     """torch's ``F._canonical_mask`` checks (error and deprecation warning, same words),
     without its bool -> float copy of the mask: it runs on an empty slice of ``mask``."""
@@ -145,7 +141,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                                             bsz, tgt_len, src_len)
         mode = ("mean" if average_attn_weights else "full") if need_weights else False
         out, weights = cross_attention(
-            q, k, v, key_padding_mask=padding, **_TMP(bias, causal),
+            q, k, v, key_padding_mask=padding, attn_bias=bias, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=mode, backend=getattr(self, "backend", "auto"),
         )
