@@ -372,3 +372,50 @@ def test_mismatched_mask_types_warn_as_torch(kernel_calls):
     for m in (theirs, ours):
         with pytest.warns(UserWarning, match="Support for mismatched key_padding_mask and attn_mask is deprecated"):
             m(q, k, v, key_padding_mask=kpm, attn_mask=mask)
+
+
+# ------------------------------------------------------------------------------ Triton
+@pytest.mark.parametrize("case", ["key_padding", "unbatched_self_attention"])
+def test_the_triton_kernels_serve_it_like_torch(case, kernel_calls):
+    """The same parity on the Triton backend (interpreter on CPU, kernels on a GPU), in
+    float32 at float32 tolerances: outputs, weights, every gradient."""
+    from conftest import DEVICE, GRAD_TOL, TOL, triton_ready
+
+    if triton_ready() is not None:
+        pytest.skip(f"triton backend: {triton_ready()}")
+    theirs, ours = pair(16, 2, dtype=torch.float32, batch_first=True)
+    theirs.to(DEVICE), ours.to(DEVICE)
+    ours.backend = "triton"
+    q, k, v = (t.to(DEVICE) for t in inputs(2, 5, 7, 16, batch_first=True, dtype=torch.float32))
+    kw = {}
+    if case == "key_padding":
+        kw["key_padding_mask"] = padding(2, 7).to(DEVICE)
+    else:
+        q = k = v = q[0]
+    results = []
+    for m in (theirs, ours):
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, w = m(*x, **kw, average_attn_weights=False)
+        ((out * out).sum() + (w * w).sum()).backward()
+        results.append((out, w, [t.grad for t in x], [p.grad for p in m.parameters()]))
+    (ref, ref_w, ref_g, ref_pg), (out, w, g, pg) = results
+    tol, gtol = TOL[torch.float32], GRAD_TOL[torch.float32]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(w, ref_w, rtol=tol, atol=tol)
+    for a, b in zip(g + pg, ref_g + ref_pg):
+        torch.testing.assert_close(a, b, rtol=gtol, atol=gtol)
+    assert len(kernel_calls) == 1 and kernel_calls[0]["backend"] == "triton"
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph_with_masks():
+    """torch's checks are replicated without torch._check closures (a graph break)."""
+    theirs, ours = pair(8, 2, dtype=torch.float32, batch_first=True)
+    ours.eval()
+    x = inputs(2, 5, 5, 8, batch_first=True, dtype=torch.float32)[0]
+    kw = dict(key_padding_mask=padding(2, 5), attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1),
+              is_causal=True)
+    torch._dynamo.reset()
+    got = torch.compile(ours, fullgraph=True)(x, x, x, **kw)
+    for a, b in zip(got, ours(x, x, x, **kw)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -135,8 +135,13 @@ class MultiheadAttention(nn.MultiheadAttention):
             return x.view(x.shape[0], bsz, H, embed_dim // H).permute(1, 2, 0, 3)
 
         q, k, v = heads(q), heads(k), heads(v)
-        if key_padding_mask is not None:
-            F._check_key_padding_mask(key_padding_mask, src_len, bsz)
+        if key_padding_mask is not None:  # F._check_key_padding_mask, minus its graph break
+            if key_padding_mask.shape[0] != bsz:
+                raise AssertionError(
+                    f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+            if key_padding_mask.shape[1] != src_len:
+                raise AssertionError(
+                    f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}")
         bias, padding, causal = self._masks(attn_mask, key_padding_mask, is_causal, query,
                                             bsz, tgt_len, src_len)
         mode = ("mean" if average_attn_weights else "full") if need_weights else False
