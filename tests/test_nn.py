@@ -206,6 +206,17 @@ def test_cross_modal_needs_value_when_vdim_differs():
         m(torch.randn(1, 3, 16), torch.randn(1, 4, 8))
 
 
+def test_modules_run_on_meta_tensors():
+    """Shape inference / deferred init: the mask value check is skipped on meta tensors."""
+    m = BidirectionalCrossAttention(16, 2, device="meta")
+    text, audio = torch.empty(2, 4, 16, device="meta"), torch.empty(2, 9, 16, device="meta")
+    out = m(text, audio, torch.ones(2, 4, device="meta"), torch.ones(2, 9, device="meta"), need_weights="full")
+    assert [tuple(t.shape) for t in out] == [(2, 4, 16), (2, 9, 16), (2, 2, 4, 9), (2, 2, 9, 4)]
+    mha = MultiheadAttention(16, 2, batch_first=True, device="meta")
+    out, w = mha(text, audio, audio, attn_mask=torch.zeros(4, 9, dtype=torch.bool, device="meta"))
+    assert out.shape == (2, 4, 16) and w.shape == (2, 4, 9)
+
+
 def test_bidirectional_module_trains_temperature_and_prunes():
     m = BidirectionalCrossAttention(32, 4, learnable_temperature=True,
                                     prune=crossattn.BlockPruning(block_q=16, block_k=16, top_k=1))
