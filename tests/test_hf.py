@@ -166,19 +166,25 @@ def test_eager_fallback_keeps_the_models_dtype_handling(dtype, monkeypatch):
     assert torch.equal(out, ref) and torch.equal(w, ref_w)
 
 
-def test_a_custom_dense_mask_goes_to_the_kernels_as_a_bias(kernel_calls):
-    """A 4-D mask the integration cannot decompose (here a user's float mask, and a fully
-    masked row) is added to the logits in the kernels, as eager adds it."""
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_a_dense_mask_goes_to_the_kernels_as_a_bias(kind, kernel_calls):
+    """A 4-D mask the integration cannot decompose (a user's float mask; a bool pattern such
+    as a sliding window) is added to the logits in the kernels, as eager adds it; a row it
+    masks entirely comes out uniform, as in eager."""
     import transformers.models.bert.modeling_bert as bert
 
     layer = bert_layer()
     q, k, v = (t.double() for t in qkv())
     g = torch.Generator().manual_seed(3)
-    mask = torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64)
-    mask[torch.rand(2, 1, 5, 6, generator=g) < 0.4] = torch.finfo(torch.float64).min
-    mask[1, 0, 2] = torch.finfo(torch.float64).min  # a row that sees nothing: uniform in eager
+    keep = torch.rand(2, 1, 5, 6, generator=g) > 0.4
+    keep[1, 0, 2] = False  # a row that sees nothing
+    lowest = torch.finfo(torch.float64).min
+    float_mask = torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64).masked_fill(~keep, lowest)
+    mask = float_mask if kind == "float" else keep
     out, w = ca_hf.crossattn_attention_forward(layer, q, k, v, mask, scaling=0.35, output_attentions=True)
-    ref, ref_w = bert.eager_attention_forward(layer, q, k, v, mask, scaling=0.35)
+    eager_mask = float_mask if kind == "float" else torch.zeros(()).double().masked_fill(~keep, lowest)
+    ref, ref_w = bert.eager_attention_forward(layer, q, k, v, eager_mask, scaling=0.35)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(w[1, :, 2], torch.full((4, 6), 1 / 6, dtype=torch.float64))
     assert len(kernel_calls) == 1 and kernel_calls[0]["attn_bias"] is not None

@@ -153,6 +153,21 @@ def test_llama_decoding_with_a_cache(name, kernel_calls):
     assert len(kernel_calls) == 6
 
 
+def test_mistral_sliding_window_goes_as_a_bias(name, kernel_calls):
+    """A sliding window is no structure the kernels take: the dense mask becomes an additive
+    attn_bias (and the sliding_window argument the mask already encodes is not a fallback)."""
+    config = transformers.MistralConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=3, max_position_embeddings=64,
+        pad_token_id=0)
+    eager, ours = pair(transformers.MistralModel, config, name, torch.float32)
+    ids = torch.randint(1, 99, (2, 8), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    compare(eager, ours, dict(input_ids=ids, attention_mask=mask), **F32)
+    assert len(kernel_calls) == 2 and all(kw["attn_bias"] is not None for _, _, kw in kernel_calls)
+
+
 # ---------------------------------------------------------------------------------- T5
 def t5_config():
     return transformers.T5Config(

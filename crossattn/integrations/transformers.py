@@ -133,7 +133,8 @@ def _eager_mask(attention_mask, query, key, causal):
 
 
 def _empty_rows(structure: MaskStructure, q_len: int, k_len: int, device) -> torch.Tensor | None:
-    """Bool ``[B|1, 1, Lq]``: the query rows that see no key, or None when there are none."""
+    """Bool ``[B|1, 1, Lq]``: the query rows that see no key, or None when there are none
+    (computed from the structure: ``[B, Lk]`` work, not ``[B, Lq, Lk]``)."""
     pad, offset = structure
     if offset is None:
         return None if pad is None else pad.all(-1)[:, None, None]
@@ -187,9 +188,13 @@ def crossattn_attention_forward(module, query, key, value, attention_mask, dropo
         key_padding, kernel_causal = structure.key_padding, structure.causal_offset is not None
         empty = _empty_rows(structure, q_len, k_len, query.device)
     else:
-        # Any other mask: additive, as eager adds it (a row it masks entirely comes out uniform,
-        # as in eager, since every logit of that row rounds to the same dtype minimum).
-        mask_bias = _eager_mask(attention_mask, query, key, causal)
+        # Any other mask goes as an additive bias: a float mask as eager adds it, a bool one
+        # as 0 / -inf (rows it masks entirely are patched below, whatever the dtype).
+        mask_bias = attention_mask
+        if attention_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask_bias = torch.where(attention_mask, zero, -torch.inf)
+            empty = ~attention_mask.any(-1)
         bias = mask_bias if bias is None else bias + mask_bias
 
     out, weights = cross_attention(
