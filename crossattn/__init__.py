@@ -14,7 +14,7 @@ from .functional import (
 )
 from .pruning import BlockPruning
 from .reference import AuxOutput, AuxRequest, BidirectionalOutput
-from . import nn  # noqa: E402  (after the functional API it is built on)
+from . import alignment, nn  # noqa: E402  (after the functional API they are built on)
 from .nn import convert_multihead_attention
 
 __version__ = "0.1.0"
@@ -33,5 +33,6 @@ __all__ = [
     "merge_attention",
     "nn",
     "select_blocks",
+    "alignment",
     "__version__",
 ]
