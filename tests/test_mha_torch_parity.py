@@ -343,6 +343,9 @@ def _bad_cases():
         "kdim_lengths": ({"kdim": 3, "vdim": 5}, lambda: (r(5, 2, E), r(6, 2, 3), r(7, 2, 5)), {}),
         "batch_first_query_2d_key": ({"batch_first": True}, lambda: (r(1, 5, E), r(6, E), r(6, E)), {}),
         "batch_first_key_1d": ({"batch_first": True}, lambda: (r(1, 5, E), r(E), r(E)), {}),
+        "key_padding_mask_list": ({}, lambda: (r(5, 2, E), r(6, 2, E), r(6, 2, E)),
+                                  {"key_padding_mask": [[False] * 6] * 2}),
+        "query_list": ({}, lambda: ([[0.0] * E] * 5, r(6, E), r(6, E)), {}),
     }
 
 

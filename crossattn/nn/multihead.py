@@ -52,15 +52,17 @@ class MultiheadAttention(nn.MultiheadAttention):
                         is_causal: bool = False) -> str | None:
         """Why ``forward`` would use torch's implementation for these arguments, or None.
         (Arguments torch rejects are no reason: ``forward`` raises torch's error for them.)"""
-        if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+        if not all(isinstance(t, Tensor) for t in (query, key, value)) or not all(
+                m is None or isinstance(m, Tensor) for m in (key_padding_mask, attn_mask)):
+            return "arguments that are not tensors (torch raises its own errors)"
+        if any(t.is_nested for t in (query, key, value)):
             return "NestedTensor inputs (torch's native fast path serves them)"
         if self.bias_k is not None or self.bias_v is not None:
             return "add_bias_kv is not supported by the kernels"
         if self.add_zero_attn:
             return "add_zero_attn is not supported by the kernels"
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if (isinstance(mask, Tensor) and isinstance(query, Tensor)
-                    and mask.is_floating_point() and mask.dtype != query.dtype):
+            if mask is not None and mask.is_floating_point() and mask.dtype != query.dtype:
                 return f"a float {name} of dtype {mask.dtype} with a {query.dtype} query"
         return None
 
