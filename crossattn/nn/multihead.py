@@ -179,7 +179,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             else:
                 bias = attn_mask
             if bias.dim() == 3:
-                bias = bias.view(bsz, -1, tgt_len, src_len)
+                bias = bias.reshape(bsz, -1, tgt_len, src_len)  # a view unless it cannot be
         padding = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype == torch.bool:
