@@ -64,7 +64,7 @@ def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
     assert "crossattn/kernels/__init__.py" in names
     assert "crossattn/reference.py" in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist: torch")]
     assert requires == ["Requires-Dist: torch>=2.4"]
     import torch
 

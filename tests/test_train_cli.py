@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,13 +136,13 @@ def test_fusion_experiment_script_runs(tmp_path):
     """The committed experiment's script, at smoke size: every variant trains and is reported."""
     import runpy
 
-    script = runpy.run_path(str(__import__("pathlib").Path(__file__).parent.parent / "benchmarks" / "fusion_experiment.py"),
+    script = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "fusion_experiment.py"),
                             run_name="fusion_experiment")
     out = tmp_path / "fx"
     assert script["main"](["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     assert set(results) == set(script["VARIANTS"])
-    for name, res in results.items():
+    for res in results.values():
         acc = res["summary"]["accuracy"][0]
         assert 0.0 <= acc <= 1.0 and len(res["runs"]) == 1
     table = out.with_suffix(".md").read_text()
