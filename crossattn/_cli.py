@@ -2,6 +2,7 @@
 an unusable device is one line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ def fail(prog: str, message: str) -> SystemExit:
     """``raise fail(prog, msg)``: the one-line error and exit status 2 of argparse."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``prog: error: message (--help for usage)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def require_extra(prog: str, extra: str, modules: tuple[str, ...] | None = None) -> None:

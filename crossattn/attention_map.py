@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._cli import existing_file, require_extra
+from ._cli import ArgumentParser, existing_file, require_extra
 
 
 def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, title: str, path) -> None:
@@ -40,7 +40,7 @@ def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, t
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a crossattn-train run (emotion model)")
     p.add_argument("--output", required=True, help="PNG path")
     p.add_argument("--index", type=int, help="utterance of the run's test (or validation) split")

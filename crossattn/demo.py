@@ -6,7 +6,6 @@ implementation of the seed model, and read out as Whisper-style token timestamps
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 import crossattn
-from crossattn._cli import check_device, require_extra
+from crossattn._cli import ArgumentParser, check_device, require_extra
 from crossattn.bench.impls import eager_core
 from crossattn.bench.measure import median_ms
 from crossattn.reference import bidirectional_reference
@@ -54,7 +53,7 @@ def eager_bidirectional(q_x, k_x, v_x, q_y, k_y, v_y, text_pad, audio_pad):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crossattn.demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m crossattn.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)

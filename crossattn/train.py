@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ._cli import check_device, existing_file, fail, require_extra
+from ._cli import ArgumentParser, check_device, existing_file, fail, require_extra
 
 MODELS = ("emotion", "hctdmg", "late", "early", "attention")
 
 
 # --------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossattn-train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="crossattn-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON file of option values (flag names with _ for -); flags given "
                                     "on the command line win")

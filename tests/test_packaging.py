@@ -51,6 +51,7 @@ def _can_build_wheels_offline() -> bool:
             or importlib.util.find_spec("wheel") is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_build_wheels_offline(), reason="needs setuptools with bdist_wheel")
 def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
     subprocess.run(
