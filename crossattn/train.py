@@ -381,7 +381,10 @@ def main(argv=None) -> int:
     if args.resume and state is None and rank == 0:
         print(f"--resume: no {ckpt_path} yet, starting afresh", file=sys.stderr)
 
-    train, val, test, num_outputs, extra = build_data(args)
+    try:
+        train, val, test, num_outputs, extra = build_data(args)
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:  # the loaders say which file is wrong
+        raise fail("crossattn-train", f"cannot load the {args.data} data: {exc}") from None
     model, tokenizer = build_model(args, num_outputs, extra, state and state.get("tokenizer"))
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -41,6 +41,14 @@ def test_train_bad_arguments_and_missing_files(tmp_path, capsys):
     _fails(train.main, ["--data", "meld", "--meld-csv", str(tmp_path), "--meld-audio", str(tmp_path), *out],
            capsys, "--meld-csv", "is a directory")
     _fails(train.main, ["--device", "tpu9", *out], capsys, "--device 'tpu9'")
+    csv = tmp_path / "meld.csv"
+    csv.write_text("Sentence,Label\nhello,joy\n")
+    _fails(train.main, ["--data", "meld", "--meld-csv", str(csv), "--meld-audio", str(tmp_path), "--no-progress",
+                        "--output", str(tmp_path / "meld")], capsys, "cannot load the meld data", "not a MELD CSV")
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"\x80\x04junk")
+    _fails(train.main, ["--data", "mmsa", "--model", "early", "--pickle", str(junk), "--no-progress",
+                        "--output", str(tmp_path / "mmsa")], capsys, "cannot load the mmsa data")
     assert not (tmp_path / "run").exists()  # nothing written before the arguments are known good
 
 
