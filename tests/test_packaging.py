@@ -70,6 +70,10 @@ def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
     assert core == ["Requires-Dist: torch>=2.11"]  # no Triton: CUDA torch brings it, the CPU needs an extra
     assert "License-Expression: Apache-2.0" in meta
     assert "crossattn/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    scripts = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for line in ("crossattn-bench = crossattn._cli:bench", "crossattn-train = crossattn.train:main",
+                 "crossattn-attention-map = crossattn.attention_map:main"):
+        assert line in scripts, scripts
     import torch
 
     if torch.version.cuda is None:  # no CUDA torch: the extension is skipped unless forced
