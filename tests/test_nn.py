@@ -384,6 +384,7 @@ def test_convert_routes_the_encoder_layer_through_crossattn(monkeypatch):
 
 
 # ------------------------------------------------------------------------ compile and triton
+@pytest.mark.slow
 def test_compile_fullgraph_of_a_model_using_the_modules():
     torch.manual_seed(0)
     m = BidirectionalCrossAttention(32, 4, learnable_temperature=True).eval()
