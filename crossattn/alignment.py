@@ -109,7 +109,7 @@ def align(weights: torch.Tensor, *, num_tokens: int | None = None, num_frames: i
                          f"{getattr(weights, 'shape', type(weights).__name__)}")
     w = weights.detach().float().cpu()
     w = w[None] if w.dim() == 2 else w
-    w = w[:, : num_tokens if num_tokens is not None else w.shape[1], : num_frames if num_frames is not None else w.shape[2]]
+    w = w[:, :num_tokens, :num_frames]  # None keeps everything
     if normalise and w.shape[1] > 1:
         w = (w - w.mean(1, keepdim=True)) / w.std(1, keepdim=True).clamp(min=1e-8)
     w = _median_filter(w, median_width).mean(0)

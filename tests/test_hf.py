@@ -84,8 +84,11 @@ def test_from_pretrained_with_the_implementation_name(name, tmp_path, kernel_cal
 
 
 def test_mask_function_notes_the_structure_of_the_masks_it_builds():
-    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
-                                            sliding_window_causal_mask_function)
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        sliding_window_causal_mask_function,
+    )
 
     pad = torch.tensor([[True, True, False], [True, True, True]])  # 2-D HF mask as bool
     m = ca_hf.crossattn_mask(2, 4, 3, mask_function=bidirectional_mask_function, attention_mask=pad,

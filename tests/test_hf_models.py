@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import crossattn.integrations.transformers as ca_hf  # noqa: E402
-
-from conftest import GRAD_TOL, TOL as DTYPE_TOL  # noqa: E402
+from conftest import GRAD_TOL  # noqa: E402
+from conftest import TOL as DTYPE_TOL  # noqa: E402
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 F32 = dict(tol=dict(rtol=DTYPE_TOL[torch.float32], atol=DTYPE_TOL[torch.float32]),
@@ -86,13 +86,13 @@ def compare(eager, ours, inputs, *, hidden="last_hidden_state", query_weight=Non
     for field in fields:
         assert len(got[field]) == len(ref[field])
         for a, b in zip(got[field], ref[field]):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{field}: {m}")
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, f=field: f"{f}: {m}")
     assert any(g is not None for g in ref_grads.values())
     for n, g in ref_grads.items():
         if g is None:
             assert grads[n] is None, n
         else:
-            torch.testing.assert_close(grads[n], g, **grad_tol, msg=lambda m: f"grad {n}: {m}")
+            torch.testing.assert_close(grads[n], g, **grad_tol, msg=lambda m, n=n: f"grad {n}: {m}")
     return ref, got
 
 

@@ -168,9 +168,11 @@ def test_bidirectional_module_takes_hf_masks_of_every_dtype(dtype):
     ((2, 4, 16), (3, 9, 16), {}, r"audio must have the batch size of text \[2, 4, 16\], got shape \[3, 9, 16\]"),
     ((2, 4, 12), (2, 9, 16), {}, r"text must have d_model = 16 features \[B, L, 16\], got shape \[2, 4, 12\]"),
     ((2, 4, 16), (2, 9, 8), {}, r"audio must have d_model = 16 features"),
-    ((4, 16), (9, 16), {}, r"text must be 3-D \[B, L, d_model\] \(batch first; unsqueeze\(0\) an unbatched input\), got 2-D"),
+    ((4, 16), (9, 16), {},
+     r"text must be 3-D \[B, L, d_model\] \(batch first; unsqueeze\(0\) an unbatched input\), got 2-D"),
     ((2, 4, 16), (9, 16), {}, r"audio must be 3-D"),
-    ((2, 4, 16), (2, 9, 16), {"text_mask": torch.ones(2, 5)}, r"text_mask must have shape \[B, L\] = \[2, 4\] \(the batch and length of text\)"),
+    ((2, 4, 16), (2, 9, 16), {"text_mask": torch.ones(2, 5)},
+     r"text_mask must have shape \[B, L\] = \[2, 4\] \(the batch and length of text\)"),
 ])
 def test_bidirectional_module_errors_name_the_callers_arguments(text, audio, kw, match):
     m = BidirectionalCrossAttention(16, 2)

@@ -73,7 +73,11 @@ def crossattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     """transformers' ``sdpa_mask``, with its structure attached as ``mask.crossattn_structure``
     when it is padding alone or causal plus padding."""
     from transformers.masking_utils import (
-        bidirectional_mask_function, causal_mask_function, prepare_padding_mask, sdpa_mask)
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
 
     mask_function = causal_mask_function if mask_function is None else mask_function
     mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
