@@ -59,7 +59,9 @@ def _from_environment() -> str:
 
 
 def available_backends() -> dict:
-    """``{name: None if usable here, else the reason it is not}``."""
+    """``{name: None if usable here, else the reason it is not}``: None means the backend can
+    run in this process (for inputs it supports); a string says what is missing and how to get
+    it."""
     return {name: b.unavailable() for name, b in BACKENDS.items()}
 
 
@@ -84,6 +86,13 @@ def choose(problems: list[AttentionProblem], requested="auto") -> BackendChoice:
     q = problems[0].q
     order = AUTO_ORDER_CUDA if q.device.type == "cuda" else ("torch",)
     rejected = {}
+    if q.device.type != "cuda":  # say why the kernel backends were not tried
+        for candidate in AUTO_ORDER_CUDA[:-1]:
+            why = f"auto uses the kernel backends for CUDA tensors only; the inputs are on {q.device}"
+            if candidate == "triton" and q.device.type == "cpu":
+                why += " (backend='triton' runs CPU tensors in the Triton interpreter, TRITON_INTERPRET=1: slow)"
+            unavailable = _unavailable(candidate)
+            rejected[candidate] = why + (f"; also unavailable here: {unavailable}" if unavailable else "")
     for candidate in order:
         backend = BACKENDS[candidate]
         why = _unavailable(candidate) or next(
