@@ -3,8 +3,10 @@
 Two ops carry one or two directions each (lists of length 1 or 2), so that a bidirectional
 call is one launch per pass:
 
-* ``crossattn::xattn_fwd`` -> (out, lse, weights) per direction: the forward kernel, then
-  the weights kernel when weights are requested;
+* ``crossattn::xattn_fwd`` -> (out, stats, weights) per direction: the forward kernel, then
+  the weights kernel when weights are requested; ``stats`` is float32 ``[2, B, H, Lq]``, each
+  row's max logit M and R = log2 of its sum relative to M, in base-2 units (xattn_fwd), which
+  the weights and backward passes recompute P from exactly (``lse_from_stats`` gives the LSE);
 * ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature) per direction: delta, dK/dV and
   dQ kernels.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -26,7 +29,7 @@ from torch import Tensor
 from crossattn._philox import dropout_threshold
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
-from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
+from .xattn_fwd import LN2, LOG2E, _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 from .xattn_select import _grid, compact, select_blocks_triton
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
@@ -168,154 +171,143 @@ def _dropout_args(seed, dropout_p, device):
 
 
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-           block_q, block_k):
-    """What both passes derive from the op arguments: dims, launch config, kernel-ready masks,
-    temperatures, dropout and pruning arguments."""
-    B, H, _, D = q[0].shape
-    DV = v[0].shape[3]
-    prune_args = _prune_args(block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind),
-                             block_q, block_k)
-    return (B, H, D, DV, q[0].device, q[0].dtype, *prune_args,
-            *_prepare(q, k, q_valid, k_valid, temperature),
-            *_dropout_args(seed, dropout_p, q[0].device))
+           block_q, block_k) -> SimpleNamespace:
+    """What every pass derives from the op arguments: dims, launch config, kernel-ready masks,
+    temperatures, dropout and pruning arguments. Head dims may differ between the directions
+    of a bidirectional call: tiles fit the widest."""
+    B, H = q[0].shape[:2]
+    D, DV = max(t.shape[3] for t in q), max(t.shape[3] for t in v)
+    dense, layouts, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
+        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+    qv, kv, temp, flags = _prepare(q, k, q_valid, k_valid, temperature)
+    seed, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, q[0].device)
+    return SimpleNamespace(
+        B=B, H=H, device=q[0].device, dtype=q[0].dtype, cfg=cfg, prune=prune, dense=dense,
+        layouts=layouts, bm_sizes=bm_sizes, block_q=block_q, block_k=block_k, qv=qv, kv=kv, temp=temp,
+        flags=dict(HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune),
+        drop=(seed, thr, drop_scale), dropout=dropout,
+        tiles=dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), PREC=_precision(q[0].dtype),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        block_dv=_block_dim(DV),
+    )
+
+
+def _problem(s, i, q, k, v, scale, bm):
+    """Direction ``i`` as the kernels' tuple (xattn_fwd.PROBLEM)."""
+    return (q[i], k[i], v[i], s.qv[i], s.kv[i], s.temp[i], bm[i], tuple(q[i].stride()),
+            tuple(k[i].stride()), tuple(v[i].stride()), q[i].shape[2], k[i].shape[2], q[i].shape[3],
+            v[i].shape[3], float(scale[i]), *s.bm_sizes[i])
+
+
+def _ends(n):
+    """The directions a kernel takes: (0, 1), or (0, 0) for one direction."""
+    return (0, n - 1)
+
+
+def lse_from_stats(stats: Tensor) -> Tensor:
+    """The natural-log LSE ``[B, H, Lq]`` of row statistics (+inf on rows with no key)."""
+    return (stats[0] + stats[1]) * LN2
+
+
+def stats_from_lse(lse: Tensor) -> Tensor:
+    """Row statistics ``[2, B, H, Lq]`` (M, R; see xattn_fwd) from a natural-log LSE, for callers
+    whose forward stores the LSE only (the CUDA backend): exact up to the LSE's rounding."""
+    return torch.stack([lse.float() * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
 
 
 def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
                 block_mask, block_layout, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
-     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-        block_q, block_k)
-    outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
-    lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+    s = _setup("fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+               block_q, block_k)
+    B, H, cfg, device = s.B, s.H, s.cfg, s.device
+    outs = [torch.empty(B, H, qq.shape[2], vv.shape[3], device=device, dtype=s.dtype) for qq, vv in zip(q, v)]
+    stats = [torch.empty(2, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     grid = (sum(nblk), B * H)
-    # Pruned rows deal their kept blocks round-robin to the splits, so the split count is
-    # chosen for the full key length; unpruned splits take contiguous key ranges.
     n_split = _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
-    split_len = [triton.cdiv(triton.cdiv(kk.shape[2], n_split), cfg.block_n) * cfg.block_n or cfg.block_n
-                 for kk in k]
     if n_split > 1:  # partial results in fp32 workspaces, merged below
-        dest_o = [torch.empty(n_split, B, H, qq.shape[2], DV, device=device, dtype=torch.float32) for qq in q]
-        dest_l = [torch.empty(n_split, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+        dest_o = [torch.empty(n_split, *o.shape, device=device, dtype=torch.float32) for o in outs]
+        dest_s = [torch.empty(2, n_split, *st.shape[1:], device=device, dtype=torch.float32) for st in stats]
     else:
-        dest_o, dest_l = outs, lses
-
-    def direction(i):
-        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i], layouts[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i], *bm_sizes[i],
-                *q[i].stride(), *k[i].stride(), *v[i].stride())
-
+        dest_o, dest_s = outs, stats
+    ends = _ends(len(q))
     if grid[0] and grid[1]:
         _xattn_fwd_kernel[_grid(*grid, n_split)](
-            *direction(0), *direction(len(q) - 1),
-            seed_t, thr, drop_scale, nblk[0], grid[0], H, D, DV, block_q, block_k,
-            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1, PRUNE=prune,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
-            PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
+            *[(dest_o[i], dest_s[i][0], dest_s[i][1]) for i in ends],
+            *s.drop, nblk[0], grid[0], H, s.block_q, s.block_k,
+            DROPOUT=s.dropout, SPLIT=n_split > 1, BLOCK_DV=s.block_dv, **s.flags, **s.tiles,
         )
         if n_split > 1:
-            last = len(q) - 1
             _xattn_fwd_combine_kernel[_grid(*grid)](
-                dest_o[0], dest_l[0], outs[0], lses[0], q[0].shape[2],
-                dest_o[last], dest_l[last], outs[last], lses[last], q[last].shape[2],
-                nblk[0], grid[0], n_split, DV, BLOCK_M=cfg.block_m, BLOCK_DV=_block_dim(DV),
-                num_warps=cfg.num_warps,
+                *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
+                   v[i].shape[3]) for i in ends],
+                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
             )
-    ws = [q[i].new_empty(0) for i in range(len(q))]
+    ws = [qq.new_empty(0) for qq in q]
     if weights:
-        ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg,
-                             (bms, bm_sizes, prune, block_q, block_k))
-    return outs, lses, ws
+        ws = _launch_weights(q, k, v, stats, s, scale, weights)
+    return outs, stats, ws
 
 
-def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, pruning):
-    bms, bm_sizes, prune, block_q, block_k = pruning
-    B, H, _, D = q[0].shape
+def _launch_weights(q, k, v, stats, s, scale, weights):
+    B, H, cfg = s.B, s.H, s.cfg
     mean = weights == WEIGHTS_MODES["mean"]
-    ws = []
-    ntiles, nkb = [], []
+    ws, ntiles, nkb = [], [], []
     for qq, kk in zip(q, k):
         Lq, Lk = qq.shape[2], kk.shape[2]
-        shape = (B, Lq, Lk) if mean else (B, H, Lq, Lk)
-        ws.append(torch.empty(shape, device=qq.device, dtype=qq.dtype))
+        ws.append(torch.empty((B, Lq, Lk) if mean else (B, H, Lq, Lk), device=qq.device, dtype=qq.dtype))
         nkb.append(triton.cdiv(Lk, cfg.block_n))
         ntiles.append(triton.cdiv(Lq, cfg.block_m) * nkb[-1])
-
-    def direction(i):
-        return (q[i], k[i], lses[i], ws[i], qv[i], kv[i], temp[i], bms[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), max(nkb[i], 1), *bm_sizes[i],
-                *q[i].stride(), *k[i].stride())
-
+    ends = _ends(len(q))
     grid = (sum(ntiles), B if mean else B * H)
     if grid[0] and grid[1]:
         _xattn_weights_kernel[_grid(*grid)](
-            *direction(0), *direction(len(q) - 1), ntiles[0], grid[0], H, D, block_q, block_k,
-            MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-            PREC=_precision(q[0].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *[_problem(s, i, q, k, v, scale, s.dense) for i in ends],
+            *[(ws[i], stats[i][0], stats[i][1], max(nkb[i], 1)) for i in ends],
+            ntiles[0], grid[0], H, s.block_q, s.block_k, MEAN=mean, **s.flags, **s.tiles,
         )
     return ws
 
 
-def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
+def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale,
                 seed, dropout_p, weights, block_mask, block_layout, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
-     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-        block_q, block_k)
+    s = _setup("bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+               block_q, block_k)
+    B, H, cfg, device, dtype = s.B, s.H, s.cfg, s.device, s.dtype
     # dK/dV programs walk the query blocks that kept their key block: the transposed layout.
-    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in bms] if prune else layouts
-    n = len(q)
+    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in s.dense] if s.prune else s.layouts
     mean = weights == WEIGHTS_MODES["mean"]
     has_dw = weights != 0 and all(d is not None for d in dweights)
     dout = [d.to(dtype).contiguous() for d in dout]
     dw = [d.contiguous() if has_dw else _dummy(device, dtype) for d in dweights]
-    delta = [torch.empty_like(l) for l in lse]
+    stats = [st.contiguous() for st in stats]
+    delta = [torch.empty(st.shape[1:], device=device, dtype=torch.float32) for st in stats]
     dq = [torch.empty(qq.shape, device=device, dtype=dtype) for qq in q]
     dk = [torch.empty(kk.shape, device=device, dtype=dtype) for kk in k]
     dv = [torch.empty(vv.shape, device=device, dtype=dtype) for vv in v]
     nqb = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     nkb = [triton.cdiv(kk.shape[2], cfg.block_n) for kk in k]
-    dt_part = [torch.zeros(B * H * max(m, 1), device=device, dtype=torch.float32) for m in nqb]
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(DV), PREC=_precision(dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, PRUNE=prune)
-    Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
-
+    # Per-program partial sums of the temperature gradient ([B, H, query blocks]).
+    dt_part = [torch.zeros(B, H, max(m, 1), device=device, dtype=torch.float32) for m in nqb]
+    ends = _ends(len(q))
+    args = (*[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
+            *[(out[i], dout[i], stats[i][0], stats[i][1], delta[i], dw[i], dq[i], dk[i], dv[i], dt_part[i],
+               t_layouts[i]) for i in ends],
+            *s.drop)
+    consts = dict(HAS_DW=has_dw, MEAN=mean, DROPOUT=s.dropout, BLOCK_DV=s.block_dv, **s.flags, **s.tiles)
     if B * H and sum(nqb):
-        _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](
-            *[a for i in (0, n - 1) for a in (
-                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], layouts[i],
-                *Ls[i], float(scale[i]), *bm_sizes[i], *q[i].stride(), *k[i].stride())],
-            nqb[0], sum(nqb), H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
-        )
-
-    def grads_args(i, first, second, lay):
-        return (q[i], k[i], v[i], dout[i], lse[i], delta[i], dw[i], first[i], second[i],
-                qv[i], kv[i], temp[i], lay[i], *Ls[i], float(scale[i]), *bm_sizes[i],
-                *q[i].stride(), *k[i].stride(), *v[i].stride())
-
-    drop = (seed_t, thr, drop_scale)
+        _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), H, s.block_q, s.block_k,
+                                                        **consts)
     if B * H and sum(nkb):
-        _xattn_bwd_dkdv_kernel[_grid(sum(nkb), B * H)](
-            *grads_args(0, dk, dv, t_layouts), *grads_args(n - 1, dk, dv, t_layouts), *drop, nkb[0], sum(nkb),
-            H, D, DV,
-            block_q, block_k,
-            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
-        )
+        _xattn_bwd_dkdv_kernel[_grid(sum(nkb), B * H)](*args, nkb[0], sum(nkb), H, s.block_q, s.block_k,
+                                                       **consts)
     else:
         for t in dk + dv:
             t.zero_()
     if B * H and sum(nqb):
-        _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](
-            *grads_args(0, dq, dt_part, layouts), *grads_args(n - 1, dq, dt_part, layouts), *drop, nqb[0],
-            sum(nqb), H, D, DV,
-            block_q, block_k,
-            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
-        )
-    dtemp = [p.view(B, H, -1).sum((0, 2)) if has_t else p.new_empty(0) for p in dt_part]
+        _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), H, s.block_q, s.block_k, **consts)
+    dtemp = [p.sum((0, 2)) if s.flags["HAS_T"] else p.new_empty(0) for p in dt_part]
     return dq, dk, dv, dtemp
 
 
@@ -335,31 +327,31 @@ def xattn_fwd(
 @xattn_fwd.register_fake
 def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
       block_mask, block_layout, block_q, block_k):
-    outs, lses, ws = [], [], []
+    outs, stats, ws = [], [], []
     for qq, kk, vv in zip(q, k, v):
         B, H, Lq, _ = qq.shape
         Lk = kk.shape[2]
         outs.append(qq.new_empty(B, H, Lq, vv.shape[3]))
-        lses.append(qq.new_empty(B, H, Lq, dtype=torch.float32))
+        stats.append(qq.new_empty(2, B, H, Lq, dtype=torch.float32))
         ws.append(qq.new_empty((B, Lq, Lk) if weights == 2 else (B, H, Lq, Lk) if weights else (0,)))
-    return outs, lses, ws
+    return outs, stats, ws
 
 
 @torch.library.custom_op("crossattn::xattn_bwd", mutates_args=())
 def xattn_bwd(
     dout: list[Tensor], dweights: list[Optional[Tensor]],
-    q: list[Tensor], k: list[Tensor], v: list[Tensor], out: list[Tensor], lse: list[Tensor],
+    q: list[Tensor], k: list[Tensor], v: list[Tensor], out: list[Tensor], stats: list[Tensor],
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
     block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    return _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature,
+    return _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature,
                        scale, seed, dropout_p, weights, block_mask, block_layout, block_q, block_k)
 
 
 @xattn_bwd.register_fake
-def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+def _(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
       block_mask, block_layout, block_q, block_k):
     has_t = any(t is not None for t in temperature)
     return (
@@ -373,7 +365,7 @@ def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, s
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_layout,
      block_q, block_k) = inputs
-    outs, lses, _ = output
+    outs, stats, _ = output
     n = len(q)
     ctx.n = n
     ctx.has_temp = [t is not None for t in temperature]
@@ -384,7 +376,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bm = [m is not None for m in block_mask]
     ctx.has_layout = [m is not None for m in block_layout]
     ctx.block_sizes = (block_q, block_k)
-    saved = [*q, *k, *v, *outs, *lses]
+    saved = [*q, *k, *v, *outs, *stats]
     saved += [t for t in q_valid if t is not None] + [t for t in k_valid if t is not None]
     saved += [t for t in temperature if t is not None]
     saved += [seed] if seed is not None else []
@@ -402,18 +394,18 @@ def _unflatten(ctx):
         head, saved = saved[:count], saved[count:]
         return head
 
-    q, k, v, out, lse = take(n), take(n), take(n), take(n), take(n)
+    q, k, v, out, stats = take(n), take(n), take(n), take(n), take(n)
     q_valid = [take(1)[0] if has else None for has in ctx.opt_mask[0]]
     k_valid = [take(1)[0] if has else None for has in ctx.opt_mask[1]]
     temperature = [take(1)[0] if has else None for has in ctx.has_temp]
     seed = take(1)[0] if ctx.has_seed else None
     block_mask = [take(1)[0] if has else None for has in ctx.has_bm]
     block_layout = [take(1)[0] if has else None for has in ctx.has_layout]
-    return q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout
+    return q, k, v, out, stats, q_valid, k_valid, temperature, seed, block_mask, block_layout
 
 
-def _backward(ctx, d_outs, d_lses, d_ws):
-    q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout = _unflatten(ctx)
+def _backward(ctx, d_outs, d_stats, d_ws):
+    q, k, v, out, stats, q_valid, k_valid, temperature, seed, block_mask, block_layout = _unflatten(ctx)
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
     if ctx.weights and any(d is not None for d in d_ws):
@@ -422,7 +414,7 @@ def _backward(ctx, d_outs, d_lses, d_ws):
         d_ws = [d if d is not None else
                 qq.new_zeros((qq.shape[0],) + (() if mean else (qq.shape[1],)) + (qq.shape[2], kk.shape[2]))
                 for d, qq, kk in zip(d_ws, q, k)]
-    dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
+    dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, stats, q_valid, k_valid,
                                   temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights,
                                   block_mask, block_layout, *ctx.block_sizes)
     d_temp = []
@@ -477,14 +469,13 @@ def _op_args(problems):
 
 def _pruning_args(problems):
     """Kept blocks per direction, selected on the device by the Triton selection kernel
-    (dense mask and compact layout), and the shared block sizes."""
+    (dense mask and compact layout), and the block sizes the kernels share: a direction whose
+    blocks are larger is served at the smaller size, its kept mask refined (the same keys)."""
     configs = [p.pruning for p in problems]
     if all(c is None for c in configs):
         return [None] * len(problems), [None] * len(problems), 0, 0
-    sizes = {(c.block_q, c.block_k) for c in configs if c is not None}
-    if len(sizes) > 1:
-        raise ValueError(f"the Triton kernels need one block size for both directions, got {sorted(sizes)}")
-    (block_q, block_k), = sizes
+    block_q = min(c.block_q for c in configs if c is not None)
+    block_k = min(c.block_k for c in configs if c is not None)
     masks, layouts = [], []
     for p in problems:
         if p.pruning is None:
@@ -493,8 +484,15 @@ def _pruning_args(problems):
             continue
         sel = select_blocks_triton(p.q, p.k, p.pruning, key_valid=p.key_valid(), query_valid=p.query_valid(),
                                    scale=p.scale, temperature=p.temperature)
-        masks.append(sel.mask)
-        layouts.append(sel.layout)
+        mask, layout = sel.mask, sel.layout
+        fq, fk = p.pruning.block_q // block_q, p.pruning.block_k // block_k
+        if fq > 1 or fk > 1:  # powers of two: the smaller size divides the larger
+            B, H, Lq, Lk, _, _ = p.dims
+            mask = (mask.repeat_interleave(fq, 2)[:, :, :triton.cdiv(Lq, block_q)]
+                    .repeat_interleave(fk, 3)[..., :triton.cdiv(Lk, block_k)])
+            layout = compact(mask, B, H)
+        masks.append(mask)
+        layouts.append(layout)
     return masks, layouts, block_q, block_k
 
 

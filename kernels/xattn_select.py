@@ -137,19 +137,19 @@ def _xattn_select_kernel(
 
 @triton.jit
 def _xattn_blocks_compact_kernel(
-    M, LAYOUT, R, C, H, smb, smh, smr, smc, BLOCK_C: tl.constexpr,
+    MASK, LAYOUT, nrows, ncols, H, smb, smh, smr, smc, BLOCK_C: tl.constexpr,
 ):
     """Programs: rows x batch * head. Dense kept mask (any strides: broadcast or
-    transposed views) to the compact layout ``[B*H, R, 1 + C]``."""
-    r, bh = _tile_and_slab(R)
+    transposed views) to the compact layout ``[B*H, nrows, 1 + ncols]``."""
+    r, bh = _tile_and_slab(nrows)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    base = M + b * smb + h * smh + r.to(tl.int64) * smr
-    lrow = LAYOUT + (bh.to(tl.int64) * R + r) * (C + 1)
+    base = MASK + b * smb + h * smh + r.to(tl.int64) * smr
+    lrow = LAYOUT + (bh.to(tl.int64) * nrows + r) * (ncols + 1)
     pos = 0
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, ncols, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
-        kept = tl.load(base + offs * smc, mask=offs < C, other=0) != 0
+        kept = tl.load(base + offs * smc, mask=offs < ncols, other=0) != 0
         slot = pos + tl.cumsum(kept.to(tl.int32), 0)
         tl.store(lrow + slot, offs, mask=kept)
         pos += tl.sum(kept.to(tl.int32), 0)

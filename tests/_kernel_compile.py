@@ -9,14 +9,14 @@ import os
 
 POINTER_ARGS = {
     "Q": "data", "K": "data", "V": "data", "O": "data", "W": "data", "DW": "data", "DO": "data",
-    "DQ": "data", "DK": "data", "DVP": "data",
-    "L": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "LP": "fp32",
-    "QV": "u8", "KV": "u8", "BM": "i32", "SEED": "i64",
+    "DQ": "data", "DK": "data", "DVG": "data",
+    "M": "fp32", "R": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "MP": "fp32",
+    "RP": "fp32", "QV": "u8", "KV": "u8", "BM": "i32", "LT": "i32", "SEED": "i64",
     # selection kernels
     "X": "data", "VALID": "u8", "MEAN": "fp32", "COUNT": "fp32", "PQ": "fp32", "PQN": "fp32",
     "PK": "fp32", "PKN": "fp32", "SCORES": "fp32", "NKEEP": "i32", "MASK": "u8", "LAYOUT": "i32",
-    "M": "u8",
 }
+STRIDE_ARGS = {"sq", "sk", "sv"}
 # The weights pass tests the dense kept-bit mask; the other passes walk the compact layout.
 DENSE_MASK_KERNELS = {"_xattn_weights_kernel"}
 FLOAT_ARGS = {"scale", "drop_scale", "mass"}
@@ -24,25 +24,43 @@ INT64_ARGS = {"drop_threshold"}
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
+def _tuple_fields(kernel, base):
+    """Field names of a per-direction tuple argument (kernels/xattn_fwd.py, xattn_bwd.py)."""
+    from crossattn.kernels import xattn_bwd, xattn_fwd
+
+    if base == "dir":
+        return xattn_fwd.PROBLEM
+    if base == "g":
+        return xattn_bwd.GRAD
+    if base == "part":
+        return ("OP", "MP", "RP", "O", "M", "R", "Lq", "DV")
+    if base == "res":
+        return ("W", "M", "R", "nkb") if kernel.fn.__name__ in DENSE_MASK_KERNELS else ("O", "M", "R")
+    return None
+
+
+def _arg_type(kernel, name: str, dtype: str):
+    base = name.rstrip("01")
+    fields = _tuple_fields(kernel, base)
+    if fields is not None:
+        return tuple(_arg_type(kernel, f, dtype) for f in fields)
+    if base in STRIDE_ARGS:
+        return ("i32",) * 4
+    if base in POINTER_ARGS:
+        kind = POINTER_ARGS[base]
+        if base == "BM" and kernel.fn.__name__ in DENSE_MASK_KERNELS:
+            kind = "u8"
+        return "*" + (TRITON_DTYPE[dtype] if kind == "data" else kind)
+    if base in FLOAT_ARGS:
+        return "fp32"
+    if base in INT64_ARGS:
+        return "i64"
+    return "i32"
+
+
 def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        base = name.rstrip("01")
-        if base in POINTER_ARGS:
-            kind = POINTER_ARGS[base]
-            if base == "BM" and kernel.fn.__name__ in DENSE_MASK_KERNELS:
-                kind = "u8"
-            sig[name] = "*" + (TRITON_DTYPE[dtype] if kind == "data" else kind)
-        elif base in FLOAT_ARGS:
-            sig[name] = "fp32"
-        elif base in INT64_ARGS:
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    return sig
+    return {name: "constexpr" if name in constexprs else _arg_type(kernel, name, dtype)
+            for name in kernel.arg_names}
 
 
 def kernel_variants(dtype: str, d: int):
