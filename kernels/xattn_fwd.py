@@ -25,9 +25,10 @@ LN2 = 0.6931471805599453
 
 # The per-direction tuple every kernel takes (see ``_problem`` in xattn.py). BM is the pruning
 # layout walked by the pass (the dense mask for the weights pass, the transposed layout for
-# dK/dV); strides are (batch, head, row, column) tuples.
-PROBLEM = ("Q", "K", "V", "QV", "KV", "T", "BM", "sq", "sk", "sv", "Lq", "Lk", "D", "DV", "scale",
-           "nqbp", "nkbp")
+# dK/dV); KEND the end of each batch row's valid keys; BIAS is read through its broadcast
+# strides; strides are (batch, head, row, column) tuples; K/V head = query head // group.
+PROBLEM = ("Q", "K", "V", "QV", "KV", "KEND", "T", "BM", "BIAS", "sq", "sk", "sv", "sbias", "Lq", "Lk", "D",
+           "DV", "scale", "nqbp", "nkbp", "group")
 
 
 @triton.jit
@@ -86,10 +87,33 @@ def _col_valid(KV, b, offs_n, Lk, HAS_KV: tl.constexpr):
 
 
 @triton.jit
-def _attended(row_ok, col_ok):
-    """The one place that decides which (query, key) pairs take part: bool [M, N] from the
-    valid query rows and valid keys (padding); pruning is decided per tile by the walks."""
-    return row_ok[:, None] & col_ok[None, :]
+def _key_end(KEND, b, m0, Lq, Lk, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """No query row of the tile at ``m0`` attends a key at or past this bound: the batch row's
+    last valid key (ragged lengths), the causal diagonal of the tile's last row. Walks stop
+    there, so those key tiles cost nothing."""
+    hi = m0 * 0 + Lk
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.minimum(m0 + BLOCK_M, Lq) + (Lk - Lq))
+    if HAS_KV:
+        hi = tl.minimum(hi, tl.load(KEND + b))
+    return tl.maximum(hi, 0)
+
+
+@triton.jit
+def _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, col_ok, CAUSAL: tl.constexpr,
+            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """The one place that decides the logits of a tile (base 2): ``q.k * scale / T + bias``,
+    -inf where the pair does not attend (query/key padding, causality; pruning is decided per
+    tile by the walks). Returns (masked logits, q.k * scale / T, attended)."""
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
+    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
+    s = s2
+    if HAS_BIAS:
+        s = s2 + _load(BIAS, sbias, b, h, offs_m, Lq, offs_n, Lk).to(tl.float32) * 1.4426950408889634
+    ok = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    return tl.where(ok, s, float("-inf")), s2, ok
 
 
 @triton.jit
@@ -111,11 +135,9 @@ def _row_stats(M, R, bh, offs_m, Lq):
 
 
 @triton.jit
-def _probs(q, kt, coef2, m2, r2, ok, PREC: tl.constexpr):
-    """(P, S in base-2 units) on one tile from the row statistics; P = 0 where not attended."""
-    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
-    p = tl.where(ok, tl.exp2((s2 - m2[:, None]) - r2[:, None]), 0.0)
-    return p, s2
+def _probs(s, m2, r2):
+    """P from masked logits and the row statistics: 0 where s = -inf or the row is empty."""
+    return tl.exp2((s - m2[:, None]) - r2[:, None])
 
 
 @triton.jit
@@ -148,7 +170,7 @@ def _tile_start(lrow, t, block, PRUNE: tl.constexpr, BLOCK: tl.constexpr):
 def _xattn_fwd_kernel(
     dir0, dir1, res0, res1, SEED, drop_threshold, drop_scale, nblk0, ntiles, H, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
-    SPLIT: tl.constexpr, PRUNE: tl.constexpr,
+    SPLIT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -167,8 +189,9 @@ def _xattn_fwd_kernel(
         prob, res, direction, mblk = dir0, res0, 0, pid
     else:
         prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
-    Q, K, V, QV, KV, T, BM, sq, sk, sv, Lq, Lk, D, DV, scale, nqbp, nkbp = prob
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
     O, M, R = res
+    hk = h // group
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -184,13 +207,14 @@ def _xattn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
-    for t in range(split, _num_tiles(lrow, Lk, block_k, PRUNE, BLOCK_N), tl.num_programs(2)):
+    hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
+    for t in range(split, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N), tl.num_programs(2)):
         start_n = _tile_start(lrow, t, block_k, PRUNE, BLOCK_N)
-        if start_n < Lk:  # online softmax over keys start_n .. start_n + BLOCK_N
+        if start_n < hi:  # online softmax over keys start_n .. start_n + BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = _load_t(K, sk, b, h, offs_n, Lk, offs_d, D)
-            ok = _attended(row_ok, _col_valid(KV, b, offs_n, Lk, HAS_KV))
-            s = tl.where(ok, tl.dot(q, kt, input_precision=PREC) * coef2, float("-inf"))
+            kt = _load_t(K, sk, b, hk, offs_n, Lk, offs_d, D)
+            s, _, _ = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, _col_valid(KV, b, offs_n, Lk, HAS_KV),
+                              CAUSAL, HAS_BIAS, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
             alpha = tl.exp2(m_i - m_safe)
@@ -199,7 +223,7 @@ def _xattn_fwd_kernel(
             if DROPOUT:
                 keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
                 p = tl.where(keep, p * drop_scale, 0.0)
-            v = _load(V, sv, b, h, offs_n, Lk, offs_dv, DV)
+            v = _load(V, sv, b, hk, offs_n, Lk, offs_dv, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
 
@@ -253,24 +277,28 @@ def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
 
 @triton.jit
 def _weights_tile(prob, M, R, b, h, bh, offs_m, offs_n, H, block_q, block_k,
-                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-                  PRUNE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """P on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended (and, without any matrix
-    work, on a pruned block: BM is the dense kept mask here)."""
-    Q, K, V, QV, KV, T, BM, sq, sk, sv, Lq, Lk, D, DV, scale, nqbp, nkbp = prob
+                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, PRUNE: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """P on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended; a pruned block (BM is the
+    dense kept mask here), or one past the key end or the causal diagonal, costs no matrix work."""
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
     p = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
-    kept = True
+    m0 = tl.min(offs_m, 0)
+    n0 = tl.min(offs_n, 0)
+    kept = n0 < _key_end(KEND, b, m0, Lq, Lk, HAS_KV, CAUSAL, offs_m.shape[0])
     if PRUNE:  # the whole tile lies in one pruning block (BLOCK_M | block_q, BLOCK_N | block_k)
-        qb = tl.min(offs_m, 0).to(tl.int64) // block_q
-        kb = tl.min(offs_n, 0).to(tl.int64) // block_k
-        kept = tl.load(BM + ((b * H + h) * nqbp + qb) * nkbp + kb) != 0
+        qb = m0.to(tl.int64) // block_q
+        kb = n0.to(tl.int64) // block_k
+        kept = kept & (tl.load(BM + ((b * H + h) * nqbp + qb) * nkbp + kb) != 0)
     if kept:
         offs_d = tl.arange(0, BLOCK_D)
         q = _load(Q, sq, b, h, offs_m, Lq, offs_d, D)
-        kt = _load_t(K, sk, b, h, offs_n, Lk, offs_d, D)
+        kt = _load_t(K, sk, b, h // group, offs_n, Lk, offs_d, D)
         m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
-        ok = _attended(_row_valid(QV, b, offs_m, Lq, HAS_QV), _col_valid(KV, b, offs_n, Lk, HAS_KV))
-        p, _ = _probs(q, kt, _head_coef(T, h, scale, HAS_T) * 1.4426950408889634, m2, r2, ok, PREC)
+        s, _, _ = _logits(q, kt, _head_coef(T, h, scale, HAS_T) * 1.4426950408889634, prob, b, h, offs_m, offs_n,
+                          _row_valid(QV, b, offs_m, Lq, HAS_QV), _col_valid(KV, b, offs_n, Lk, HAS_KV),
+                          CAUSAL, HAS_BIAS, PREC)
+        p = _probs(s, m2, r2)
     return p
 
 
@@ -278,34 +306,42 @@ def _weights_tile(prob, M, R, b, h, bh, offs_m, offs_n, H, block_q, block_k,
 def _xattn_weights_kernel(
     dir0, dir1, res0, res1, ntiles0, ntiles, H, block_q, block_k,
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-    PRUNE: tl.constexpr,
+    PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     """Writes the weights from the stored row statistics, one tile per program: no score
-    matrix in memory and no softmax pass. ``res`` is (W, M, R, nkb). MEAN: axis 1 is the
-    batch and the heads are averaged here; otherwise batch * head (one grid axis: tiles x
-    slabs)."""
+    matrix in memory and no softmax pass. ``res`` is (W, M, R, nkb, HEADS, nh): the weights
+    cover query heads ``HEADS[0 .. nh)`` (all H without HAS_HEADS), computed for them alone.
+    MEAN: axis 1 is the batch and those heads are averaged here; otherwise batch * listed head
+    (one grid axis: tiles x slabs)."""
     pid, slab = _tile_and_slab(ntiles)
     if pid < ntiles0:
         prob, res, tile = dir0, res0, pid
     else:
         prob, res, tile = dir1, res1, pid - ntiles0
-    W, M, R, nkb = res
-    Lq, Lk = prob[10], prob[11]
+    W, M, R, nkb, HEADS, nh = res
+    Lq, Lk = prob[13], prob[14]  # (PROBLEM)
     offs_m = (tile // nkb) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % nkb) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if MEAN:
         b = slab.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for h in range(0, H):
+        for j in range(0, nh):
+            h = j
+            if HAS_HEADS:
+                h = tl.load(HEADS + j)
             acc += _weights_tile(prob, M, R, b, h, b * H + h, offs_m, offs_n, H, block_q, block_k,
-                                 HAS_QV, HAS_KV, HAS_T, PRUNE, BLOCK_D, PREC)
-        w = acc / H
+                                 HAS_QV, HAS_KV, HAS_T, PRUNE, CAUSAL, HAS_BIAS, BLOCK_D, PREC)
+        w = acc / nh
         w_base = W + b * Lq * Lk
     else:
-        bh = slab
-        w = _weights_tile(prob, M, R, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh, offs_m, offs_n,
-                          H, block_q, block_k, HAS_QV, HAS_KV, HAS_T, PRUNE, BLOCK_D, PREC)
-        w_base = W + bh.to(tl.int64) * Lq * Lk
+        b = (slab // nh).to(tl.int64)
+        h = slab % nh
+        if HAS_HEADS:
+            h = tl.load(HEADS + h)
+        h = h.to(tl.int64)
+        w = _weights_tile(prob, M, R, b, h, b * H + h, offs_m, offs_n, H, block_q, block_k,
+                          HAS_QV, HAS_KV, HAS_T, PRUNE, CAUSAL, HAS_BIAS, BLOCK_D, PREC)
+        w_base = W + slab.to(tl.int64) * Lq * Lk
     tl.store(w_base + offs_m[:, None] * Lk + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask)
