@@ -220,7 +220,7 @@ def _problem(s, i, q, k, v, scale, bm):
     """Direction ``i`` as the kernels' tuple (xattn_fwd.PROBLEM)."""
     return (q[i], k[i], v[i], s.qv[i], s.kv[i], s.kend[i], s.temp[i], bm[i], s.bias[i][0], tuple(q[i].stride()),
             tuple(k[i].stride()), tuple(v[i].stride()), s.bias[i][1], q[i].shape[2], k[i].shape[2], q[i].shape[3],
-            v[i].shape[3], float(scale[i]), *s.bm_sizes[i], q[i].shape[1] // k[i].shape[1])
+            v[i].shape[3], float(scale[i]), *s.bm_sizes[i], max(q[i].shape[1] // max(k[i].shape[1], 1), 1))
 
 
 def _ends(n):
