@@ -20,8 +20,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .xattn_fwd import (_col_valid, _head_coef, _keep_mask, _key_end, _layout_row, _load, _load_t, _logits,
-                        _num_tiles, _probs, _row_stats, _row_valid, _tile_and_slab, _tile_start)
+from .xattn_fwd import (
+    _col_valid,
+    _head_coef,
+    _keep_mask,
+    _key_end,
+    _layout_row,
+    _load,
+    _load_t,
+    _logits,
+    _num_tiles,
+    _probs,
+    _row_stats,
+    _row_valid,
+    _tile_and_slab,
+    _tile_start,
+)
 
 # Outputs of the forward, incoming gradients, and what the backward writes (all contiguous but
 # DBIAS, an fp32 buffer of the bias's own shape read through broadcast strides ``sdbias``); LT is

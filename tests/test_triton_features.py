@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import crossattn
+from conftest import DEVICE, GRAD_TOL, INTERPRETING, assert_close, check_bidirectional, f64, triton_ready
 from crossattn import AuxRequest, BlockPruning
 from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
-from conftest import DEVICE, GRAD_TOL, INTERPRETING, assert_close, check_bidirectional, f64, triton_ready
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
 
@@ -149,7 +149,8 @@ def test_selected_causal_pruning_matches_reference(need_weights):
 def test_bidirectional_grouped_heads_and_weight_heads():
     """Each direction its own kv head count (k_y: 2 heads, k_x: 1), weights for two heads."""
     B, H, Lx, Ly = 2, 4, 9, 14
-    xs = [_randn(B, h, L, 16, seed=i) for i, (h, L) in enumerate([(H, Lx), (1, Lx), (1, Lx), (H, Ly), (2, Ly), (2, Ly)])]
+    heads_lengths = [(H, Lx), (1, Lx), (1, Lx), (H, Ly), (2, Ly), (2, Ly)]
+    xs = [_randn(B, h, L, 16, seed=i) for i, (h, L) in enumerate(heads_lengths)]
     kw = dict(need_weights="full", weight_heads=(0, 3),
               x_padding_mask=(torch.arange(Lx, device=DEVICE)[None] >= torch.tensor([[9], [6]], device=DEVICE)))
     res = crossattn.bidirectional_cross_attention(*xs, backend="triton", **kw)

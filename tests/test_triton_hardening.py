@@ -5,11 +5,18 @@ import pytest
 import torch
 
 import crossattn
-from crossattn.reference import bidirectional_reference
 from conftest import (
-    DEVICE, GRAD_TOL, INTERPRETING, assert_close, check_bidirectional, f64, random_padding, reference,
+    DEVICE,
+    GRAD_TOL,
+    INTERPRETING,
+    assert_close,
+    check_bidirectional,
+    f64,
+    random_padding,
+    reference,
     triton_ready,
 )
+from crossattn.reference import bidirectional_reference
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
 
