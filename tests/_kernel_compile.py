@@ -108,13 +108,24 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
                     temperature=torch.tensor([0.7, 1.3], requires_grad=True), dropout_p=0.3,
                     prune=crossattn.BlockPruning(block_q=64, block_k=64, keep=0.5))
         calls += [dict(opts, need_weights="full"), dict(opts, need_weights="mean")]
+        # The options one direction takes on top: grouped kv heads, a learnable bias, causality,
+        # ragged lengths, a head subset for the weights, the LSE statistic.
+        calls.append(dict(opts, need_weights="full", single=True, is_causal=True, weight_heads=(1,),
+                          attn_bias=torch.randn(1, H, 1, Ly, generator=g, requires_grad=True),
+                          return_aux=crossattn.AuxRequest(lse=True)))
     seen = {}
     for splits in ("1", "2"):
         os.environ["CROSSATTN_TRITON_SPLITS"] = splits
         for kw in calls:
             with record_launches() as launches:
-                res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
-                                                              backend="triton", **kw)
+                if kw.get("single"):
+                    kw = {n: x for n, x in kw.items() if n not in ("single", "x_padding_mask", "y_padding_mask")}
+                    res = crossattn.cross_attention(r(Lx), r(Ly)[:, :1], r(Ly)[:, :1], backend="triton",
+                                                    kv_lengths=torch.tensor([99]), **kw)
+                    res = (res[0], res[1], res[2].lse.masked_fill(res[2].lse.isinf(), 0.0))
+                else:
+                    res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
+                                                                  backend="triton", **kw)
                 sum(t.float().square().sum() for t in res if t is not None).backward()
             for launch in launches:
                 seen.setdefault(json.dumps(launch, sort_keys=True), launch)
