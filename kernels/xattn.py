@@ -220,7 +220,7 @@ def _problem(s, i, q, k, v, scale, bm):
     """Direction ``i`` as the kernels' tuple (xattn_fwd.PROBLEM)."""
     return (q[i], k[i], v[i], s.qv[i], s.kv[i], s.kend[i], s.temp[i], bm[i], s.bias[i][0], tuple(q[i].stride()),
             tuple(k[i].stride()), tuple(v[i].stride()), s.bias[i][1], q[i].shape[2], k[i].shape[2], q[i].shape[3],
-            v[i].shape[3], float(scale[i]), *s.bm_sizes[i], max(q[i].shape[1] // max(k[i].shape[1], 1), 1))
+            v[i].shape[3], float(scale[i]), *s.bm_sizes[i], max(q[i].shape[1] // max(k[i].shape[1], 1), 1), 1)
 
 
 def _ends(n):
@@ -327,7 +327,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperatu
            for d, qq, kk in zip(dbias, q, k)]
     args = (*[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
             *[(out[i], dout[i], stats[i][0], stats[i][1], delta[i], dw[i], dq[i], dk[i], dv[i], dt_part[i],
-               t_layouts[i], dbias[i], sdb[i], hpos, nh) for i in ends],
+               t_layouts[i], dbias[i], sdb[i], hpos, nh, 1) for i in ends],
             *s.drop)
     bias = next((b for b in attn_bias if b is not None), None)
     consts = dict(HAS_DW=has_dw, MEAN=mean, DROPOUT=s.dropout, BLOCK_DV=s.block_dv, HAS_HEADS=bool(weight_heads),

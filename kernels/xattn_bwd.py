@@ -41,13 +41,14 @@ from .xattn_fwd import (
 # DBIAS, an fp32 buffer of the bias's own shape read through broadcast strides ``sdbias``); LT is
 # the transposed pruning layout the dK/dV walk follows; HPOS[h] is query head h's index in the
 # weights' head axis (-1: not returned) and nh that axis' length (weight_heads).
-GRAD = ("O", "DO", "M", "R", "DELTA", "DW", "DQ", "DK", "DVG", "DT", "LT", "DBIAS", "sdbias", "HPOS", "nh")
+# ONE: see xattn_fwd.PROBLEM.
+GRAD = ("O", "DO", "M", "R", "DELTA", "DW", "DQ", "DK", "DVG", "DT", "LT", "DBIAS", "sdbias", "HPOS", "nh", "ONE")
 
 
 @triton.jit
 def _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN: tl.constexpr, HAS_HEADS: tl.constexpr):
     """The gradient reaching P[b, h] through the returned weights (0 for a head not returned)."""
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     rows = Lq
     pos = h
     if HAS_HEADS:
@@ -83,8 +84,8 @@ def _bias_grad(DBIAS, st, b, h, offs_m, offs_n, Lq, Lk, ds, BIAS_M: tl.constexpr
 @triton.jit
 def _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What the backward needs of query rows ``offs_m``: q, M, R, delta, dO."""
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh = grad
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     q = _load(Q, sq, b, h, offs_m, Lq, tl.arange(0, BLOCK_D), D)
     m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -109,8 +110,8 @@ def _xattn_bwd_delta_kernel(
         prob, grad, mblk = dir0, g0, pid
     else:
         prob, grad, mblk = dir1, g1, pid - nblk0
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh = grad
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = (0, Lq * DV, DV, 1)  # O and dO: contiguous [B*H, Lq, Dv]
@@ -152,8 +153,8 @@ def _xattn_bwd_dkdv_kernel(
         prob, grad, direction, nblk = dir0, g0, 0, pid
     else:
         prob, grad, direction, nblk = dir1, g1, 1, pid - nblk0
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh = grad
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     hkv = H // group
     b = (slab // hkv).to(tl.int64)
     g = (slab % hkv).to(tl.int64)
@@ -229,8 +230,8 @@ def _xattn_bwd_dq_kernel(
         prob, grad, direction, mblk = dir0, g0, 0, pid
     else:
         prob, grad, direction, mblk = dir1, g1, 1, pid - nblk0
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh = grad
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     hk = h // group
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -27,8 +27,11 @@ LN2 = 0.6931471805599453
 # layout walked by the pass (the dense mask for the weights pass, the transposed layout for
 # dK/dV); KEND the end of each batch row's valid keys; BIAS is read through its broadcast
 # strides; strides are (batch, head, row, column) tuples; K/V head = query head // group.
+# ONE is the constant 1: Triton 3.6 fails to merge the two directions' tuples in the if/else
+# ("Mismatched type") when a tuple's only specialised constants (ints equal to 1) are nested,
+# e.g. a unit stride with GQA and pruning; a top-level constant avoids it (3.9 needs none).
 PROBLEM = ("Q", "K", "V", "QV", "KV", "KEND", "T", "BM", "BIAS", "sq", "sk", "sv", "sbias", "Lq", "Lk", "D",
-           "DV", "scale", "nqbp", "nkbp", "group")
+           "DV", "scale", "nqbp", "nkbp", "group", "ONE")
 
 
 @triton.jit
@@ -105,7 +108,7 @@ def _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, col_ok, CAUSAL: tl
     """The one place that decides the logits of a tile (base 2): ``q.k * scale / T + bias``,
     -inf where the pair does not attend (query/key padding, causality; pruning is decided per
     tile by the walks). Returns (masked logits, q.k * scale / T, attended)."""
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     s2 = tl.dot(q, kt, input_precision=PREC) * coef2
     s = s2
     if HAS_BIAS:
@@ -189,7 +192,7 @@ def _xattn_fwd_kernel(
         prob, res, direction, mblk = dir0, res0, 0, pid
     else:
         prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     O, M, R = res
     hk = h // group
 
@@ -281,7 +284,7 @@ def _weights_tile(prob, M, R, b, h, bh, offs_m, offs_n, H, block_q, block_k,
                   CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """P on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended; a pruned block (BM is the
     dense kept mask here), or one past the key end or the causal diagonal, costs no matrix work."""
-    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group = prob
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     p = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
     m0 = tl.min(offs_m, 0)
     n0 = tl.min(offs_n, 0)
