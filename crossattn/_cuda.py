@@ -126,7 +126,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout0, dlse0, dw0, dout1, dlse1, dw1):
-    from crossattn.kernels.xattn import xattn_bwd
+    from crossattn.kernels.xattn import stats_from_lse, xattn_bwd
 
     saved = list(ctx.saved_tensors)
     dirs, outs, lses = [], [], []
@@ -149,12 +149,13 @@ def _backward(ctx, dout0, dlse0, dw0, dout1, dlse1, dw1):
                 for g, d in zip(given, dirs)]
     masks = [None if d["dense"] is None else d["dense"].view(torch.bool) if d["dense"].dtype == torch.uint8
              else d["dense"] for d in dirs]
-    dq, dk, dv, dt = xattn_bwd(
-        douts, dws, [d["q"] for d in dirs], [d["k"] for d in dirs], [d["v"] for d in dirs], outs, lses,
+    dq, dk, dv, dt, _ = xattn_bwd(
+        douts, dws, [d["q"] for d in dirs], [d["k"] for d in dirs], [d["v"] for d in dirs], outs,
+        [stats_from_lse(lse) for lse in lses],
         [None if d["qv"] is None else d["qv"].bool() for d in dirs],
         [None if d["kv"] is None else d["kv"].bool() for d in dirs],
         [d["t"] for d in dirs], ctx.scale, None, 0.0, ctx.weights, masks,
-        [d["layout"] for d in dirs], *ctx.block)
+        [d["layout"] for d in dirs], *ctx.block, [None] * ctx.ndir, False, False, [], [None] * ctx.ndir)
     grads = []
     for i in range(2):
         if i < ctx.ndir:

@@ -3,10 +3,12 @@
 Two ops carry one or two directions each (lists of length 1 or 2), so that a bidirectional
 call is one launch per pass:
 
-* ``crossattn::xattn_fwd`` -> (out, lse, weights) per direction: the forward kernel, then
-  the weights kernel when weights are requested;
-* ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature) per direction: delta, dK/dV and
-  dQ kernels.
+* ``crossattn::xattn_fwd`` -> (out, stats, weights) per direction: the forward kernel, then
+  the weights kernel when weights are requested; ``stats`` is float32 ``[2, B, H, Lq]``, each
+  row's max logit M and R = log2 of its sum relative to M, in base-2 units (xattn_fwd), which
+  the weights and backward passes recompute P from exactly (``lse_from_stats`` gives the LSE);
+* ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature, dbias) per direction: delta, dK/dV
+  and dQ kernels.
 
 They are ``torch.library.custom_op`` with fake implementations and ``register_autograd``
 (not ``triton_op``, which breaks opcheck and compile under the Triton interpreter), so
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -24,9 +27,10 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
+from crossattn.reference import AuxOutput
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
-from .xattn_fwd import _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
+from .xattn_fwd import LN2, LOG2E, _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 from .xattn_select import _grid, compact, select_blocks_triton
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
@@ -85,19 +89,13 @@ def _dummy(device, dtype):
     return torch.empty(1, device=device, dtype=dtype)
 
 
-def _flags(q_valid, k_valid, temperature):
-    return (
-        any(t is not None for t in q_valid),
-        any(t is not None for t in k_valid),
-        any(t is not None for t in temperature),
-    )
-
-
 def _prepare(q, k, q_valid, k_valid, temperature):
-    has_qv, has_kv, has_t = _flags(q_valid, k_valid, temperature)
+    """Kernel-ready validity masks (uint8), per-batch key ends (int32: one past the last valid
+    key, computed on the device) and per-head temperatures, and which of them are present."""
+    has_qv, has_kv, has_t = (any(t is not None for t in x) for x in (q_valid, k_valid, temperature))
     device = q[0].device
     H = q[0].shape[1]
-    dummy_u8 = _dummy(device, torch.uint8)
+    dummy_u8, dummy_i32 = _dummy(device, torch.uint8), _dummy(device, torch.int32)
 
     def masks(given, tensors, present):
         if not present:
@@ -107,12 +105,16 @@ def _prepare(q, k, q_valid, k_valid, temperature):
                 for m, t in zip(given, tensors)]
 
     q_valid, k_valid = masks(q_valid, q, has_qv), masks(k_valid, k, has_kv)
+    kend = [dummy_i32] * len(k)
+    if has_kv:
+        kend = [(m * torch.arange(1, m.shape[1] + 1, device=device, dtype=torch.int32)).amax(1).to(torch.int32)
+                if m.shape[1] else torch.zeros(m.shape[0], device=device, dtype=torch.int32) for m in k_valid]
     if has_t:
         temperature = [t.detach().to(torch.float32).expand(H).contiguous() if t is not None
                        else torch.ones(H, device=device, dtype=torch.float32) for t in temperature]
     else:
         temperature = [_dummy(device, torch.float32) for _ in q]
-    return q_valid, k_valid, temperature, (has_qv, has_kv, has_t)
+    return q_valid, k_valid, kend, temperature, (has_qv, has_kv, has_t)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,156 +169,186 @@ def _dropout_args(seed, dropout_p, device):
     return _dummy(device, torch.int64), 0, 1.0, False
 
 
+def _bias_args(bias, q, k):
+    """(bias or a dummy, its broadcast strides over [B, H, Lq, Lk]: 0 where it broadcasts)."""
+    out = []
+    for b, qq, kk in zip(bias, q, k):
+        if b is None:
+            out.append((_dummy(qq.device, torch.float32), (0, 0, 0, 0)))
+        else:
+            out.append((b, tuple(b.expand(*qq.shape[:3], kk.shape[2]).stride())))
+    return out
+
+
+def _heads_args(weight_heads, H, device):
+    """(HEADS int32 [nh], HPOS int32 [H]: index in HEADS or -1, nh) for ``weight_heads``."""
+    if not weight_heads:
+        dummy = _dummy(device, torch.int32)
+        return dummy, dummy, H
+    heads = torch.tensor(list(weight_heads), dtype=torch.int32)
+    pos = torch.full((H,), -1, dtype=torch.int32)
+    pos[heads.long()] = torch.arange(len(weight_heads), dtype=torch.int32)
+    return heads.to(device), pos.to(device), len(weight_heads)
+
+
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-           block_q, block_k):
-    """What both passes derive from the op arguments: dims, launch config, kernel-ready masks,
-    temperatures, dropout and pruning arguments."""
-    B, H, _, D = q[0].shape
-    DV = v[0].shape[3]
-    prune_args = _prune_args(block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind),
-                             block_q, block_k)
-    return (B, H, D, DV, q[0].device, q[0].dtype, *prune_args,
-            *_prepare(q, k, q_valid, k_valid, temperature),
-            *_dropout_args(seed, dropout_p, q[0].device))
+           block_q, block_k, attn_bias, is_causal, weight_heads) -> SimpleNamespace:
+    """What every pass derives from the op arguments: dims, launch config, kernel-ready masks,
+    temperatures, dropout, pruning, bias and head-subset arguments. Head dims may differ between
+    the directions of a bidirectional call: tiles fit the widest."""
+    B, H = q[0].shape[:2]
+    D, DV = max(t.shape[3] for t in q), max(t.shape[3] for t in v)
+    dense, layouts, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
+        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+    qv, kv, kend, temp, flags = _prepare(q, k, q_valid, k_valid, temperature)
+    seed, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, q[0].device)
+    return SimpleNamespace(
+        B=B, H=H, device=q[0].device, dtype=q[0].dtype, cfg=cfg, prune=prune, dense=dense,
+        layouts=layouts, bm_sizes=bm_sizes, block_q=block_q, block_k=block_k, qv=qv, kv=kv, kend=kend,
+        temp=temp, bias=_bias_args(attn_bias, q, k), heads=_heads_args(weight_heads, H, q[0].device),
+        has_heads=bool(weight_heads),
+        flags=dict(HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune, CAUSAL=bool(is_causal),
+                   HAS_BIAS=any(b is not None for b in attn_bias)),
+        drop=(seed, thr, drop_scale), dropout=dropout,
+        tiles=dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), PREC=_precision(q[0].dtype),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        block_dv=_block_dim(DV),
+    )
+
+
+def _problem(s, i, q, k, v, scale, bm):
+    """Direction ``i`` as the kernels' tuple (xattn_fwd.PROBLEM)."""
+    return (q[i], k[i], v[i], s.qv[i], s.kv[i], s.kend[i], s.temp[i], bm[i], s.bias[i][0], tuple(q[i].stride()),
+            tuple(k[i].stride()), tuple(v[i].stride()), s.bias[i][1], q[i].shape[2], k[i].shape[2], q[i].shape[3],
+            v[i].shape[3], float(scale[i]), *s.bm_sizes[i], max(q[i].shape[1] // max(k[i].shape[1], 1), 1), 1)
+
+
+def _ends(n):
+    """The directions a kernel takes: (0, 1), or (0, 0) for one direction."""
+    return (0, n - 1)
+
+
+def lse_from_stats(stats: Tensor) -> Tensor:
+    """The natural-log LSE ``[B, H, Lq]`` of row statistics (+inf on rows with no key)."""
+    return (stats[0] + stats[1]) * LN2
+
+
+def stats_from_lse(lse: Tensor) -> Tensor:
+    """Row statistics ``[2, B, H, Lq]`` (M, R; see xattn_fwd) from a natural-log LSE, for callers
+    whose forward stores the LSE only (the CUDA backend): exact up to the LSE's rounding."""
+    return torch.stack([lse.float() * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
 
 
 def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                block_mask, block_layout, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
-     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-        block_q, block_k)
-    outs = [torch.empty(B, H, qq.shape[2], DV, device=device, dtype=dtype) for qq in q]
-    lses = [torch.empty(B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+                block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads):
+    s = _setup("fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+               block_q, block_k, attn_bias, is_causal, weight_heads)
+    B, H, cfg, device = s.B, s.H, s.cfg, s.device
+    outs = [torch.empty(B, H, qq.shape[2], vv.shape[3], device=device, dtype=s.dtype) for qq, vv in zip(q, v)]
+    stats = [torch.empty(2, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
     nblk = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     grid = (sum(nblk), B * H)
-    # Pruned rows deal their kept blocks round-robin to the splits, so the split count is
-    # chosen for the full key length; unpruned splits take contiguous key ranges.
     n_split = _num_splits(grid[0] * grid[1], max(kk.shape[2] for kk in k), cfg.block_n, device)
-    split_len = [triton.cdiv(triton.cdiv(kk.shape[2], n_split), cfg.block_n) * cfg.block_n or cfg.block_n
-                 for kk in k]
     if n_split > 1:  # partial results in fp32 workspaces, merged below
-        dest_o = [torch.empty(n_split, B, H, qq.shape[2], DV, device=device, dtype=torch.float32) for qq in q]
-        dest_l = [torch.empty(n_split, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
+        dest_o = [torch.empty(n_split, *o.shape, device=device, dtype=torch.float32) for o in outs]
+        dest_s = [torch.empty(2, n_split, *st.shape[1:], device=device, dtype=torch.float32) for st in stats]
     else:
-        dest_o, dest_l = outs, lses
-
-    def direction(i):
-        return (q[i], k[i], v[i], dest_o[i], dest_l[i], qv[i], kv[i], temp[i], layouts[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), split_len[i], *bm_sizes[i],
-                *q[i].stride(), *k[i].stride(), *v[i].stride())
-
+        dest_o, dest_s = outs, stats
+    ends = _ends(len(q))
     if grid[0] and grid[1]:
         _xattn_fwd_kernel[_grid(*grid, n_split)](
-            *direction(0), *direction(len(q) - 1),
-            seed_t, thr, drop_scale, nblk[0], grid[0], H, D, DV, block_q, block_k,
-            HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, DROPOUT=dropout, SPLIT=n_split > 1, PRUNE=prune,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), BLOCK_DV=_block_dim(DV),
-            PREC=_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
+            *[(dest_o[i], dest_s[i][0], dest_s[i][1]) for i in ends],
+            *s.drop, nblk[0], grid[0], H, s.block_q, s.block_k,
+            DROPOUT=s.dropout, SPLIT=n_split > 1, BLOCK_DV=s.block_dv, **s.flags, **s.tiles,
         )
         if n_split > 1:
-            last = len(q) - 1
             _xattn_fwd_combine_kernel[_grid(*grid)](
-                dest_o[0], dest_l[0], outs[0], lses[0], q[0].shape[2],
-                dest_o[last], dest_l[last], outs[last], lses[last], q[last].shape[2],
-                nblk[0], grid[0], n_split, DV, BLOCK_M=cfg.block_m, BLOCK_DV=_block_dim(DV),
-                num_warps=cfg.num_warps,
+                *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
+                   v[i].shape[3]) for i in ends],
+                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
             )
-    ws = [q[i].new_empty(0) for i in range(len(q))]
+    ws = [qq.new_empty(0) for qq in q]
     if weights:
-        ws = _launch_weights(q, k, lses, qv, kv, temp, scale, weights, (has_qv, has_kv, has_t), cfg,
-                             (bms, bm_sizes, prune, block_q, block_k))
-    return outs, lses, ws
+        ws = _launch_weights(q, k, v, stats, s, scale, weights)
+    return outs, stats, ws
 
 
-def _launch_weights(q, k, lses, qv, kv, temp, scale, weights, flags, cfg, pruning):
-    bms, bm_sizes, prune, block_q, block_k = pruning
-    B, H, _, D = q[0].shape
+def _launch_weights(q, k, v, stats, s, scale, weights):
+    B, cfg = s.B, s.cfg
+    heads, _, nh = s.heads
     mean = weights == WEIGHTS_MODES["mean"]
-    ws = []
-    ntiles, nkb = [], []
+    ws, ntiles, nkb = [], [], []
     for qq, kk in zip(q, k):
         Lq, Lk = qq.shape[2], kk.shape[2]
-        shape = (B, Lq, Lk) if mean else (B, H, Lq, Lk)
-        ws.append(torch.empty(shape, device=qq.device, dtype=qq.dtype))
+        ws.append(torch.empty((B, Lq, Lk) if mean else (B, nh, Lq, Lk), device=qq.device, dtype=qq.dtype))
         nkb.append(triton.cdiv(Lk, cfg.block_n))
         ntiles.append(triton.cdiv(Lq, cfg.block_m) * nkb[-1])
-
-    def direction(i):
-        return (q[i], k[i], lses[i], ws[i], qv[i], kv[i], temp[i], bms[i],
-                q[i].shape[2], k[i].shape[2], float(scale[i]), max(nkb[i], 1), *bm_sizes[i],
-                *q[i].stride(), *k[i].stride())
-
-    grid = (sum(ntiles), B if mean else B * H)
+    ends = _ends(len(q))
+    grid = (sum(ntiles), B if mean else B * nh)
     if grid[0] and grid[1]:
         _xattn_weights_kernel[_grid(*grid)](
-            *direction(0), *direction(len(q) - 1), ntiles[0], grid[0], H, D, block_q, block_k,
-            MEAN=mean, HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-            PREC=_precision(q[0].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *[_problem(s, i, q, k, v, scale, s.dense) for i in ends],
+            *[(ws[i], stats[i][0], stats[i][1], max(nkb[i], 1), heads, nh) for i in ends],
+            ntiles[0], grid[0], s.H, s.block_q, s.block_k, MEAN=mean, HAS_HEADS=s.has_heads,
+            **s.flags, **s.tiles,
         )
     return ws
 
 
-def _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale,
-                seed, dropout_p, weights, block_mask, block_layout, block_q, block_k):
-    (B, H, D, DV, device, dtype, bms, layouts, bm_sizes, cfg, prune, block_q, block_k,
-     qv, kv, temp, (has_qv, has_kv, has_t), seed_t, thr, drop_scale, dropout) = _setup(
-        "bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-        block_q, block_k)
+def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p,
+                weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal,
+                weight_heads, dlse):
+    s = _setup("bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
+               block_q, block_k, attn_bias, is_causal, weight_heads)
+    B, H, cfg, device, dtype = s.B, s.H, s.cfg, s.device, s.dtype
     # dK/dV programs walk the query blocks that kept their key block: the transposed layout.
-    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in bms] if prune else layouts
-    n = len(q)
+    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in s.dense] if s.prune else s.layouts
     mean = weights == WEIGHTS_MODES["mean"]
     has_dw = weights != 0 and all(d is not None for d in dweights)
     dout = [d.to(dtype).contiguous() for d in dout]
     dw = [d.contiguous() if has_dw else _dummy(device, dtype) for d in dweights]
-    delta = [torch.empty_like(l) for l in lse]
+    stats = [st.contiguous() for st in stats]
+    # delta starts as -dLSE (the LSE's own gradient, return_aux) and the kernel adds the rest.
+    delta = [(-g.float()).contiguous() if g is not None else torch.zeros(st.shape[1:], device=device)
+             for g, st in zip(dlse, stats)]
     dq = [torch.empty(qq.shape, device=device, dtype=dtype) for qq in q]
     dk = [torch.empty(kk.shape, device=device, dtype=dtype) for kk in k]
     dv = [torch.empty(vv.shape, device=device, dtype=dtype) for vv in v]
+    dbias = [torch.zeros(b.shape, device=device, dtype=torch.float32) if b is not None and bias_grad
+             else _dummy(device, torch.float32) for b in attn_bias]
     nqb = [triton.cdiv(qq.shape[2], cfg.block_m) for qq in q]
     nkb = [triton.cdiv(kk.shape[2], cfg.block_n) for kk in k]
-    dt_part = [torch.zeros(B * H * max(m, 1), device=device, dtype=torch.float32) for m in nqb]
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D),
-                  BLOCK_DV=_block_dim(DV), PREC=_precision(dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    flags = dict(HAS_QV=has_qv, HAS_KV=has_kv, HAS_T=has_t, PRUNE=prune)
-    Ls = [(qq.shape[2], kk.shape[2]) for qq, kk in zip(q, k)]
-
+    # Per-program partial sums of the temperature gradient ([B, H, query blocks]).
+    dt_part = [torch.zeros(B, H, max(m, 1), device=device, dtype=torch.float32) for m in nqb]
+    _, hpos, nh = s.heads
+    ends = _ends(len(q))
+    sdb = [tuple(d.expand(B, H, qq.shape[2], kk.shape[2]).stride()) if d.dim() == 4 else (0, 0, 0, 0)
+           for d, qq, kk in zip(dbias, q, k)]
+    args = (*[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
+            *[(out[i], dout[i], stats[i][0], stats[i][1], delta[i], dw[i], dq[i], dk[i], dv[i], dt_part[i],
+               t_layouts[i], dbias[i], sdb[i], hpos, nh, 1) for i in ends],
+            *s.drop)
+    bias = next((b for b in attn_bias if b is not None), None)
+    consts = dict(HAS_DW=has_dw, MEAN=mean, DROPOUT=s.dropout, BLOCK_DV=s.block_dv, HAS_HEADS=bool(weight_heads),
+                  BIAS_GRAD=bias is not None and bias_grad, BIAS_M=bias is not None and bias.shape[2] != 1,
+                  BIAS_N=bias is not None and bias.shape[3] != 1, **s.flags, **s.tiles)
     if B * H and sum(nqb):
-        _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](
-            *[a for i in (0, n - 1) for a in (
-                out[i], dout[i], lse[i], dw[i], q[i], k[i], qv[i], kv[i], temp[i], delta[i], layouts[i],
-                *Ls[i], float(scale[i]), *bm_sizes[i], *q[i].stride(), *k[i].stride())],
-            nqb[0], sum(nqb), H, D, DV, block_q, block_k, HAS_DW=has_dw, MEAN=mean, **flags, **common,
-        )
-
-    def grads_args(i, first, second, lay):
-        return (q[i], k[i], v[i], dout[i], lse[i], delta[i], dw[i], first[i], second[i],
-                qv[i], kv[i], temp[i], lay[i], *Ls[i], float(scale[i]), *bm_sizes[i],
-                *q[i].stride(), *k[i].stride(), *v[i].stride())
-
-    drop = (seed_t, thr, drop_scale)
-    if B * H and sum(nkb):
-        _xattn_bwd_dkdv_kernel[_grid(sum(nkb), B * H)](
-            *grads_args(0, dk, dv, t_layouts), *grads_args(n - 1, dk, dv, t_layouts), *drop, nkb[0], sum(nkb),
-            H, D, DV,
-            block_q, block_k,
-            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
-        )
+        _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), B, H, s.block_q, s.block_k,
+                                                        **consts)
+    kv_slabs = B * max(kk.shape[1] for kk in k)
+    if kv_slabs and sum(nkb):
+        _xattn_bwd_dkdv_kernel[_grid(sum(nkb), kv_slabs)](*args, nkb[0], sum(nkb), B, H, s.block_q, s.block_k,
+                                                          **consts)
     else:
         for t in dk + dv:
             t.zero_()
     if B * H and sum(nqb):
-        _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](
-            *grads_args(0, dq, dt_part, layouts), *grads_args(n - 1, dq, dt_part, layouts), *drop, nqb[0],
-            sum(nqb), H, D, DV,
-            block_q, block_k,
-            HAS_DW=has_dw, MEAN=mean, DROPOUT=dropout, **flags, **common,
-        )
-    dtemp = [p.view(B, H, -1).sum((0, 2)) if has_t else p.new_empty(0) for p in dt_part]
-    return dq, dk, dv, dtemp
+        _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), B, H, s.block_q, s.block_k,
+                                                     **consts)
+    dtemp = [p.sum((0, 2)) if s.flags["HAS_T"] else p.new_empty(0) for p in dt_part]
+    dbias = [d if b is not None and bias_grad else d.new_empty(0) for d, b in zip(dbias, attn_bias)]
+    return dq, dk, dv, dtemp, dbias
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -327,69 +359,77 @@ def xattn_fwd(
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
     block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
+    attn_bias: list[Optional[Tensor]], is_causal: bool, weight_heads: list[int],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                       block_mask, block_layout, block_q, block_k)
+                       block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads)
 
 
 @xattn_fwd.register_fake
 def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_layout, block_q, block_k):
-    outs, lses, ws = [], [], []
+      block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads):
+    outs, stats, ws = [], [], []
     for qq, kk, vv in zip(q, k, v):
         B, H, Lq, _ = qq.shape
         Lk = kk.shape[2]
+        nh = len(weight_heads) or H
         outs.append(qq.new_empty(B, H, Lq, vv.shape[3]))
-        lses.append(qq.new_empty(B, H, Lq, dtype=torch.float32))
-        ws.append(qq.new_empty((B, Lq, Lk) if weights == 2 else (B, H, Lq, Lk) if weights else (0,)))
-    return outs, lses, ws
+        stats.append(qq.new_empty(2, B, H, Lq, dtype=torch.float32))
+        ws.append(qq.new_empty((B, Lq, Lk) if weights == 2 else (B, nh, Lq, Lk) if weights else (0,)))
+    return outs, stats, ws
 
 
 @torch.library.custom_op("crossattn::xattn_bwd", mutates_args=())
 def xattn_bwd(
     dout: list[Tensor], dweights: list[Optional[Tensor]],
-    q: list[Tensor], k: list[Tensor], v: list[Tensor], out: list[Tensor], lse: list[Tensor],
+    q: list[Tensor], k: list[Tensor], v: list[Tensor], out: list[Tensor], stats: list[Tensor],
     q_valid: list[Optional[Tensor]], k_valid: list[Optional[Tensor]],
     temperature: list[Optional[Tensor]], scale: list[float],
     seed: Optional[Tensor], dropout_p: float, weights: int,
     block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    return _launch_bwd(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature,
-                       scale, seed, dropout_p, weights, block_mask, block_layout, block_q, block_k)
+    attn_bias: list[Optional[Tensor]], bias_grad: bool, is_causal: bool, weight_heads: list[int],
+    dlse: list[Optional[Tensor]],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    return _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed,
+                       dropout_p, weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad,
+                       is_causal, weight_heads, dlse)
 
 
 @xattn_bwd.register_fake
-def _(dout, dweights, q, k, v, out, lse, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_layout, block_q, block_k):
+def _(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+      block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal, weight_heads, dlse):
     has_t = any(t is not None for t in temperature)
     return (
         [torch.empty_like(t) for t in q], [torch.empty_like(t) for t in k],
         [torch.empty_like(t) for t in v],
         [q[0].new_empty(q[0].shape[1], dtype=torch.float32) if has_t else q[0].new_empty(0, dtype=torch.float32)
          for _ in q],
+        [b.new_empty(b.shape, dtype=torch.float32) if b is not None and bias_grad
+         else q[0].new_empty(0, dtype=torch.float32) for b in attn_bias],
     )
+
+
+# Saved for backward, per list: the op's optional tensor inputs (None entries skipped).
+_OPTIONAL = ("q_valid", "k_valid", "temperature", "block_mask", "block_layout", "attn_bias")
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_layout,
-     block_q, block_k) = inputs
-    outs, lses, _ = output
-    n = len(q)
-    ctx.n = n
-    ctx.has_temp = [t is not None for t in temperature]
+     block_q, block_k, attn_bias, is_causal, weight_heads) = inputs
+    outs, stats, _ = output
+    opt = dict(q_valid=q_valid, k_valid=k_valid, temperature=temperature, block_mask=block_mask,
+               block_layout=block_layout, attn_bias=attn_bias)
+    ctx.n = len(q)
+    ctx.present = {name: [t is not None for t in opt[name]] for name in _OPTIONAL}
     ctx.temp_meta = [(t.shape, t.dtype) if t is not None else None for t in temperature]
-    ctx.opt_mask = ([t is not None for t in q_valid], [t is not None for t in k_valid])
+    ctx.bias_dtype = [b.dtype if b is not None else None for b in attn_bias]
+    ctx.bias_grad = any(b is not None and b.requires_grad for b in attn_bias)
     ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
     ctx.has_seed = seed is not None
-    ctx.has_bm = [m is not None for m in block_mask]
-    ctx.has_layout = [m is not None for m in block_layout]
-    ctx.block_sizes = (block_q, block_k)
-    saved = [*q, *k, *v, *outs, *lses]
-    saved += [t for t in q_valid if t is not None] + [t for t in k_valid if t is not None]
-    saved += [t for t in temperature if t is not None]
-    saved += [seed] if seed is not None else []
-    saved += [m for m in block_mask if m is not None]
-    saved += [m for m in block_layout if m is not None]
+    ctx.static = (block_q, block_k, is_causal, list(weight_heads))
+    saved = [*q, *k, *v, *outs, *stats] + ([seed] if seed is not None else [])
+    for name in _OPTIONAL:
+        saved += [t for t in opt[name] if t is not None]
     ctx.save_for_backward(*saved)
 
 
@@ -402,29 +442,32 @@ def _unflatten(ctx):
         head, saved = saved[:count], saved[count:]
         return head
 
-    q, k, v, out, lse = take(n), take(n), take(n), take(n), take(n)
-    q_valid = [take(1)[0] if has else None for has in ctx.opt_mask[0]]
-    k_valid = [take(1)[0] if has else None for has in ctx.opt_mask[1]]
-    temperature = [take(1)[0] if has else None for has in ctx.has_temp]
+    q, k, v, out, stats = take(n), take(n), take(n), take(n), take(n)
     seed = take(1)[0] if ctx.has_seed else None
-    block_mask = [take(1)[0] if has else None for has in ctx.has_bm]
-    block_layout = [take(1)[0] if has else None for has in ctx.has_layout]
-    return q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout
+    opt = {name: [take(1)[0] if has else None for has in ctx.present[name]] for name in _OPTIONAL}
+    return q, k, v, out, stats, seed, opt
 
 
-def _backward(ctx, d_outs, d_lses, d_ws):
-    q, k, v, out, lse, q_valid, k_valid, temperature, seed, block_mask, block_layout = _unflatten(ctx)
+def _backward(ctx, d_outs, d_stats, d_ws):
+    q, k, v, out, stats, seed, opt = _unflatten(ctx)
+    block_q, block_k, is_causal, weight_heads = ctx.static
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
     if ctx.weights and any(d is not None for d in d_ws):
         # A loss on one direction's weights only: the other direction's weights get zeros.
         mean = ctx.weights == WEIGHTS_MODES["mean"]
+        nh = len(weight_heads) or q[0].shape[1]
         d_ws = [d if d is not None else
-                qq.new_zeros((qq.shape[0],) + (() if mean else (qq.shape[1],)) + (qq.shape[2], kk.shape[2]))
+                qq.new_zeros((qq.shape[0],) + (() if mean else (nh,)) + (qq.shape[2], kk.shape[2]))
                 for d, qq, kk in zip(d_ws, q, k)]
-    dq, dk, dv, dtemp = xattn_bwd(d_outs, d_ws, q, k, v, out, lse, q_valid, k_valid,
-                                  temperature, ctx.scale, seed, ctx.dropout_p, ctx.weights,
-                                  block_mask, block_layout, *ctx.block_sizes)
+    # The statistics reach the caller only as the LSE (M + R) * ln 2 (return_aux): both rows of
+    # their gradient are dLSE * ln 2.
+    dlse = [None if d is None else d[1] * LOG2E for d in (d_stats or [None] * ctx.n)]
+    bias_grad = ctx.bias_grad
+    dq, dk, dv, dtemp, dbias = xattn_bwd(
+        d_outs, d_ws, q, k, v, out, stats, opt["q_valid"], opt["k_valid"], opt["temperature"], ctx.scale, seed,
+        ctx.dropout_p, ctx.weights, opt["block_mask"], opt["block_layout"], block_q, block_k, opt["attn_bias"],
+        bias_grad, is_causal, weight_heads, dlse)
     d_temp = []
     for g, meta in zip(dtemp, ctx.temp_meta):
         if meta is None:
@@ -432,21 +475,27 @@ def _backward(ctx, d_outs, d_lses, d_ws):
         else:
             shape, dtype = meta
             d_temp.append((g.sum() if shape.numel() == 1 else g).reshape(shape).to(dtype))
+    d_bias = [g.to(dt) if dt is not None and bias_grad else None for g, dt in zip(dbias, ctx.bias_dtype)]
+
     # torch.library expands an input list only when it holds tensors alone; a list with a
     # None in it is one leaf, whose gradient is a single None.
-    def like(present, grads):
-        return grads if all(present) else None
+    def like(name, grads):
+        return grads if all(ctx.present[name]) else None
 
     none = [None] * ctx.n
-    return (dq, dk, dv, like(ctx.opt_mask[0], none), like(ctx.opt_mask[1], none),
-            like(ctx.has_temp, d_temp), None, None, None, None, like(ctx.has_bm, none),
-            like(ctx.has_layout, none), None, None)
+    return (dq, dk, dv, like("q_valid", none), like("k_valid", none), like("temperature", d_temp), None, None,
+            None, None, like("block_mask", none), like("block_layout", none), None, None,
+            like("attn_bias", d_bias), None, None if weight_heads else [])
 
 
 xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- backend API
+# Options of crossattn.backends.base.OPTIONAL_FEATURES these kernels serve (any other is rejected).
+FEATURES = ("gqa", "attn_bias", "is_causal", "weight_heads", "aux_lse")
+
+
 def unsupported(problem) -> str | None:
     B, H, Lq, Lk, D, Dv = problem.dims
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
@@ -472,19 +521,19 @@ def _op_args(problems):
         first.dropout_seed.to(first.q.device) if first.dropout_p > 0 else None,
         first.dropout_p, WEIGHTS_MODES[first.need_weights],
         *_pruning_args(problems),
+        [p.attn_bias for p in problems], bool(first.is_causal), list(first.weight_heads or ()),
     )
 
 
 def _pruning_args(problems):
     """Kept blocks per direction, selected on the device by the Triton selection kernel
-    (dense mask and compact layout), and the shared block sizes."""
+    (dense mask and compact layout), and the block sizes the kernels share: a direction whose
+    blocks are larger is served at the smaller size, its kept mask refined (the same keys)."""
     configs = [p.pruning for p in problems]
     if all(c is None for c in configs):
         return [None] * len(problems), [None] * len(problems), 0, 0
-    sizes = {(c.block_q, c.block_k) for c in configs if c is not None}
-    if len(sizes) > 1:
-        raise ValueError(f"the Triton kernels need one block size for both directions, got {sorted(sizes)}")
-    (block_q, block_k), = sizes
+    block_q = min(c.block_q for c in configs if c is not None)
+    block_k = min(c.block_k for c in configs if c is not None)
     masks, layouts = [], []
     for p in problems:
         if p.pruning is None:
@@ -492,15 +541,28 @@ def _pruning_args(problems):
             layouts.append(None)
             continue
         sel = select_blocks_triton(p.q, p.k, p.pruning, key_valid=p.key_valid(), query_valid=p.query_valid(),
-                                   scale=p.scale, temperature=p.temperature)
-        masks.append(sel.mask)
-        layouts.append(sel.layout)
+                                   scale=p.scale, temperature=p.temperature, is_causal=p.is_causal)
+        mask, layout = sel.mask, sel.layout
+        fq, fk = p.pruning.block_q // block_q, p.pruning.block_k // block_k
+        if fq > 1 or fk > 1:  # powers of two: the smaller size divides the larger
+            B, H, Lq, Lk, _, _ = p.dims
+            mask = (mask.repeat_interleave(fq, 2)[:, :, :triton.cdiv(Lq, block_q)]
+                    .repeat_interleave(fk, 3)[..., :triton.cdiv(Lk, block_k)])
+            layout = compact(mask, B, H)
+        masks.append(mask)
+        layouts.append(layout)
     return masks, layouts, block_q, block_k
 
 
 def run(problems):
-    """One or two directions in one launch per pass: ``(outs, weights)`` lists."""
-    outs, _, ws = xattn_fwd(*_op_args(problems))
+    """One or two directions in one launch per pass: ``(outs, weights, auxes)`` lists."""
+    outs, stats, ws = xattn_fwd(*_op_args(problems))
     weights = [w if problems[0].need_weights else None for w in ws]
-    return outs, weights
-
+    auxes = []
+    for p, st in zip(problems, stats):
+        if p.aux is not None and p.aux.lse:
+            lse = lse_from_stats(st)
+            auxes.append(AuxOutput(lse=torch.where(lse == float("inf"), float("-inf"), lse)))
+        else:
+            auxes.append(None)
+    return outs, weights, auxes

@@ -1,4 +1,4 @@
-"""Triton backward kernels (FlashAttention-2 style recompute from the stored LSE).
+"""Triton backward kernels (FlashAttention-2 style recompute from the stored row statistics).
 
 With P the weights, dP_eff = (dO V^T) * keep / (1 - p) and dW the gradient reaching the
 returned weights (full, or mean / H per head):
@@ -8,298 +8,235 @@ returned weights (full, or mean / H per head):
     dQ    = dS K * scale / T,   dK = dS^T Q * scale / T
     dT_h  = -sum(dS * S) / T_h          (S: the logits, temperature included)
 
-Like the forward, one kernel serves both directions (program ids below ``nblk0`` are
-direction 0). ``_xattn_bwd_delta_kernel`` computes delta, ``_xattn_bwd_dkdv_kernel`` walks the
-query blocks of one key block, ``_xattn_bwd_dq_kernel`` walks the key blocks of one query
-block and also writes per-program partial sums for the temperature gradient.
+With ``return_aux`` lse, its gradient dLSE enters as ``delta -= dLSE``. Like the forward, one
+kernel serves both directions (program ids below ``nblk0`` are direction 0). All three kernels take the same arguments: per direction the problem tuple
+(xattn_fwd.PROBLEM) and the gradient tuple ``GRAD`` below. ``_xattn_bwd_delta_kernel``
+computes delta, ``_xattn_bwd_dkdv_kernel`` walks the query blocks of one key block,
+``_xattn_bwd_dq_kernel`` walks the key blocks of one query block and also writes
+per-program partial sums for the temperature gradient.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .xattn_fwd import _col_valid, _head_coef, _keep_mask, _row_valid, _tile_and_slab
+from .xattn_fwd import (
+    _col_valid,
+    _head_coef,
+    _keep_mask,
+    _key_end,
+    _layout_row,
+    _load,
+    _load_t,
+    _logits,
+    _num_tiles,
+    _probs,
+    _row_stats,
+    _row_valid,
+    _tile_and_slab,
+    _tile_start,
+)
+
+# Outputs of the forward, incoming gradients, and what the backward writes (all contiguous but
+# DBIAS, an fp32 buffer of the bias's own shape read through broadcast strides ``sdbias``); LT is
+# the transposed pruning layout the dK/dV walk follows; HPOS[h] is query head h's index in the
+# weights' head axis (-1: not returned) and nh that axis' length (weight_heads).
+# ONE: see xattn_fwd.PROBLEM.
+GRAD = ("O", "DO", "M", "R", "DELTA", "DW", "DQ", "DK", "DVG", "DT", "LT", "DBIAS", "sdbias", "HPOS", "nh", "ONE")
 
 
 @triton.jit
-def _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN: tl.constexpr):
-    mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+def _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN: tl.constexpr, HAS_HEADS: tl.constexpr):
+    """The gradient reaching P[b, h] through the returned weights (0 for a head not returned)."""
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    rows = Lq
+    pos = h
+    if HAS_HEADS:
+        pos = tl.load(HPOS + h)
+        rows = tl.where(pos >= 0, Lq, 0)  # a head not returned reads nothing
+        pos = tl.maximum(pos, 0)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < Lk)
     if MEAN:
         base = DW + b.to(tl.int64) * Lq * Lk
         dw = tl.load(base + offs_m[:, None] * Lk + offs_n[None, :], mask=mask, other=0.0)
-        return dw.to(tl.float32) / H
-    base = DW + bh.to(tl.int64) * Lq * Lk
+        return dw.to(tl.float32) / nh
+    base = DW + (b.to(tl.int64) * nh + pos) * Lq * Lk
     return tl.load(base + offs_m[:, None] * Lk + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok,
-            PREC: tl.constexpr):
-    """(P, S in base-2 units, K^T) on one tile, P = 0 where nothing is attended."""
-    kt = tl.load(
-        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-    )
-    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
-    p = tl.where(ok, tl.exp2(s2 - lse2[:, None]), 0.0)
-    return p, s2, kt
+def _bias_grad(DBIAS, st, b, h, offs_m, offs_n, Lq, Lk, ds, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr):
+    """dBias += dS, reduced first over the axes the bias broadcasts along (BIAS_M / BIAS_N: it
+    varies along queries / keys), so that the atomics do not collide within a tile."""
+    sb, sh, sm, sn = st
+    base = DBIAS + b * sb + h * sh
+    if BIAS_M and BIAS_N:
+        tl.atomic_add(base + offs_m[:, None] * sm + offs_n[None, :] * sn, ds,
+                      mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+    elif BIAS_M:
+        tl.atomic_add(base + offs_m * sm, tl.sum(ds, 1), mask=offs_m < Lq)
+    elif BIAS_N:
+        tl.atomic_add(base + offs_n * sn, tl.sum(ds, 0), mask=offs_n < Lk)
+    else:
+        tl.atomic_add(base, tl.sum(tl.sum(ds, 1), 0))
 
 
 @triton.jit
-def _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
-                   skb, skh, skn, skd, coef2, lse2, HAS_KV: tl.constexpr, MEAN: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """rowsum(P * dW) over one key tile."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-    p, _, _ = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-    return tl.sum(p * _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN), 1)
+def _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward needs of query rows ``offs_m``: q, M, R, delta, dO."""
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    q = _load(Q, sq, b, h, offs_m, Lq, tl.arange(0, BLOCK_D), D)
+    m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    do = _load(DO, (0, Lq * DV, DV, 1), 0, bh.to(tl.int64), offs_m, Lq, tl.arange(0, BLOCK_DV), DV)
+    return q, m2, r2, delta, do
 
 
 @triton.jit
 def _xattn_bwd_delta_kernel(
-    O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
-    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
-    O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
-    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    nblk0, ntiles, H, D, DV, block_q, block_k,
+    dir0, dir1, g0, g1, SEED, drop_threshold, drop_scale, nblk0, ntiles, B, H, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr, PRUNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
+    HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
+    """delta = rowsum(dO * O) + rowsum(P * dW) - dLSE (DELTA holds -dLSE on entry)."""
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
-        mblk = pid
-        O, DO, L, DW, Q, K, QV, KV, T, DELTA, Lq, Lk, scale = O0, DO0, L0, DW0, Q0, K0, QV0, KV0, T0, DELTA0, Lq0, Lk0, scale0
-        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
+        prob, grad, mblk = dir0, g0, pid
     else:
-        mblk = pid - nblk0
-        O, DO, L, DW, Q, K, QV, KV, T, DELTA, Lq, Lk, scale = O1, DO1, L1, DW1, Q1, K1, QV1, KV1, T1, DELTA1, Lq1, Lk1, scale1
-        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
+        prob, grad, mblk = dir1, g1, pid - nblk0
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    om = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
-    row = bh.to(tl.int64) * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    o = tl.load(O + row, mask=om, other=0.0).to(tl.float32)
-    do = tl.load(DO + row, mask=om, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    rows = (0, Lq * DV, DV, 1)  # O and dO: contiguous [B*H, Lq, Dv]
+    o = _load(O, rows, 0, bh.to(tl.int64), offs_m, Lq, offs_dv, DV).to(tl.float32)
+    do = _load(DO, rows, 0, bh.to(tl.int64), offs_m, Lq, offs_dv, DV).to(tl.float32)
+    dptr = DELTA + bh.to(tl.int64) * Lq + offs_m
+    delta = tl.sum(o * do, 1) + tl.load(dptr, mask=offs_m < Lq, other=0.0)
     if HAS_DW:
-        offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-        )
+        q = _load(Q, sq, b, h, offs_m, Lq, tl.arange(0, BLOCK_D), D)
         coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
-        lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-        lse2 = lse2 * 1.4426950408889634
+        m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
         row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
-        if PRUNE:  # kept key blocks only (BLOCK_M | block_q, BLOCK_N | block_k)
-            lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
-            n_sub = block_k // BLOCK_N
-            for t in range(0, tl.load(lrow) * n_sub):
-                start_n = tl.load(lrow + 1 + t // n_sub) * block_k + (t % n_sub) * BLOCK_N
-                if start_n < Lk:
-                    delta += _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
-                                            skb, skh, skn, skd, coef2, lse2, HAS_KV, MEAN, BLOCK_N,
-                                            BLOCK_D, PREC)
-        else:
-            for start_n in range(0, Lk, BLOCK_N):
-                delta += _delta_dw_tile(q, K, KV, DW, b, h, bh, start_n, offs_m, row_ok, Lq, Lk, D, H,
-                                        skb, skh, skn, skd, coef2, lse2, HAS_KV, MEAN, BLOCK_N,
-                                        BLOCK_D, PREC)
-    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
-
-
-@triton.jit
-def _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """What the backward needs of query rows ``offs_m``: q, LSE (base 2), delta, dO."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-    )
-    row = bh.to(tl.int64) * Lq
-    lse2 = tl.load(L + row + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + row + offs_m, mask=offs_m < Lq, other=0.0)
-    do = tl.load(DO + row * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-    return q, lse2, delta, do
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV, b, h, bh,
-               Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2, seed, drop_threshold, drop_scale,
-               direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr,
-               DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """dK, dV contributions of queries ``start_m .. start_m + BLOCK_M``."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, lse2, delta, do = _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
-                                     BLOCK_D, BLOCK_DV)
-    ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None] & col_ok[None, :]
-    p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
-    dp = tl.dot(do, vt, input_precision=PREC)
-    pd = p
-    if DROPOUT:
-        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-        pd = tl.where(keep, p * drop_scale, 0.0)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    if HAS_DW:
-        dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-    ds = p * (dp - delta[:, None])
-    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    return dk, dv
+        lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
+        hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
+        for t in range(0, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N)):
+            start_n = _tile_start(lrow, t, block_k, PRUNE, BLOCK_N)
+            if start_n < hi:  # rowsum(P * dW) over one key tile
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                kt = _load_t(K, sk, b, h // group, offs_n, Lk, tl.arange(0, BLOCK_D), D)
+                s, _, _ = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok,
+                                  _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS, PREC)
+                delta += tl.sum(_probs(s, m2, r2) * _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS), 1)
+    tl.store(dptr, delta, mask=offs_m < Lq)
 
 
 @triton.jit
 def _xattn_bwd_dkdv_kernel(
-    Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
-    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
-    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
+    dir0, dir1, g0, g1, SEED, drop_threshold, drop_scale, nblk0, ntiles, B, H, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
+    HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid, bh = _tile_and_slab(ntiles)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    """One key tile of kv head g: dK, dV summed over the group's query heads in-kernel. Slabs
+    are batch * kv heads (of the direction with the most; the other's extra slabs idle)."""
+    pid, slab = _tile_and_slab(ntiles)
     if pid < nblk0:
-        direction = 0
-        nblk = pid
-        Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DK0, DVP0, QV0, KV0, T0, Lq0, Lk0, scale0
-        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
-        svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
+        prob, grad, direction, nblk = dir0, g0, 0, pid
     else:
-        direction = 1
-        nblk = pid - nblk0
-        Q, K, V, DO, L, DELTA, DW, DK, DVP, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DK1, DVP1, QV1, KV1, T1, Lq1, Lk1, scale1
-        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
-        svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
-    offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        prob, grad, direction, nblk = dir1, g1, 1, pid - nblk0
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    hkv = H // group
+    b = (slab // hkv).to(tl.int64)
+    g = (slab % hkv).to(tl.int64)
+    active = b < B
+    n0 = nblk * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(
-        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-    )
-    vt = tl.load(
-        V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-        mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
-    )
-    coef = _head_coef(T, h, scale, HAS_T)
-    coef2 = coef * 1.4426950408889634
+    lk = tl.where(active, Lk, 0)  # idle slabs load and store nothing
+    kt = _load_t(K, sk, b, g, offs_n, lk, offs_d, D)
+    vt = _load_t(V, sv, b, g, offs_n, lk, offs_dv, DV)
     col_ok = _col_valid(KV, b, offs_n, Lk, HAS_KV)
+    # Query rows that may attend this key tile: from the causal diagonal on; none past the
+    # batch row's last valid key.
+    lo = n0 * 0
+    if CAUSAL:
+        lo = tl.maximum(n0 - (Lk - Lq), 0)
+    q_hi = tl.where(active, Lq, 0)
+    if HAS_KV:
+        q_hi = tl.where(n0 < tl.load(KEND + b, mask=active, other=0), q_hi, 0)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-    if PRUNE:
-        # Only the query blocks that kept this key block: the transposed layout
-        # ([B, H, nkbp, 1 + nqbp]; BLOCK_N | block_k, BLOCK_M | block_q).
-        lrow = BM + ((b * H + h) * nkbp + (nblk * BLOCK_N) // block_k) * (nqbp + 1)
-        m_sub = block_q // BLOCK_M
-        for t in range(0, tl.load(lrow) * m_sub):
-            start_m = tl.load(lrow + 1 + t // m_sub) * block_q + (t % m_sub) * BLOCK_M
-            if start_m < Lq:
-                dk, dv = _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV,
-                                    b, h, bh, Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2,
-                                    seed, drop_threshold, drop_scale, direction,
-                                    HAS_DW, MEAN, HAS_QV, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, PREC)
-    else:
-        for start_m in range(0, Lq, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, kt, vt, start_m, offs_n, col_ok, Q, DO, L, DELTA, DW, QV,
-                                b, h, bh, Lq, Lk, D, DV, H, sqb, sqh, sqm, sqd, coef2,
-                                seed, drop_threshold, drop_scale, direction,
-                                HAS_DW, MEAN, HAS_QV, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_DV, PREC)
-    dk = dk * coef
-    out_n = bh.to(tl.int64) * Lk + offs_n
-    tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D))
-    tl.store(DVP + out_n[:, None] * DV + offs_dv[None, :], dv.to(DVP.dtype.element_ty),
-             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV))
-
-
-@triton.jit
-def _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW, b, h, bh,
-             Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd, coef2, seed,
-             drop_threshold, drop_scale, direction, HAS_DW: tl.constexpr, MEAN: tl.constexpr,
-             HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             PREC: tl.constexpr):
-    """dQ (and temperature) contributions of keys ``start_n .. start_n + BLOCK_N``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-    p, s2, kt = _p_tile(q, K, b, h, offs_n, offs_d, Lk, D, skb, skh, skn, skd, coef2, lse2, ok, PREC)
-    vt = tl.load(
-        V + b * svb + h * svh + offs_n[None, :] * svn + offs_dv[:, None] * svd,
-        mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0,
-    )
-    dp = tl.dot(do, vt, input_precision=PREC)
-    if DROPOUT:
-        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    if HAS_DW:
-        dp += _dw_tile(DW, b, h, bh, offs_m, offs_n, Lq, Lk, H, MEAN)
-    ds = p * (dp - delta[:, None])
-    if HAS_T:
-        dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
-    dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    return dq, dt
+    for j in range(0, group):
+        h = g * group + j
+        bh = b * H + h
+        coef = _head_coef(T, h, scale, HAS_T)
+        # With pruning, only the query blocks that kept this key block: the transposed layout.
+        lcol = _layout_row(LT, bh, n0 // block_k, nkbp, nqbp)
+        t0 = 0 if PRUNE else lo // BLOCK_M
+        for t in range(t0, _num_tiles(lcol, q_hi, block_q, PRUNE, BLOCK_M)):
+            start_m = _tile_start(lcol, t, block_q, PRUNE, BLOCK_M)
+            if (start_m < q_hi) & (start_m + BLOCK_M > lo):  # queries start_m .. + BLOCK_M
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                q, m2, r2, delta, do = _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D, BLOCK_DV)
+                s, _, _ = _logits(q, kt, coef * 1.4426950408889634, prob, b, h, offs_m, offs_n,
+                                  _row_valid(QV, b, offs_m, Lq, HAS_QV), col_ok, CAUSAL, HAS_BIAS, PREC)
+                p = _probs(s, m2, r2)
+                dp = tl.dot(do, vt, input_precision=PREC)
+                pd = p
+                if DROPOUT:
+                    keep = _keep_mask(seed, offs_m, offs_n, bh.to(tl.int32), direction, drop_threshold)
+                    pd = tl.where(keep, p * drop_scale, 0.0)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                if HAS_DW:
+                    dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
+                ds = p * (dp - delta[:, None]) * coef  # per query head: temperatures differ
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    out_n = (b * hkv + g) * Lk + offs_n
+    nmask = offs_n[:, None] < lk
+    tl.store(DK + out_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask & (offs_d[None, :] < D))
+    tl.store(DVG + out_n[:, None] * DV + offs_dv[None, :], dv.to(DVG.dtype.element_ty),
+             mask=nmask & (offs_dv[None, :] < DV))
 
 
 @triton.jit
 def _xattn_bwd_dq_kernel(
-    Q0, K0, V0, DO0, L0, DELTA0, DW0, DQ0, DT0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nqbp0, nkbp0,
-    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nqbp1, nkbp1,
-    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
+    dir0, dir1, g0, g1, SEED, drop_threshold, drop_scale, nblk0, ntiles, B, H, block_q, block_k,
     HAS_DW: tl.constexpr, MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
+    HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One query tile: dQ, the temperature's partial sum and the bias gradient."""
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
-        direction = 0
-        mblk = pid
-        nblk_dir = nblk0
-        Q, K, V, DO, L, DELTA, DW, DQ, DT, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, DO0, L0, DELTA0, DW0, DQ0, DT0, QV0, KV0, T0, Lq0, Lk0, scale0
-        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
-        svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
+        prob, grad, direction, mblk = dir0, g0, 0, pid
     else:
-        direction = 1
-        mblk = pid - nblk0
-        nblk_dir = ntiles - nblk0
-        Q, K, V, DO, L, DELTA, DW, DQ, DT, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, DO1, L1, DELTA1, DW1, DQ1, DT1, QV1, KV1, T1, Lq1, Lk1, scale1
-        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
-        svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
+        prob, grad, direction, mblk = dir1, g1, 1, pid - nblk0
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    hk = h // group
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row = bh.to(tl.int64) * Lq
-    q, lse2, delta, do = _query_rows(Q, L, DELTA, DO, b, h, bh, offs_m, Lq, D, DV, sqb, sqh, sqm, sqd,
-                                     BLOCK_D, BLOCK_DV)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q, m2, r2, delta, do = _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D, BLOCK_DV)
     coef = _head_coef(T, h, scale, HAS_T)
     coef2 = coef * 1.4426950408889634
     row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
@@ -308,26 +245,33 @@ def _xattn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if PRUNE:  # kept key blocks only (BLOCK_M | block_q, BLOCK_N | block_k)
-        lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
-        n_sub = block_k // BLOCK_N
-        for t in range(0, tl.load(lrow) * n_sub):
-            start_n = tl.load(lrow + 1 + t // n_sub) * block_k + (t % n_sub) * BLOCK_N
-            if start_n < Lk:
-                dq, dt = _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW,
-                                  b, h, bh, Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd,
-                                  coef2, seed, drop_threshold, drop_scale, direction,
-                                  HAS_DW, MEAN, HAS_KV, HAS_T, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
-    else:
-        for start_n in range(0, Lk, BLOCK_N):
-            dq, dt = _dq_tile(dq, dt, q, do, delta, lse2, row_ok, start_n, offs_m, K, V, KV, DW,
-                              b, h, bh, Lq, Lk, D, DV, H, skb, skh, skn, skd, svb, svh, svn, svd,
-                              coef2, seed, drop_threshold, drop_scale, direction,
-                              HAS_DW, MEAN, HAS_KV, HAS_T, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
+    lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
+    hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
+    for t in range(0, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N)):
+        start_n = _tile_start(lrow, t, block_k, PRUNE, BLOCK_N)
+        if start_n < hi:  # dQ (and temperature, bias) contributions of keys start_n .. + BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = _load_t(K, sk, b, hk, offs_n, Lk, offs_d, D)
+            s, s2, ok = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, _col_valid(KV, b, offs_n, Lk, HAS_KV),
+                                CAUSAL, HAS_BIAS, PREC)
+            p = _probs(s, m2, r2)
+            dp = tl.dot(do, _load_t(V, sv, b, hk, offs_n, Lk, offs_dv, DV), input_precision=PREC)
+            if DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            if HAS_DW:
+                dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
+            ds = p * (dp - delta[:, None])
+            if HAS_T:
+                dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
+            if BIAS_GRAD:
+                _bias_grad(DBIAS, sdbias, b, h, offs_m, offs_n, Lq, Lk, ds, BIAS_M, BIAS_N)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     dq = dq * coef
+    row = bh.to(tl.int64) * Lq
     tl.store(DQ + row * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
     if HAS_T:
-        # dT_h = -sum(dS * S) / T_h with S = s2 * ln 2; one partial per program.
+        # dT_h = -sum(dS * S) / T_h with S = s2 * ln 2; one partial per program ([B*H, blocks]).
         part = -tl.sum(dt, 0) * 0.6931471805599453 / tl.load(T + h).to(tl.float32)
-        tl.store(DT + bh * nblk_dir + mblk, part)
+        tl.store(DT + bh * tl.cdiv(Lq, BLOCK_M) + mblk, part)

@@ -1,13 +1,17 @@
-"""Triton forward kernels: attention output + log-sum-exp, and the weights pass.
+"""Triton forward kernels: attention output + row statistics, and the weights pass.
 
 One kernel serves both directions of a bidirectional call: program ids along axis 0 below
 ``nblk0`` work on direction 0 (x queries -> y keys, or the only direction), the rest on
-direction 1. Each direction has its own pointers, strides, lengths and scale; both share
-batch, heads, head dims, dtypes and compile-time flags.
+direction 1. Each direction travels as one tuple (``PROBLEM`` below: pointers, strides,
+lengths, head dims, scale), selected once per program; both share batch, heads, dtypes and
+compile-time flags.
 
 Conventions (the reference's, crossattn/reference.py):
 * logits are kept in base-2 units inside the kernels: ``s2 = q.k * scale / T * log2(e)``;
-* the stored LSE is natural-log; rows that attend to nothing store +inf;
+* each query row stores its statistics ``M`` (the max of ``s2``) and ``R = log2(sum exp2(s2 - M))``
+  separately, so ``P = exp2((s2 - M) - R)`` is exact where ``s2`` is near the max even when the
+  logits are huge (a single LSE loses that to rounding); rows that attend to nothing store
+  ``M = +inf, R = 0`` (so ``P = 0``); the LSE is ``(M + R) * ln 2``;
 * dropout drops element (b, h, i, j) of direction d iff
   ``philox(seed, (j // 4, i, b*H + h, d))[j % 4] < floor(p * 2**32)`` (crossattn/_philox.py).
 """
@@ -18,6 +22,16 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+# The per-direction tuple every kernel takes (see ``_problem`` in xattn.py). BM is the pruning
+# layout walked by the pass (the dense mask for the weights pass, the transposed layout for
+# dK/dV); KEND the end of each batch row's valid keys; BIAS is read through its broadcast
+# strides; strides are (batch, head, row, column) tuples; K/V head = query head // group.
+# ONE is the constant 1: Triton 3.6 fails to merge the two directions' tuples in the if/else
+# ("Mismatched type") when a tuple's only specialised constants (ints equal to 1) are nested,
+# e.g. a unit stride with GQA and pruning; a top-level constant avoids it (3.9 needs none).
+PROBLEM = ("Q", "K", "V", "QV", "KV", "KEND", "T", "BM", "BIAS", "sq", "sk", "sv", "sbias", "Lq", "Lk", "D",
+           "DV", "scale", "nqbp", "nkbp", "group", "ONE")
 
 
 @triton.jit
@@ -44,6 +58,22 @@ def _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold):
 
 
 @triton.jit
+def _load(X, st, b, h, offs_r, R, offs_c, C):
+    """``X[b, h, offs_r, offs_c]`` ([rows, cols]; zeros outside R x C), strides ``st``."""
+    sb, sh, sr, sc = st
+    return tl.load(X + b * sb + h * sh + offs_r[:, None] * sr + offs_c[None, :] * sc,
+                   mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _load_t(X, st, b, h, offs_r, R, offs_c, C):
+    """The transposed tile ``X[b, h, offs_r, offs_c]^T`` ([cols, rows])."""
+    sb, sh, sr, sc = st
+    return tl.load(X + b * sb + h * sh + offs_r[None, :] * sr + offs_c[:, None] * sc,
+                   mask=(offs_r[None, :] < R) & (offs_c[:, None] < C), other=0.0)
+
+
+@triton.jit
 def _row_valid(QV, b, offs_m, Lq, HAS_QV: tl.constexpr):
     valid = offs_m < Lq
     if HAS_QV:
@@ -60,6 +90,36 @@ def _col_valid(KV, b, offs_n, Lk, HAS_KV: tl.constexpr):
 
 
 @triton.jit
+def _key_end(KEND, b, m0, Lq, Lk, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """No query row of the tile at ``m0`` attends a key at or past this bound: the batch row's
+    last valid key (ragged lengths), the causal diagonal of the tile's last row. Walks stop
+    there, so those key tiles cost nothing."""
+    hi = m0 * 0 + Lk
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.minimum(m0 + BLOCK_M, Lq) + (Lk - Lq))
+    if HAS_KV:
+        hi = tl.minimum(hi, tl.load(KEND + b))
+    return tl.maximum(hi, 0)
+
+
+@triton.jit
+def _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, col_ok, CAUSAL: tl.constexpr,
+            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """The one place that decides the logits of a tile (base 2): ``q.k * scale / T + bias``,
+    -inf where the pair does not attend (query/key padding, causality; pruning is decided per
+    tile by the walks). Returns (masked logits, q.k * scale / T, attended)."""
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
+    s = s2
+    if HAS_BIAS:
+        s = s2 + _load(BIAS, sbias, b, h, offs_m, Lq, offs_n, Lk).to(tl.float32) * 1.4426950408889634
+    ok = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
+    return tl.where(ok, s, float("-inf")), s2, ok
+
+
+@triton.jit
 def _head_coef(T, h, scale, HAS_T: tl.constexpr):
     """scale / temperature[h] (natural units)."""
     coef = scale
@@ -69,84 +129,77 @@ def _head_coef(T, h, scale, HAS_T: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m, row_ok, Lk, D, DV,
-              skb, skh, skn, skd, svb, svh, svn, svd, coef2, seed, drop_threshold, drop_scale,
-              direction, HAS_KV: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step over keys ``start_n .. start_n + BLOCK_N``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(
-        K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-    )
-    s = tl.dot(q, kt, input_precision=PREC) * coef2
-    ok = row_ok[:, None] & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :]
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:
-        keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
-        p = tl.where(keep, p * drop_scale, 0.0)
-    v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-        mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0,
-    )
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+def _row_stats(M, R, bh, offs_m, Lq):
+    """The stored (M, R) of query rows ``offs_m`` (rows past Lq: nothing attended)."""
+    row = bh.to(tl.int64) * Lq + offs_m
+    m2 = tl.load(M + row, mask=offs_m < Lq, other=float("inf"))
+    r2 = tl.load(R + row, mask=offs_m < Lq, other=0.0)
+    return m2, r2
+
+
+@triton.jit
+def _probs(s, m2, r2):
+    """P from masked logits and the row statistics: 0 where s = -inf or the row is empty."""
+    return tl.exp2((s - m2[:, None]) - r2[:, None])
+
+
+@triton.jit
+def _layout_row(BM, bh, blk, nrows, ncols):
+    """Row ``blk`` of batch*head ``bh`` in a compact layout ``[B*H, nrows, 1 + ncols]``."""
+    return BM + (bh.to(tl.int64) * nrows + blk) * (ncols + 1)
+
+
+@triton.jit
+def _num_tiles(lrow, L, block, PRUNE: tl.constexpr, BLOCK: tl.constexpr):
+    """Tiles of BLOCK rows a walk visits: those of the kept blocks, or all of ``L``."""
+    if PRUNE:
+        return tl.load(lrow) * (block // BLOCK)
+    else:
+        return tl.cdiv(L, BLOCK)
+
+
+@triton.jit
+def _tile_start(lrow, t, block, PRUNE: tl.constexpr, BLOCK: tl.constexpr):
+    """First row of the walk's ``t``-th tile (a kept block is ``block // BLOCK`` tiles; the
+    caller skips tiles starting past the length)."""
+    if PRUNE:
+        n_sub = block // BLOCK
+        return tl.load(lrow + 1 + t // n_sub) * block + (t % n_sub) * BLOCK
+    else:
+        return t * BLOCK
 
 
 @triton.jit
 def _xattn_fwd_kernel(
-    # direction 0
-    Q0, K0, V0, O0, L0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, split_len0, nqbp0, nkbp0,
-    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d, sv0b, sv0h, sv0n, sv0d,
-    # direction 1 (unused when nblk0 covers the grid)
-    Q1, K1, V1, O1, L1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, split_len1, nqbp1, nkbp1,
-    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d, sv1b, sv1h, sv1n, sv1d,
-    SEED, drop_threshold, drop_scale, nblk0, ntiles, H, D, DV, block_q, block_k,
+    dir0, dir1, res0, res1, SEED, drop_threshold, drop_scale, nblk0, ntiles, H, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
-    SPLIT: tl.constexpr, PRUNE: tl.constexpr,
+    SPLIT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Axis 0: query blocks of both directions x batch * head; axis 2: key splits.
 
-    With SPLIT (flash-decoding, for few query blocks and many keys) each program covers
-    ``split_len`` keys (with PRUNE: every n-th kept block) and O/L are fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` holding
-    normalised partial outputs and partial LSEs (-inf when empty), merged by
-    ``_xattn_fwd_combine_kernel``.
+    ``res`` is (O, M, R) per direction. With SPLIT (flash-decoding, for few query blocks and
+    many keys) the key tiles of the walk are dealt round-robin to the splits, and O/M/R are
+    fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` of normalised partial outputs and partial
+    statistics (M = -inf when empty), merged by ``_xattn_fwd_combine_kernel``.
     """
     pid, bh = _tile_and_slab(ntiles)
     split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     if pid < nblk0:
-        direction = 0
-        mblk = pid
-        Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q0, K0, V0, O0, L0, QV0, KV0, T0, Lq0, Lk0, scale0
-        split_len, BM, nqbp, nkbp = split_len0, BM0, nqbp0, nkbp0
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
-        svb, svh, svn, svd = sv0b, sv0h, sv0n, sv0d
+        prob, res, direction, mblk = dir0, res0, 0, pid
     else:
-        direction = 1
-        mblk = pid - nblk0
-        Q, K, V, O, L, QV, KV, T, Lq, Lk, scale = Q1, K1, V1, O1, L1, QV1, KV1, T1, Lq1, Lk1, scale1
-        split_len, BM, nqbp, nkbp = split_len1, BM1, nqbp1, nkbp1
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
-        svb, svh, svn, svd = sv1b, sv1h, sv1n, sv1d
+        prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
+    O, M, R = res
+    hk = h // group
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-    )
+    q = _load(Q, sq, b, h, offs_m, Lq, offs_d, D)
     coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
     row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
     seed = 0
@@ -156,55 +209,49 @@ def _xattn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    if PRUNE:
-        # Only the kept key blocks of this query tile's pruning row ([B, H, nqbp, 1 + nkbp]:
-        # count, indices), dealt round-robin to the key splits so they share the work evenly
-        # whatever the count (BLOCK_M | block_q; a key block is n_sub tiles of BLOCK_N).
-        lrow = BM + ((b * H + h) * nqbp + (mblk * BLOCK_M) // block_q) * (nkbp + 1)
-        n_sub = block_k // BLOCK_N
-        for e in range(split, tl.load(lrow), tl.num_programs(2)):
-            kb_start = tl.load(lrow + 1 + e) * block_k
-            for sub in range(0, n_sub):
-                start_n = kb_start + sub * BLOCK_N
-                if start_n < Lk:
-                    m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m,
-                                              row_ok, Lk, D, DV, skb, skh, skn, skd, svb, svh, svn, svd,
-                                              coef2, seed, drop_threshold, drop_scale, direction,
-                                              HAS_KV, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
-    else:
-        n_lo = split * split_len  # split_len is a multiple of BLOCK_N
-        n_hi = tl.minimum(Lk, n_lo + split_len)
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, K, V, KV, b, h, bh, offs_m, row_ok,
-                                      Lk, D, DV, skb, skh, skn, skd, svb, svh, svn, svd, coef2,
-                                      seed, drop_threshold, drop_scale, direction,
-                                      HAS_KV, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV, PREC)
+    lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
+    hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
+    for t in range(split, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N), tl.num_programs(2)):
+        start_n = _tile_start(lrow, t, block_k, PRUNE, BLOCK_N)
+        if start_n < hi:  # online softmax over keys start_n .. start_n + BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = _load_t(K, sk, b, hk, offs_n, Lk, offs_d, D)
+            s, _, _ = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, _col_valid(KV, b, offs_n, Lk, HAS_KV),
+                              CAUSAL, HAS_BIAS, PREC)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = _load(V, sv, b, hk, offs_n, Lk, offs_dv, DV)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    empty_lse = float("-inf") if SPLIT else float("inf")  # final: +inf (reference convention)
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                   empty_lse)
+    empty_m = float("-inf") if SPLIT else float("inf")  # final: +inf, so that P = 0
     row = split.to(tl.int64) * (tl.num_programs(0) // ntiles) + bh
     tl.store(O + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
-    tl.store(L + row * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(M + row * Lq + offs_m, tl.where(has_key, m_i, empty_m), mask=offs_m < Lq)
+    tl.store(R + row * Lq + offs_m, tl.log2(tl.where(has_key, l_i, 1.0)), mask=offs_m < Lq)
 
 
 @triton.jit
-def _xattn_fwd_combine_kernel(
-    OP0, LP0, O0, L0, Lq0, OP1, LP1, O1, L1, Lq1, nblk0, ntiles, n_split, DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Merges the split-key partial outputs: a softmax over the partial LSEs."""
+def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
+                              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Merges the split-key partial outputs, a softmax over the partial statistics;
+    ``part`` is (OP, MP, RP, O, M, R, Lq, DV) per direction."""
     pid, bh = _tile_and_slab(ntiles)
     bh = bh.to(tl.int64)
     if pid < nblk0:
-        mblk = pid
-        OP, LP, O, L, Lq = OP0, LP0, O0, L0, Lq0
+        part, mblk = part0, pid
     else:
-        mblk = pid - nblk0
-        OP, LP, O, L, Lq = OP1, LP1, O1, L1, Lq1
+        part, mblk = part1, pid - nblk0
+    OP, MP, RP, O, M, R, Lq, DV = part
     BH = tl.num_programs(0) // ntiles
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -214,96 +261,90 @@ def _xattn_fwd_combine_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for s in range(0, n_split):
         row = s * BH + bh
-        ls = tl.load(LP + row * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+        ms = tl.load(MP + row * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+        rs = tl.load(RP + row * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         os = tl.load(OP + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=omask, other=0.0)
-        m_new = tl.maximum(m_i, ls)
+        m_new = tl.maximum(m_i, ms)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        w = tl.exp(ls - m_safe)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2((ms - m_safe) + rs)  # this split's row sum, relative to the running max
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * os
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    m_safe = tl.where(has_key, m_i, 0.0)
-    lse = tl.where(has_key, m_safe + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(O + bh * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=omask)
-    tl.store(L + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(M + bh * Lq + offs_m, tl.where(has_key, m_i, float("inf")), mask=offs_m < Lq)
+    tl.store(R + bh * Lq + offs_m, tl.log2(tl.where(has_key, l_i, 1.0)), mask=offs_m < Lq)
 
 
 @triton.jit
-def _weights_tile(Q, K, L, QV, KV, T, BM, b, h, bh, offs_m, offs_n, offs_d, Lq, Lk, scale, D,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, nqbp, nkbp, block_q, block_k, H,
-                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-                  PRUNE: tl.constexpr, PREC: tl.constexpr):
-    """P = exp(S - LSE) on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended (and,
-    without any matrix work, on a pruned block)."""
+def _weights_tile(prob, M, R, b, h, bh, offs_m, offs_n, H, block_q, block_k,
+                  HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, PRUNE: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """P on one [BLOCK_M, BLOCK_N] tile, 0 where nothing is attended; a pruned block (BM is the
+    dense kept mask here), or one past the key end or the causal diagonal, costs no matrix work."""
+    Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     p = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
-    kept = True
+    m0 = tl.min(offs_m, 0)
+    n0 = tl.min(offs_n, 0)
+    kept = n0 < _key_end(KEND, b, m0, Lq, Lk, HAS_KV, CAUSAL, offs_m.shape[0])
     if PRUNE:  # the whole tile lies in one pruning block (BLOCK_M | block_q, BLOCK_N | block_k)
-        qb = tl.min(offs_m, 0).to(tl.int64) // block_q
-        kb = tl.min(offs_n, 0).to(tl.int64) // block_k
-        kept = tl.load(BM + ((b * H + h) * nqbp + qb) * nkbp + kb) != 0
+        qb = m0.to(tl.int64) // block_q
+        kb = n0.to(tl.int64) // block_k
+        kept = kept & (tl.load(BM + ((b * H + h) * nqbp + qb) * nkbp + kb) != 0)
     if kept:
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
-        )
-        kt = tl.load(
-            K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-            mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
-        )
-        coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
-        lse2 = tl.load(L + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-        lse2 = lse2 * 1.4426950408889634
-        ok = (_row_valid(QV, b, offs_m, Lq, HAS_QV)[:, None]
-              & _col_valid(KV, b, offs_n, Lk, HAS_KV)[None, :])
-        p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * coef2 - lse2[:, None]), 0.0)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load(Q, sq, b, h, offs_m, Lq, offs_d, D)
+        kt = _load_t(K, sk, b, h // group, offs_n, Lk, offs_d, D)
+        m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
+        s, _, _ = _logits(q, kt, _head_coef(T, h, scale, HAS_T) * 1.4426950408889634, prob, b, h, offs_m, offs_n,
+                          _row_valid(QV, b, offs_m, Lq, HAS_QV), _col_valid(KV, b, offs_n, Lk, HAS_KV),
+                          CAUSAL, HAS_BIAS, PREC)
+        p = _probs(s, m2, r2)
     return p
 
 
 @triton.jit
 def _xattn_weights_kernel(
-    Q0, K0, L0, W0, QV0, KV0, T0, BM0, Lq0, Lk0, scale0, nkb0, nqbp0, nkbp0,
-    sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d,
-    Q1, K1, L1, W1, QV1, KV1, T1, BM1, Lq1, Lk1, scale1, nkb1, nqbp1, nkbp1,
-    sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d,
-    ntiles0, ntiles, H, D, block_q, block_k,
+    dir0, dir1, res0, res1, ntiles0, ntiles, H, block_q, block_k,
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
-    PRUNE: tl.constexpr,
+    PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Writes the weights from the stored LSE, one tile per program: no score matrix in
-    memory and no softmax pass. MEAN: axis 1 is the batch and the heads are averaged here;
-    otherwise batch * head (one grid axis: tiles x slabs)."""
+    """Writes the weights from the stored row statistics, one tile per program: no score
+    matrix in memory and no softmax pass. ``res`` is (W, M, R, nkb, HEADS, nh): the weights
+    cover query heads ``HEADS[0 .. nh)`` (all H without HAS_HEADS), computed for them alone.
+    MEAN: axis 1 is the batch and those heads are averaged here; otherwise batch * listed head
+    (one grid axis: tiles x slabs)."""
     pid, slab = _tile_and_slab(ntiles)
     if pid < ntiles0:
-        tile = pid
-        Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q0, K0, L0, W0, QV0, KV0, T0, Lq0, Lk0, scale0, nkb0
-        BM, nqbp, nkbp = BM0, nqbp0, nkbp0
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq0b, sq0h, sq0m, sq0d, sk0b, sk0h, sk0n, sk0d
+        prob, res, tile = dir0, res0, pid
     else:
-        tile = pid - ntiles0
-        Q, K, L, W, QV, KV, T, Lq, Lk, scale, nkb = Q1, K1, L1, W1, QV1, KV1, T1, Lq1, Lk1, scale1, nkb1
-        BM, nqbp, nkbp = BM1, nqbp1, nkbp1
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd = sq1b, sq1h, sq1m, sq1d, sk1b, sk1h, sk1n, sk1d
+        prob, res, tile = dir1, res1, pid - ntiles0
+    W, M, R, nkb, HEADS, nh = res
+    Lq, Lk = prob[13], prob[14]  # (PROBLEM)
     offs_m = (tile // nkb) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tile % nkb) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if MEAN:
         b = slab.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for h in range(0, H):
-            acc += _weights_tile(Q, K, L, QV, KV, T, BM, b, h, b * H + h, offs_m, offs_n, offs_d,
-                                 Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                                 nqbp, nkbp, block_q, block_k, H, HAS_QV, HAS_KV, HAS_T, PRUNE, PREC)
-        w = acc / H
-        w_base = W + b.to(tl.int64) * Lq * Lk
+        for j in range(0, nh):
+            h = j
+            if HAS_HEADS:
+                h = tl.load(HEADS + j)
+            acc += _weights_tile(prob, M, R, b, h, b * H + h, offs_m, offs_n, H, block_q, block_k,
+                                 HAS_QV, HAS_KV, HAS_T, PRUNE, CAUSAL, HAS_BIAS, BLOCK_D, PREC)
+        w = acc / nh
+        w_base = W + b * Lq * Lk
     else:
-        bh = slab
-        w = _weights_tile(Q, K, L, QV, KV, T, BM, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh,
-                          offs_m, offs_n, offs_d, Lq, Lk, scale, D, sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-                          nqbp, nkbp, block_q, block_k, H, HAS_QV, HAS_KV, HAS_T, PRUNE, PREC)
-        w_base = W + bh.to(tl.int64) * Lq * Lk
+        b = (slab // nh).to(tl.int64)
+        h = slab % nh
+        if HAS_HEADS:
+            h = tl.load(HEADS + h)
+        h = h.to(tl.int64)
+        w = _weights_tile(prob, M, R, b, h, b * H + h, offs_m, offs_n, H, block_q, block_k,
+                          HAS_QV, HAS_KV, HAS_T, PRUNE, CAUSAL, HAS_BIAS, BLOCK_D, PREC)
+        w_base = W + slab.to(tl.int64) * Lq * Lk
     tl.store(w_base + offs_m[:, None] * Lk + offs_n[None, :], w.to(W.dtype.element_ty), mask=mask)

@@ -64,8 +64,8 @@ def _xattn_pool_kernel(
 @triton.jit
 def _xattn_select_kernel(
     PQ, PQN, PK, PKN, T, SCORES, NKEEP, MASK, LAYOUT,
-    nqb, nkb, H, D, scale, mass, min_blocks,
-    MASS: tl.constexpr, HAS_T: tl.constexpr,
+    nqb, nkb, H, D, scale, mass, min_blocks, group, Lq, Lk, block_q, block_k,
+    MASS: tl.constexpr, HAS_T: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Programs: query blocks x batch * head. Writes the dense uint8 row of MASK
@@ -80,8 +80,12 @@ def _xattn_select_kernel(
     coef = scale
     if HAS_T:
         coef = scale / tl.load(T + h).to(tl.float32)
-    kbase = bh.to(tl.int64) * nkb
+    kbase = ((bh // H) * (H // group) + h // group).to(tl.int64) * nkb  # the kv head's key blocks
     srow = SCORES + row * nkb
+    # Causal: key blocks wholly above the diagonal of the block's last query are no candidates.
+    k_last = Lk
+    if CAUSAL:
+        k_last = tl.minimum((qb + 1) * block_q, Lq) + (Lk - Lq)
 
     # Pass 1: block scores (-inf for key blocks without a valid key), their max and count.
     n_valid = 0
@@ -90,7 +94,7 @@ def _xattn_select_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         km = tl.load(PK + (kbase + offs_j)[:, None] * D + offs_d[None, :],
                      mask=(offs_j[:, None] < nkb) & (offs_d[None, :] < D), other=0.0)
-        k_ok = tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0
+        k_ok = (tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0) & (offs_j * block_k < k_last)
         s = tl.where(k_ok, tl.sum(km * qm[None, :], 1) * coef, float("-inf"))
         tl.store(srow + offs_j, s, mask=offs_j < nkb)
         n_valid += tl.sum(k_ok.to(tl.int32), 0)
@@ -126,7 +130,7 @@ def _xattn_select_kernel(
             kept = ((before < mass) | (rank < min_blocks)) & (rank < n_valid)
         else:
             kept = rank < n_keep
-        k_ok = tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0
+        k_ok = (tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0) & (offs_j * block_k < k_last)
         kept = tl.where(q_ok, kept & k_ok & (offs_j < nkb), False)
         tl.store(MASK + row * nkb + offs_j, kept.to(tl.uint8), mask=offs_j < nkb)
         slot = pos + tl.cumsum(kept.to(tl.int32), 0)
@@ -137,19 +141,19 @@ def _xattn_select_kernel(
 
 @triton.jit
 def _xattn_blocks_compact_kernel(
-    M, LAYOUT, R, C, H, smb, smh, smr, smc, BLOCK_C: tl.constexpr,
+    MASK, LAYOUT, nrows, ncols, H, smb, smh, smr, smc, BLOCK_C: tl.constexpr,
 ):
     """Programs: rows x batch * head. Dense kept mask (any strides: broadcast or
-    transposed views) to the compact layout ``[B*H, R, 1 + C]``."""
-    r, bh = _tile_and_slab(R)
+    transposed views) to the compact layout ``[B*H, nrows, 1 + ncols]``."""
+    r, bh = _tile_and_slab(nrows)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    base = M + b * smb + h * smh + r.to(tl.int64) * smr
-    lrow = LAYOUT + (bh.to(tl.int64) * R + r) * (C + 1)
+    base = MASK + b * smb + h * smh + r.to(tl.int64) * smr
+    lrow = LAYOUT + (bh.to(tl.int64) * nrows + r) * (ncols + 1)
     pos = 0
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, ncols, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
-        kept = tl.load(base + offs * smc, mask=offs < C, other=0) != 0
+        kept = tl.load(base + offs * smc, mask=offs < ncols, other=0) != 0
         slot = pos + tl.cumsum(kept.to(tl.int32), 0)
         tl.store(lrow + slot, offs, mask=kept)
         pos += tl.sum(kept.to(tl.int32), 0)
@@ -225,10 +229,11 @@ def compact(mask: torch.Tensor, B: int, H: int) -> torch.Tensor:
 
 
 def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, scale=None,
-                         temperature=None) -> BlockLayout:
+                         temperature=None, is_causal=False) -> BlockLayout:
     """The reference's block selection on the device: ``BlockLayout(mask, layout)``.
 
-    ``q`` ``[B, H, Lq, D]``, ``k`` ``[B, H, Lk, D]``; ``key_valid`` / ``query_valid`` bool
+    ``q`` ``[B, H, Lq, D]``, ``k`` ``[B, Hkv, Lk, D]`` (query head h uses kv head
+    ``h // (H // Hkv)``); ``key_valid`` / ``query_valid`` bool
     ``[B, Lk]`` / ``[B, Lq]``; ``temperature`` a float or an ``[H]`` tensor. A fixed
     ``pruning.block_mask`` is converted, not selected."""
     B, H, Lq, D = q.shape
@@ -253,8 +258,8 @@ def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, sca
     if nqb and B * H:
         _xattn_select_kernel[_grid(nqb, B * H)](
             mean_q, n_q, mean_k, n_k, temp, scores, _keep_table(pruning, nkb, device), mask, layout,
-            nqb, nkb, H, D, scale, float(pruning.mass or 0.0), pruning.min_blocks,
-            MASS=pruning.mass is not None, HAS_T=has_t,
+            nqb, nkb, H, D, scale, float(pruning.mass or 0.0), pruning.min_blocks, H // k.shape[1], Lq, Lk,
+            pruning.block_q, pruning.block_k, MASS=pruning.mass is not None, HAS_T=has_t, CAUSAL=is_causal,
             BLOCK_J=64, BLOCK_I=32, BLOCK_D=max(16, triton.next_power_of_2(D)),
         )
     return BlockLayout(mask.view(torch.bool), layout)

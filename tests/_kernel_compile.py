@@ -72,6 +72,8 @@ def _recording_run(kernel, run, names, module, attr, launches):
 
 
 def _describe(value):
+    if isinstance(value, tuple):  # a tuple argument (per-direction pointers, strides, lengths)
+        return [_describe(v) for v in value]
     if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
         return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
     return value
@@ -106,13 +108,24 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
                     temperature=torch.tensor([0.7, 1.3], requires_grad=True), dropout_p=0.3,
                     prune=crossattn.BlockPruning(block_q=64, block_k=64, keep=0.5))
         calls += [dict(opts, need_weights="full"), dict(opts, need_weights="mean")]
+        # The options one direction takes on top: grouped kv heads, a learnable bias, causality,
+        # ragged lengths, a head subset for the weights, the LSE statistic.
+        calls.append(dict(opts, need_weights="full", single=True, is_causal=True, weight_heads=(1,),
+                          attn_bias=torch.randn(1, H, 1, Ly, generator=g, requires_grad=True),
+                          return_aux=crossattn.AuxRequest(lse=True)))
     seen = {}
     for splits in ("1", "2"):
         os.environ["CROSSATTN_TRITON_SPLITS"] = splits
         for kw in calls:
             with record_launches() as launches:
-                res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
-                                                              backend="triton", **kw)
+                if kw.get("single"):
+                    kw = {n: x for n, x in kw.items() if n not in ("single", "x_padding_mask", "y_padding_mask")}
+                    res = crossattn.cross_attention(r(Lx), r(Ly)[:, :1], r(Ly)[:, :1], backend="triton",
+                                                    kv_lengths=torch.tensor([99]), **kw)
+                    res = (res[0], res[1], res[2].lse.masked_fill(res[2].lse.isinf(), 0.0))
+                else:
+                    res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
+                                                                  backend="triton", **kw)
                 sum(t.float().square().sum() for t in res if t is not None).backward()
             for launch in launches:
                 seen.setdefault(json.dumps(launch, sort_keys=True), launch)
@@ -138,6 +151,8 @@ def short_name(launch: dict) -> str:
 def _value(desc):
     import torch
 
+    if isinstance(desc, list):  # a recorded tuple argument
+        return tuple(_value(d) for d in desc)
     if isinstance(desc, dict) and "tensor" in desc:
         t = torch.empty(16, dtype=getattr(torch, desc["tensor"]))
         return t if desc["aligned"] else t[1:]
@@ -158,6 +173,15 @@ def _specialize(arg, is_const, specialize):
         return specialize_impl(BaseBackend, arg, is_const, specialize, True)
 
 
+def _leaves(path, ty, attr, value):
+    """(path, type, attribute, value) of each element of a (possibly nested tuple) argument."""
+    if isinstance(ty, tuple):
+        for j, (t, a, v) in enumerate(zip(ty, attr, value)):
+            yield from _leaves((*path, j), t, a, v)
+    else:
+        yield path, ty, attr, value
+
+
 def compile_launch(launch: dict, arch: int) -> dict:
     """Compile one recorded launch for ``sm_{arch}`` and parse ptxas's ``-v`` report."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -176,10 +200,12 @@ def compile_launch(launch: dict, arch: int) -> dict:
             continue
         ty, attr = _specialize(value, p.is_const, not p.do_not_specialize)
         signature[p.name] = ty
-        if ty == "constexpr":
-            constexprs[(i,)] = value
-        elif isinstance(attr, str) and attr:
-            attrs[(i,)] = backend.parse_attr(attr)
+        # Tuple arguments specialise per element: paths (i, j, ...) as Triton's JIT keys them.
+        for path, t, a, v in _leaves((i,), ty, attr, value):
+            if t == "constexpr":
+                constexprs[path] = v
+            elif isinstance(a, str) and a:
+                attrs[path] = backend.parse_attr(a)
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):

@@ -207,18 +207,24 @@ def test_opcheck():
     seed = torch.tensor(1234, dtype=torch.int64, device=DEVICE)
     block_mask = torch.rand(2, 1, 1, 2, device=DEVICE) > 0.3
     no_prune = ([None], [None], 0, 0)
+    plain = ([None], False, [])  # attn_bias, is_causal, weight_heads
     for weights in (0, 1, 2):
         args = ([q], [k], [v], [qv], [kv], [t], [0.25], seed, 0.2, weights)
-        torch.library.opcheck(xattn_fwd, args + no_prune)
-    torch.library.opcheck(xattn_fwd, args + ([block_mask], [None], 16, 16))
+        torch.library.opcheck(xattn_fwd, args + no_prune + plain)
+    torch.library.opcheck(xattn_fwd, args + ([block_mask], [None], 16, 16) + plain)
     layout = compact(block_mask, 2, 2)
-    torch.library.opcheck(xattn_fwd, args + ([block_mask], [layout], 16, 16))
+    torch.library.opcheck(xattn_fwd, args + ([block_mask], [layout], 16, 16) + plain)
+    # Grouped heads, a learnable bias, causality and a head subset.
+    k1, v1 = k[:, :1].detach().requires_grad_(True), v[:, :1].detach().requires_grad_(True)
+    bias = torch.randn(1, 2, 1, 21, device=DEVICE, requires_grad=True)
+    args = ([q], [k1], [v1], [qv], [kv], [t], [0.25], None, 0.0, 1) + no_prune
+    torch.library.opcheck(xattn_fwd, args + ([bias], True, [1]))
     with torch.no_grad():  # the backward op itself is not differentiable (no double backward)
-        outs, lses, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune)
+        outs, stats, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune, *plain)
     bwd_args = ([torch.randn_like(outs[0])], [torch.randn(2, 2, 9, 21, device=DEVICE)],
-                [q.detach()], [k.detach()], [v.detach()], outs, lses, [None], [kv], [None],
+                [q.detach()], [k.detach()], [v.detach()], outs, stats, [None], [kv], [None],
                 [0.25], None, 0.0, 1) + no_prune
-    torch.library.opcheck(xattn_bwd, bwd_args)
+    torch.library.opcheck(xattn_bwd, bwd_args + ([bias.detach()], True, True, [], [torch.randn(2, 2, 9)]))
 
 
 def test_compile_fullgraph():
@@ -379,11 +385,19 @@ def test_pruned_bidirectional_takes_a_pair():
     ins64 = f64(qx, kx, vx, qy, ky, vy)
     ref = bidirectional_reference(*ins64, prune=prune, need_weights="full")
     check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy), ins64, torch.float32)
-    with pytest.raises(ValueError, match="one block size for both directions"):
-        crossattn.bidirectional_cross_attention(
-            qx, kx, vx, qy, ky, vy, backend="triton",
-            prune=(crossattn.BlockPruning(block_q=16, block_k=16, top_k=1),
-                   crossattn.BlockPruning(block_q=32, block_k=16, top_k=1)))
+
+
+def test_pruned_bidirectional_pair_with_different_block_sizes():
+    """Issue 18 #12: each direction keeps its own blocks (served at the smaller size)."""
+    qx, kx, vx = inputs(1, 2, 40, 40, 16, 16, torch.float32, seed=1, requires_grad=True)
+    qy, ky, vy = inputs(1, 2, 70, 70, 16, 16, torch.float32, seed=2, requires_grad=True)
+    prune = (crossattn.BlockPruning(block_q=16, block_k=16, top_k=1),
+             crossattn.BlockPruning(block_q=32, block_k=32, top_k=1))
+    res = crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, prune=prune,
+                                                  need_weights="full", backend="triton")
+    ins64 = f64(qx, kx, vx, qy, ky, vy)
+    ref = bidirectional_reference(*ins64, prune=prune, need_weights="full")
+    check_bidirectional(res, ref, (qx, kx, vx, qy, ky, vy), ins64, torch.float32)
 
 
 
