@@ -49,7 +49,8 @@ def record_launches():
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(mod_name)
         for attr, kernel in vars(mod).items():
-            if isinstance(kernel, KernelInterface) and attr not in [p[1] for p in patched]:
+            # A kernel imported into several modules is wrapped once.
+            if isinstance(kernel, KernelInterface) and all(kernel is not k for k, _ in patched):
                 names = list(inspect.signature(kernel.fn).parameters)
                 kernel.run = _recording_run(kernel, kernel.run, names, mod_name, attr, launches)
                 patched.append((kernel, attr))
@@ -89,6 +90,10 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
     import crossattn
     from crossattn.kernels import xattn
 
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(xattn._xattn_fwd_kernel, InterpretedFunction):
+        raise RuntimeError("capture() needs a process where triton was first imported with TRITON_INTERPRET=1")
     xattn._interpreting = lambda: False  # the launch configs a GPU gets (unsupported() unaffected)
     # bf16 has fp16's configs (by element size); the interpreter's bf16 dot is refused.
     tdtype = getattr(torch, "float16" if dtype == "bfloat16" else dtype)
