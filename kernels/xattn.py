@@ -48,17 +48,17 @@ class _Config:
 # (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class, chosen
 # from the compile survey (tests/_kernel_compile.py; table in benchmarks/README.md): ptxas's
 # report for every launch a pass makes (forward, split-K combine, weights; backward delta,
-# dK/dV, dQ), every option on and off, on sm_86. A pass uses one tile for all its kernels, so
-# the tile is the largest with which the pass's worst kernel (backward: dQ with a loss on the
-# weights) compiles without spills; every entry fits 99 KB of shared memory per block
-# (RTX 3060/4080 class). fp16/bf16 up to D = 128 and at D = 256: zero spills (backward at 16 x 32:
-# 64 x 64 spilled 2.3 KB per thread in dQ, 32 x 32 60 B). fp32 multiplies in full precision
-# ("ieee" FMA dots, no tensor cores) and spills at every tile; its entries spill least.
+# dK/dV, dQ), every option on and off. A pass uses one tile for all its kernels: the largest
+# with which its worst kernel (backward: dQ with a loss on the weights, which keeps both
+# directions' argument sets live) compiles without spills on sm_86 (64 x 64 spilled 2.3 KB per
+# thread there, 32 x 32 still 60 B). fp32 multiplies in full precision (FMA "ieee" dots, no
+# tensor cores), whose operands live in registers: only 16-row tiles with 8 warps fit. Every
+# entry fits 99 KB of shared memory per block (RTX 3060/4080 class).
 _CONFIGS = {
     ("fwd", 2): {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 2)},
-    ("fwd", 4): {64: (32, 32, 8, 1), 128: (32, 32, 8, 1), 256: (32, 32, 8, 1)},
+    ("fwd", 4): {64: (16, 32, 8, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
     ("bwd", 2): {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
-    ("bwd", 4): {64: (32, 32, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    ("bwd", 4): {64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 
 

@@ -9,7 +9,8 @@ kernel launch (kernel, argument types, constexprs, num_warps/num_stages). A comp
 (Triton's own argument specialisation: types, 16-byte divisibility) and compiles it per
 architecture. Kernel argument lists can change without touching this file.
 
-    python tests/_kernel_compile.py [--full] [--json] [--markdown]
+    python tests/_kernel_compile.py [--full | --archs 86,90 --dtypes float16 --dims 128 --features all]
+                                    [--json | --markdown]
 
 Used by tests/test_kernels_compile.py; ``--markdown`` prints the table of benchmarks/README.md.
 """
@@ -302,13 +303,27 @@ def markdown(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every arch, dtype, head dim and option set")
+    parser.add_argument("--archs", help="comma-separated, e.g. 86,90")
+    parser.add_argument("--dtypes", help="comma-separated, e.g. float16,float32")
+    parser.add_argument("--dims", help="comma-separated head dims, e.g. 64,128")
+    parser.add_argument("--features", help="plain,all")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    kwargs = {} if "--full" in sys.argv else fast_subset()
+    kwargs = {} if args.full else fast_subset()
+    for name, conv in (("archs", int), ("dtypes", str), ("dims", int), ("features", str)):
+        if getattr(args, name):
+            kwargs[name] = tuple(conv(x) for x in getattr(args, name).split(","))
     results = survey(**kwargs)
-    if "--json" in sys.argv:
+    if args.json:
         print(json.dumps(results))
-    elif "--markdown" in sys.argv:
+    elif args.markdown:
         print(markdown(results))
     else:
         for r in results:
