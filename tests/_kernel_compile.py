@@ -230,10 +230,10 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 def occupancy_sm86(regs: int, shared: int, warps: int) -> dict:
     """Resident warps per SM on sm_86 and what limits them (registers, shared memory, warps)."""
     warp_regs = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-    by = {
+    by = {  # on a tie the warp limit is named: nothing else to gain
+        "warps": SM86["warps"] // warps,
         "registers": SM86["regs"] // warp_regs // warps,
         "shared memory": SM86["smem"] // (shared + SM86["reserved"]) if shared else SM86["blocks"],
-        "warps": SM86["warps"] // warps,
     }
     blocks = min(min(by.values()), SM86["blocks"])
     limit = min(by, key=by.get) if blocks < SM86["blocks"] else "blocks"

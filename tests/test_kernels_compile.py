@@ -1,6 +1,6 @@
 """Every Triton kernel configuration the launchers pick compiles for NVIDIA GPUs without a GPU
-(Triton ships ptxas) with zero register spills in fp16/bf16 (fp32: see SPILL_BUDGET), and fits 99 KB of shared
-memory per block, the limit of RTX 3060/4080-class parts (sm_86/sm_89). The launches are
+(Triton ships ptxas) with zero register spills up to head dim 128 (D = 256: D256_SPILL_BUDGET),
+and fits 99 KB of shared memory per block, the limit of RTX 3060/4080-class parts (sm_86/sm_89). The launches are
 recorded from the launchers themselves (tests/_kernel_compile.py), so a new kernel, argument
 or option is surveyed without editing this file.
 
@@ -26,12 +26,11 @@ SHARED_LIMIT = 99 * 1024
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-# Spill bytes per thread still allowed, by dtype: fp16/bf16 none at any head dim (the tiles in
-# kernels/xattn.py _CONFIGS reach zero up to D = 256). fp32 multiplies in full precision (FMA
-# "ieee" dots, the default while torch.backends.cuda.matmul.allow_tf32 is False) and spills at
-# every tile of the current kernels (its best tiles: 0.3-13 KB); until those kernels change,
-# the budget only catches a regression beyond the best tiles measured (Triton 3.9, sm_86).
-SPILL_BUDGET = {"float16": 0, "bfloat16": 0, "float32": 16 * 1024}
+# Zero spills up to D = 128 for every dtype, arch and option set (tiles: kernels/xattn.py
+# _CONFIGS). D = 256: the fewest bytes per thread the best tiles surveyed reach (Triton 3.9):
+# fp16/bf16 40 B in the forward on sm_90 (64 x 32, 8 warps; none on sm_86), fp32 2.2 KB in dQ on
+# sm_90 (16 x 16, 8 warps; 312 B on sm_86). A regression past these fails.
+D256_SPILL_BUDGET = {"float16": 40, "bfloat16": 40, "float32": 2228}
 
 
 def run_survey(*args) -> list[dict]:
@@ -52,7 +51,8 @@ def check(results: list[dict]) -> None:
             "bwd_dq_dw", "bwd_dq_mean", "pool", "select", "blocks_compact"} <= kernels, kernels
     too_big = [r for r in results if r["arch"] in (86, 89) and r["shared"] > SHARED_LIMIT]
     assert not too_big, f"over {SHARED_LIMIT} bytes of shared memory per block on sm_86/89: {too_big}"
-    spills = [r for r in results if max(r["spill_stores"], r["spill_loads"]) > SPILL_BUDGET[r["dtype"]]]
+    spills = [r for r in results
+              if max(r["spill_stores"], r["spill_loads"]) > (D256_SPILL_BUDGET[r["dtype"]] if r["d"] > 128 else 0)]
     assert not spills, "register spills: " + "; ".join(
         f"sm_{r['arch']} {r['dtype']} D={r['d']} {r['kernel']} ({r['features']}): {r['spill_stores']} B stored, "
         f"{r['regs']} regs" for r in spills)
