@@ -87,11 +87,10 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
     without the key split. Runs under the interpreter with the GPU configs."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from triton.runtime.interpreter import InterpretedFunction
 
     import crossattn
     from crossattn.kernels import xattn
-
-    from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(xattn._xattn_fwd_kernel, InterpretedFunction):
         raise RuntimeError("capture() needs a process where triton was first imported with TRITON_INTERPRET=1")
@@ -292,7 +291,8 @@ def markdown(results: list[dict]) -> str:
             row[k] = max(row[k], r[k])
         if r["arch"] == 86 and r["occupancy_sm86"]["warps"] < row["occ"]["warps"]:
             row["occ"] = r["occupancy_sm86"]
-    lines = ["| kernel | dtype | D | tile (M×N, warps) | regs | spill st/ld (B) | smem (KB) | sm_86 occupancy | archs |",
+    lines = ["| kernel | dtype | D | tile (M×N, warps) | regs | spill st/ld (B) | smem (KB) | sm_86 occupancy "
+             "| archs |",
              "|---|---|---:|---|---:|---:|---:|---|---|"]
     for (kernel, dtype, d), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         tile = f"{r['block_m']}×{r['block_n']}, {r['num_warps']}" if r["block_m"] else f"{r['num_warps']} warps"

@@ -77,7 +77,8 @@ def test_short_inference_is_one_kernel_launch(masks):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     m = _inference_module(32, 2, "triton", device, dtype)
-    text, audio = torch.randn(1, 32, 32, device=device, dtype=dtype), torch.randn(1, 300, 32, device=device, dtype=dtype)
+    text = torch.randn(1, 32, 32, device=device, dtype=dtype)
+    audio = torch.randn(1, 300, 32, device=device, dtype=dtype)
     kw = {}
     if masks:
         kw = dict(text_mask=torch.ones(1, 32, device=device, dtype=torch.long),
