@@ -27,10 +27,10 @@ HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 # Zero spills up to D = 128 for every dtype, arch and option set (tiles: kernels/xattn.py
-# _CONFIGS). D = 256: the fewest bytes per thread the best tiles surveyed reach (Triton 3.9):
-# fp16/bf16 40 B in the forward on sm_90 (64 x 32, 8 warps; none on sm_86), fp32 2.2 KB in dQ on
-# sm_90 (16 x 16, 8 warps; 312 B on sm_86). A regression past these fails.
-D256_SPILL_BUDGET = {"float16": 40, "bfloat16": 40, "float32": 2228}
+# _CONFIGS). D = 256: the fewest bytes per thread the best tiles surveyed reach, worst of Triton
+# 3.6 and 3.9: fp16/bf16 72 B in the forward on sm_90 (64 x 32, 8 warps; none on sm_86), fp32
+# 3.8 KB in dQ on sm_90 (16 x 16, 8 warps; 312 B on sm_86). A regression past these fails.
+D256_SPILL_BUDGET = {"float16": 72, "bfloat16": 72, "float32": 3768}
 
 
 def run_survey(*args) -> list[dict]:
