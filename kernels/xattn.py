@@ -49,15 +49,21 @@ class _Config:
     num_stages: int
 
 
-# (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class. Every
-# entry fits 99 KB of shared memory per block (RTX 3060/4080 class, sm_86/sm_89), checked
-# from the compiled kernels' metadata by tests/test_kernels_compile.py. Tuning is its own
-# issue; these are the largest tiles that fit.
+# (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class, chosen
+# from the compile survey (tests/_kernel_compile.py; table in benchmarks/README.md): ptxas's
+# report for every launch a pass makes (forward, split-K combine, weights; backward delta,
+# dK/dV, dQ), every option on and off. A pass uses one tile for all its kernels: the largest
+# with which its worst kernel (backward: dQ with a loss on the weights, which keeps both
+# directions' argument sets live) compiles without spills (Triton 3.9: sm_86 and sm_90, every
+# dtype, D <= 128; Triton 3.6: sm_86 at D = 128 and sm_86/sm_90 at D = 64). The backward's
+# 64 x 64 spilled 2.3 KB per thread, 32 x 32 still 60 B. fp32 multiplies in full precision
+# (FMA "ieee" dots, no tensor cores) with its operands in registers: only 16-row tiles fit.
+# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class).
 _CONFIGS = {
-    ("fwd", 2): {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 8, 2)},
-    ("fwd", 4): {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
-    ("bwd", 2): {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1)},
-    ("bwd", 4): {64: (64, 64, 4, 1), 128: (32, 32, 4, 1), 256: (16, 16, 4, 1)},
+    ("fwd", 2): {64: (64, 32, 8, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 2)},
+    ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
+    ("bwd", 2): {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
+    ("bwd", 4): {64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 
 

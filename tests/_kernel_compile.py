@@ -9,7 +9,8 @@ kernel launch (kernel, argument types, constexprs, num_warps/num_stages). A comp
 (Triton's own argument specialisation: types, 16-byte divisibility) and compiles it per
 architecture. Kernel argument lists can change without touching this file.
 
-    python tests/_kernel_compile.py [--full] [--json] [--markdown]
+    python tests/_kernel_compile.py [--full | --archs 86,90 --dtypes float16 --dims 128 --features all]
+                                    [--json | --markdown]
 
 Used by tests/test_kernels_compile.py; ``--markdown`` prints the table of benchmarks/README.md.
 """
@@ -49,7 +50,8 @@ def record_launches():
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(mod_name)
         for attr, kernel in vars(mod).items():
-            if isinstance(kernel, KernelInterface) and attr not in [p[1] for p in patched]:
+            # A kernel imported into several modules is wrapped once.
+            if isinstance(kernel, KernelInterface) and all(kernel is not k for k, _ in patched):
                 names = list(inspect.signature(kernel.fn).parameters)
                 kernel.run = _recording_run(kernel, kernel.run, names, mod_name, attr, launches)
                 patched.append((kernel, attr))
@@ -87,10 +89,13 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
     without the key split. Runs under the interpreter with the GPU configs."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    from triton.runtime.interpreter import InterpretedFunction
 
     import crossattn
     from crossattn.kernels import xattn
 
+    if not isinstance(xattn._xattn_fwd_kernel, InterpretedFunction):
+        raise RuntimeError("capture() needs a process where triton was first imported with TRITON_INTERPRET=1")
     xattn._interpreting = lambda: False  # the launch configs a GPU gets (unsupported() unaffected)
     # bf16 has fp16's configs (by element size); the interpreter's bf16 dot is refused.
     tdtype = getattr(torch, "float16" if dtype == "bfloat16" else dtype)
@@ -250,10 +255,10 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 def occupancy_sm86(regs: int, shared: int, warps: int) -> dict:
     """Resident warps per SM on sm_86 and what limits them (registers, shared memory, warps)."""
     warp_regs = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
-    by = {
+    by = {  # on a tie the warp limit is named: nothing else to gain
+        "warps": SM86["warps"] // warps,
         "registers": SM86["regs"] // warp_regs // warps,
         "shared memory": SM86["smem"] // (shared + SM86["reserved"]) if shared else SM86["blocks"],
-        "warps": SM86["warps"] // warps,
     }
     blocks = min(min(by.values()), SM86["blocks"])
     limit = min(by, key=by.get) if blocks < SM86["blocks"] else "blocks"
@@ -312,8 +317,8 @@ def markdown(results: list[dict]) -> str:
             row[k] = max(row[k], r[k])
         if r["arch"] == 86 and r["occupancy_sm86"]["warps"] < row["occ"]["warps"]:
             row["occ"] = r["occupancy_sm86"]
-    lines = ["| kernel | dtype | D | tile (M×N, warps) | regs | spill st/ld (B) | smem (KB) "
-             "| sm_86 occupancy | archs |",
+    lines = ["| kernel | dtype | D | tile (M×N, warps) | regs | spill st/ld (B) | smem (KB) | sm_86 occupancy "
+             "| archs |",
              "|---|---|---:|---|---:|---:|---:|---|---|"]
     for (kernel, dtype, d), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         tile = f"{r['block_m']}×{r['block_n']}, {r['num_warps']}" if r["block_m"] else f"{r['num_warps']} warps"
@@ -324,13 +329,27 @@ def markdown(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every arch, dtype, head dim and option set")
+    parser.add_argument("--archs", help="comma-separated, e.g. 86,90")
+    parser.add_argument("--dtypes", help="comma-separated, e.g. float16,float32")
+    parser.add_argument("--dims", help="comma-separated head dims, e.g. 64,128")
+    parser.add_argument("--features", help="plain,all")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    kwargs = {} if "--full" in sys.argv else fast_subset()
+    kwargs = {} if args.full else fast_subset()
+    for name, conv in (("archs", int), ("dtypes", str), ("dims", int), ("features", str)):
+        if getattr(args, name):
+            kwargs[name] = tuple(conv(x) for x in getattr(args, name).split(","))
     results = survey(**kwargs)
-    if "--json" in sys.argv:
+    if args.json:
         print(json.dumps(results))
-    elif "--markdown" in sys.argv:
+    elif args.markdown:
         print(markdown(results))
     else:
         for r in results:

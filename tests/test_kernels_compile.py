@@ -1,6 +1,6 @@
 """Every Triton kernel configuration the launchers pick compiles for NVIDIA GPUs without a GPU
-(Triton ships ptxas) with zero register spills up to head dim 128, and fits 99 KB of shared
-memory per block, the limit of RTX 3060/4080-class parts (sm_86/sm_89). The launches are
+(Triton ships ptxas) with zero register spills up to head dim 128 (D = 256: D256_SPILL_BUDGET),
+and fits 99 KB of shared memory per block, the limit of RTX 3060/4080-class parts (sm_86/sm_89). The launches are
 recorded from the launchers themselves (tests/_kernel_compile.py), so a new kernel, argument
 or option is surveyed without editing this file.
 
@@ -23,13 +23,14 @@ import pytest
 from _kernel_compile import markdown, occupancy_sm86, parse_ptxas
 
 SHARED_LIMIT = 99 * 1024
-ZERO_SPILL_MAX_D = 128
 HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
-# D = 256: the fewest spill bytes the best tile reaches (tile choice: kernels/xattn.py _CONFIGS).
-# A regression past these fails; an improvement should lower them.
-D256_SPILL_BUDGET = {}
+# Zero spills up to D = 128 for every dtype, arch and option set (tiles: kernels/xattn.py
+# _CONFIGS). D = 256: the fewest bytes per thread the best tiles surveyed reach, worst of Triton
+# 3.6 and 3.9: fp16/bf16 72 B in the forward on sm_90 (64 x 32, 8 warps; none on sm_86), fp32
+# 3.8 KB in dQ on sm_90 (16 x 16, 8 warps; 312 B on sm_86). A regression past these fails.
+D256_SPILL_BUDGET = {"float16": 72, "bfloat16": 72, "float32": 3768}
 
 
 def run_survey(*args) -> list[dict]:
@@ -50,14 +51,11 @@ def check(results: list[dict]) -> None:
             "bwd_dq_dw", "bwd_dq_mean", "pool", "select", "blocks_compact"} <= kernels, kernels
     too_big = [r for r in results if r["arch"] in (86, 89) and r["shared"] > SHARED_LIMIT]
     assert not too_big, f"over {SHARED_LIMIT} bytes of shared memory per block on sm_86/89: {too_big}"
-    spills = [r for r in results if r["d"] <= ZERO_SPILL_MAX_D and (r["spill_stores"] or r["spill_loads"])]
+    spills = [r for r in results
+              if max(r["spill_stores"], r["spill_loads"]) > (D256_SPILL_BUDGET[r["dtype"]] if r["d"] > 128 else 0)]
     assert not spills, "register spills: " + "; ".join(
         f"sm_{r['arch']} {r['dtype']} D={r['d']} {r['kernel']} ({r['features']}): {r['spill_stores']} B stored, "
         f"{r['regs']} regs" for r in spills)
-    for r in results:
-        if r["d"] > ZERO_SPILL_MAX_D:
-            budget = D256_SPILL_BUDGET.get((r["kernel"], r["dtype"]), 0)
-            assert r["spill_stores"] <= budget, (r, budget)
 
 
 def test_ptxas_report_parsing_and_sm86_occupancy():

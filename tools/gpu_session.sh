@@ -127,7 +127,7 @@ if wanted 3; then
             rc=$?; tail -20 "$WORK/build.log"; echo "build rc=$rc"
             [ $rc = 0 ] || return $rc
             python -c "import crossattn; print(crossattn.available_backends())"
-            "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_gpu_ready.py -k "cuda" --junitxml="$OUT/phase3-cuda.xml"
+            "${PYTEST[@]}" tests/test_cuda_backend.py tests/test_gpu_ready.py -k cuda_backend --junitxml="$OUT/phase3-cuda.xml"
         }
         phase 3 cuda-build-and-tests "$T3" bash -c "$(declare -f cuda_phase); PYTEST=(${PYTEST[*]}); WORK=$WORK OUT=$OUT; cuda_phase"
     fi
