@@ -9,16 +9,19 @@ from .functional import (
     bidirectional_cross_attention,
     choose_backend,
     cross_attention,
+    merge_attention,
     select_blocks,
 )
 from .pruning import BlockPruning
-from .reference import BidirectionalOutput
+from .reference import AuxOutput, AuxRequest, BidirectionalOutput
 from . import nn  # noqa: E402  (after the functional API it is built on)
 from .nn import convert_multihead_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuxOutput",
+    "AuxRequest",
     "BackendChoice",
     "BidirectionalOutput",
     "BlockPruning",
@@ -27,6 +30,7 @@ __all__ = [
     "choose_backend",
     "convert_multihead_attention",
     "cross_attention",
+    "merge_attention",
     "nn",
     "select_blocks",
     "__version__",

@@ -2,6 +2,7 @@
 
 Shape legend:
     B: batch size            H: number of heads
+    Hkv: key/value heads (grouped-query attention: H % Hkv == 0)
     Lq: query length         Lk: key/value length (independent of Lq)
     D: query/key head dim    Dv: value head dim (may differ from D)
     Lx, Ly: lengths of the two modalities of a bidirectional call
@@ -13,11 +14,12 @@ import torch
 from . import backends
 from ._philox import draw_dropout_seed
 from ._validation import check_attention
-from .reference import BidirectionalOutput, _per_direction, select_blocks_reference
+from .reference import AuxOutput, BidirectionalOutput, _per_direction, select_blocks_reference
 
 __all__ = [
     "cross_attention",
     "bidirectional_cross_attention",
+    "merge_attention",
     "select_blocks",
     "choose_backend",
 ]
@@ -36,14 +38,19 @@ def cross_attention(
     dropout_p: float = 0.0,
     need_weights=False,
     prune=None,
+    attn_bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    weight_heads=None,
+    return_aux=None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+):
     """Queries of one modality attend to keys/values of another.
 
     Args:
         q: ``[B, H, Lq, D]`` queries.
-        k: ``[B, H, Lk, D]`` keys.
-        v: ``[B, H, Lk, Dv]`` values.
+        k: ``[B, Hkv, Lk, D]`` keys; ``Hkv`` divides ``H`` (grouped-query attention: query
+            head ``h`` reads key/value head ``h // (H // Hkv)``, without copying ``k``/``v``).
+        v: ``[B, Hkv, Lk, Dv]`` values.
         key_padding_mask: bool ``[B, Lk]``, True = padding (the nn.MultiheadAttention
             convention; for a Hugging Face mask pass ``attention_mask == 0``).
         kv_lengths: int ``[B]`` (tensor or list): keys at positions ``>= length`` are padding.
@@ -59,13 +66,25 @@ def cross_attention(
             in the dtype of ``q``, and gradients flow through them.
         prune: None, a :class:`crossattn.BlockPruning`, or a bool block mask
             ``[B|1, H|1, ceil(Lq/64), ceil(Lk/64)]`` (True = keep).
+        attn_bias: float tensor broadcastable to ``[B, H, Lq, Lk]`` (``[Lq, Lk]``,
+            ``[B, 1, Lq, Lk]``, ``[1, H, 1, Lk]``, ...), added to the logits after scale and
+            temperature; differentiable (a learned position bias trains through it). ``-inf``
+            entries mask. Read with broadcast strides, never expanded in memory.
+        is_causal: query ``i`` sees keys ``j <= i + (Lk - Lq)`` (bottom-right aligned, as
+            FlashAttention: right for decoding with a cache).
+        weight_heads: a sequence of query-head indices: the returned weights (``"full"``
+            ``[B, len(heads), Lq, Lk]`` or their ``"mean"``) cover only those heads, computed
+            for them alone (e.g. Whisper's alignment heads). Needs ``need_weights``.
+        return_aux: a :class:`crossattn.AuxRequest`: statistics of the weights without the
+            weight matrix (log-sum-exp, entropy, key mass, top-k); see :class:`AuxOutput`.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; ``CROSSATTN_BACKEND``
             overrides ``"auto"``.
 
     Returns:
-        ``(out [B, H, Lq, Dv], weights or None)``. A query row with no valid key (all keys
-        padded, the query padded, or every key block pruned) gives output 0, weights 0 and
-        gradient 0.
+        ``(out [B, H, Lq, Dv], weights or None)``, or ``(out, weights, AuxOutput)`` when
+        ``return_aux`` is given. A query row with no valid key (all keys padded, the query
+        padded, above the causal diagonal, every key block pruned, or an all ``-inf`` bias)
+        gives output 0, weights 0 and gradient 0 (``lse`` ``-inf``, entropy 0).
 
     Raises:
         TypeError, ValueError: bad input, naming the argument, the expected and the actual
@@ -75,23 +94,28 @@ def cross_attention(
     problem = check_attention(
         q, k, v, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
         query_padding_mask=query_padding_mask, scale=scale, temperature=temperature,
-        dropout_p=dropout_p, need_weights=need_weights, prune=prune,
+        dropout_p=dropout_p, need_weights=need_weights, prune=prune, attn_bias=attn_bias,
+        is_causal=is_causal, weight_heads=weight_heads, return_aux=return_aux,
     )
     choice = backends.choose([problem], backend)
     if problem.dropout_p > 0.0:
         problem.dropout_seed = draw_dropout_seed()
-    return backends.BACKENDS[choice.name].attention(problem)
+    out, weights, aux = backends.BACKENDS[choice.name].attention(problem)
+    if return_aux is None:
+        return out, weights
+    return out, weights, aux if aux is not None else AuxOutput()
 
 
 def _check_bidirectional(
     q_x, k_x, v_x, q_y, k_y, v_y, *, x_padding_mask, y_padding_mask,
-    scale, temperature, dropout_p, need_weights, prune,
+    scale, temperature, dropout_p, need_weights, prune, weight_heads=None, return_aux=None,
 ):
     scales = _per_direction(scale, "scale")
     temps = _per_direction(temperature, "temperature")
     prunes = _per_direction(prune, "prune")
     paired = [isinstance(a, (tuple, list)) for a in (scale, temperature, prune)]
-    common = dict(dropout_p=dropout_p, need_weights=need_weights)
+    common = dict(dropout_p=dropout_p, need_weights=need_weights, weight_heads=weight_heads,
+                  return_aux=return_aux)
     xy = check_attention(
         q_x, k_y, v_y, key_padding_mask=y_padding_mask, query_padding_mask=x_padding_mask,
         scale=scales[0], temperature=temps[0], prune=prunes[0], **common,
@@ -139,6 +163,8 @@ def bidirectional_cross_attention(
     dropout_p: float = 0.0,
     need_weights=False,
     prune=None,
+    weight_heads=None,
+    return_aux=None,
     backend: str = "auto",
 ) -> BidirectionalOutput:
     """Both directions of cross-attention between modalities x and y, in one call.
@@ -147,28 +173,35 @@ def bidirectional_cross_attention(
     both directions run in one kernel launch.
 
     Args:
-        q_x, k_x, v_x: ``[B, H, Lx, D]``, ``[B, H, Lx, D']``, ``[B, H, Lx, Dv']`` (x side).
-        q_y, k_y, v_y: ``[B, H, Ly, D']``, ``[B, H, Ly, D]``, ``[B, H, Ly, Dv]`` (y side).
+        q_x, k_x, v_x: ``[B, H, Lx, D]``, ``[B, Hkv, Lx, D']``, ``[B, Hkv, Lx, Dv']`` (x side).
+        q_y, k_y, v_y: ``[B, H, Ly, D']``, ``[B, Hkv', Ly, D]``, ``[B, Hkv', Ly, Dv]`` (y side);
+            each side's key/value heads divide ``H`` (grouped-query attention).
         x_padding_mask, y_padding_mask: bool ``[B, Lx]`` / ``[B, Ly]``, True = padding. A
             padded position is ignored as a key and gives zero rows as a query.
         scale, temperature, prune: as in :func:`cross_attention`; each may also be a pair
             ``(x->y, y->x)``.
-        dropout_p, need_weights, backend: as in :func:`cross_attention`.
+        dropout_p, need_weights, weight_heads, return_aux, backend: as in
+            :func:`cross_attention` (``weight_heads`` applies to both directions).
 
     Returns:
         ``BidirectionalOutput(out_x [B, H, Lx, Dv], out_y [B, H, Ly, Dv'], weights_xy
-        [B, H, Lx, Ly] or [B, Lx, Ly] or None, weights_yx [B, H, Ly, Lx] or [B, Ly, Lx] or None)``.
+        [B, H, Lx, Ly] or [B, Lx, Ly] or None, weights_yx [B, H, Ly, Lx] or [B, Ly, Lx] or None)``;
+        with ``return_aux`` its attributes ``aux_xy`` and ``aux_yx`` hold the statistics.
     """
     xy, yx = _check_bidirectional(
         q_x, k_x, v_x, q_y, k_y, v_y, x_padding_mask=x_padding_mask,
         y_padding_mask=y_padding_mask, scale=scale, temperature=temperature,
-        dropout_p=dropout_p, need_weights=need_weights, prune=prune,
+        dropout_p=dropout_p, need_weights=need_weights, prune=prune, weight_heads=weight_heads,
+        return_aux=return_aux,
     )
     choice = backends.choose([xy, yx], backend)
     if xy.dropout_p > 0.0:
         xy.dropout_seed = yx.dropout_seed = draw_dropout_seed()
-    out_x, out_y, w_xy, w_yx = backends.BACKENDS[choice.name].bidirectional(xy, yx)
-    return BidirectionalOutput(out_x, out_y, w_xy, w_yx)
+    out_x, out_y, w_xy, w_yx, a_xy, a_yx = backends.BACKENDS[choice.name].bidirectional(xy, yx)
+    if return_aux is not None:
+        a_xy = a_xy if a_xy is not None else AuxOutput()
+        a_yx = a_yx if a_yx is not None else AuxOutput()
+    return BidirectionalOutput(out_x, out_y, w_xy, w_yx, a_xy, a_yx)
 
 
 def select_blocks(
@@ -181,24 +214,26 @@ def select_blocks(
     query_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     temperature=None,
+    is_causal: bool = False,
 ) -> torch.Tensor:
     """The block mask a pruning config chooses: bool ``[B, H, ceil(Lq/block_q),
     ceil(Lk/block_k)]``, True = the key block is attended by the query block.
 
     Arguments as in :func:`cross_attention` (``pruning`` is its ``prune``); the selection is
-    not differentiable.
+    not differentiable. With ``is_causal`` key blocks wholly above the diagonal are never
+    candidates.
     """
     if pruning is None:
         raise TypeError("pruning must be a crossattn.BlockPruning or a bool block mask, got None")
     problem = check_attention(
         q, k, k, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
         query_padding_mask=query_padding_mask, scale=scale, temperature=temperature,
-        prune=pruning, names=("q", "k", "k"),
+        prune=pruning, is_causal=is_causal, names=("q", "k", "k"),
     )
     return select_blocks_reference(
         problem.q, problem.k, problem.pruning, key_valid=problem.key_valid(),
         query_valid=problem.query_valid(), scale=problem.scale,
-        temperature=problem.temperature,
+        temperature=problem.temperature, is_causal=problem.is_causal,
     )
 
 
@@ -208,3 +243,39 @@ def choose_backend(q, k, v, *, backend: str = "auto", **kwargs) -> backends.Back
     problem = check_attention(q, k, v, **kwargs)
     return backends.choose([problem], backend)
 
+
+
+def merge_attention(outs, lses):
+    """Merge attention results computed over disjoint chunks of the keys (context-parallel
+    and ring attention): ``out = sum_c exp(lse_c - lse) * out_c`` with
+    ``lse = logsumexp_c(lse_c)``.
+
+    Args:
+        outs: sequence of ``[B, H, Lq, Dv]`` outputs, one per key chunk.
+        lses: sequence of ``[B, H, Lq]`` log-sum-exps of the same chunks (``-inf`` where a row
+            saw no key in that chunk), e.g. ``AuxOutput.lse`` from ``return_aux=AuxRequest(lse=True)``.
+
+    Returns:
+        ``(out [B, H, Lq, Dv] in the dtype of outs[0], lse [B, H, Lq] float32/float64)``:
+        what one call over all the keys returns; rows empty in every chunk give 0 and ``-inf``.
+        Differentiable with respect to every output and log-sum-exp.
+    """
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"outs and lses must be non-empty sequences of the same length, got {len(outs)} "
+                         f"and {len(lses)}")
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors, got {type(o).__name__} and "
+                            f"{type(l).__name__}")
+        if o.dim() != 4 or tuple(l.shape) != tuple(o.shape[:3]) or o.shape != outs[0].shape:
+            raise ValueError(f"outs[{i}] must be [B, H, Lq, Dv] like outs[0] {list(outs[0].shape)} and "
+                             f"lses[{i}] its [B, H, Lq]; got {list(o.shape)} and {list(l.shape)}")
+    ct = torch.promote_types(lses[0].dtype, torch.float32)
+    stacked = torch.stack([l.to(ct) for l in lses])  # [C, B, H, Lq]
+    lse = torch.logsumexp(stacked, dim=0)
+    empty = lse == float("-inf")
+    # exp(-inf - -inf) would be NaN on rows no chunk saw: those rows weigh nothing.
+    w = torch.exp(stacked - lse.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+    out = sum(w_c[..., None] * o.to(ct) for w_c, o in zip(w, outs))
+    return out.to(outs[0].dtype), lse

@@ -67,7 +67,7 @@ class FakeBackend(Backend):
 
     def attention(self, problem):
         self.calls += 1
-        return problem.q, None
+        return problem.q, None, None
 
 
 def _cuda_problem():
@@ -103,7 +103,7 @@ def test_bidirectional_asks_the_backend_once_for_both_directions(monkeypatch):
     class Recording(FakeBackend):
         def bidirectional(self, xy, yx):
             seen.append((xy.direction, yx.direction, xy.dropout_seed, yx.dropout_seed))
-            return xy.q, yx.q, None, None
+            return xy.q, yx.q, None, None, None, None
 
     fakes = dict(backends.BACKENDS, torch=Recording("torch"))
     monkeypatch.setattr(backends, "BACKENDS", fakes)

@@ -1,9 +1,12 @@
 """The ``torch`` backend: memory-bounded attention in plain PyTorch, for every device.
 
 Queries are processed in chunks so that at most one chunk of the score matrix exists at a
-time; the backward recomputes each chunk from the saved log-sum-exp (FlashAttention-2
+time; the backward recomputes each chunk from the saved row max and row sum (FlashAttention-2
 style), so memory stays bounded in training too -- Lk = 100 000 audio frames fit. The logits
-are computed by the reference's own function, so forward and backward see identical bits.
+are computed by the same code in forward and backward, so both see identical bits.
+
+Grouped-query heads are served without copying ``k``/``v``: the query heads of a group are
+stacked along the rows (``[B, Hkv, G * rows, D]``) and multiply their shared key head.
 
 The chunk size follows ``CROSSATTN_TORCH_CHUNK_MB`` (default 128): the budget for the
 per-chunk temporaries of the forward and backward.
@@ -12,24 +15,19 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 from .._philox import dropout_keep_mask
 from .._validation import AttentionProblem
-from ..reference import (
-    compute_dtype,
-    element_mask,
-    logits,
-    select_blocks_reference,
-    temperature_factor,
-)
+from ..reference import AuxOutput, compute_dtype, element_mask, select_blocks_reference
 from .base import Backend
 
 _DEFAULT_CHUNK_MB = 128
-# Per score element: ~6 compute-dtype temporaries in backward (s, s*t, p, dp, ds, masks)
+# Per score element: ~7 compute-dtype temporaries in backward (s, s+bias, p, dp, ds, masks)
 # plus the int64 Philox state (5 words) while a dropout mask is drawn.
-_TEMPS = 6
+_TEMPS = 7
 _PHILOX_BYTES = 5 * 8
 
 
@@ -42,130 +40,200 @@ def chunk_rows(batch: int, heads: int, lq: int, lk: int, dtype: torch.dtype, dro
     return max(1, min(max(lq, 1), int(budget // per_row)))
 
 
+class _Config(NamedTuple):
+    """The non-tensor arguments of one direction."""
+
+    scale: float
+    block_q: int
+    block_k: int
+    dropout_p: float
+    direction: int
+    need_weights: str | None
+    weight_heads: tuple[int, ...] | None
+    is_causal: bool
+    aux: object  # AuxRequest | None
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H, R, X]`` -> ``[B, Hkv, G * R, X]`` (query heads of a group stacked by rows)."""
+    B, H, R, X = x.shape
+    return x.reshape(B, kv_heads, (H // kv_heads) * R, X)
+
+
+def _ungrouped(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, Hkv, GR, X = x.shape
+    return x.view(B, heads, GR * Hkv // heads, X)
+
+
+class _Chunk:
+    """What forward and backward both recompute for query rows ``sl``."""
+
+    def __init__(self, q, k, temperature, bias, key_valid, query_valid, block_mask, cfg, sl, ct):
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        self.rows = torch.arange(sl.start, sl.stop, device=q.device)
+        self.qc = q[:, :, sl].to(ct)
+        coef = cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
+        self.coef = coef
+        s_qk = _ungrouped(_grouped(self.qc, k.shape[1]) @ k.to(ct).transpose(-1, -2), H)
+        self.s_qk = s_qk * coef  # q.k * scale / temperature (the temperature gradient needs it)
+        s = self.s_qk if bias is None else self.s_qk + (bias if bias.shape[2] == 1 else bias[:, :, sl]).to(ct)
+        mask = element_mask(
+            B, Lq, Lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
+            block_q=cfg.block_q, block_k=cfg.block_k, rows=self.rows, is_causal=cfg.is_causal,
+            device=q.device,
+        )
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        self.s = s  # -inf where not attended
+
+
 class _ChunkedAttention(torch.autograd.Function):
-    """(q, k, v, temperature) -> (out, weights); weights is empty unless requested."""
+    """(q, k, v, temperature, bias) -> (out, weights, lse, entropy, key_mass, top-k values,
+    top-k indices); an output not requested is an empty tensor."""
 
     @staticmethod
-    def forward(
-        ctx, q, k, v, temperature, key_valid, query_valid, block_mask,
-        scale, temp_float, block_q, block_k, dropout_p, seed, direction, need_weights,
-    ):
+    def forward(ctx, q, k, v, temperature, bias, key_valid, query_valid, block_mask, seed, cfg):
         B, H, Lq, _ = q.shape
-        Lk, Dv = k.shape[2], v.shape[3]
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
         ct = compute_dtype(q.dtype)
-        inv_t = _inv_temperature(temperature, temp_float, H, ct)
-        kc, vc = k.to(ct), v.to(ct)
+        aux = cfg.aux
+        vc = v.to(ct)
         out = q.new_empty(B, H, Lq, Dv)
-        lse = torch.empty(B, H, Lq, dtype=ct, device=q.device)
-        weights = _new_weights(q, need_weights, Lk)
-        rows = chunk_rows(B, H, Lq, Lk, ct, dropout_p > 0)
-        # The log-sum-exp is only needed by the backward.
-        need_lse = any(ctx.needs_input_grad[:4])
+        m_all = torch.empty(B, H, Lq, 1, dtype=ct, device=q.device)  # row max (+inf: empty row)
+        lnl_all = torch.empty(B, H, Lq, 1, dtype=ct, device=q.device)  # log of the row sum
+        weights = _new_weights(q, cfg, Lk)
+        ent = torch.zeros(B, H, Lq, dtype=ct, device=q.device) if aux and aux.entropy else q.new_empty(0)
+        mass = torch.zeros(B, H, Lk, dtype=ct, device=q.device) if aux and aux.key_mass else q.new_empty(0)
+        kk = aux.top_k if aux else 0
+        top_v = q.new_zeros(B, H, Lq, kk) if kk else q.new_empty(0)
+        top_i = torch.full((B, H, Lq, kk), -1, dtype=torch.int64, device=q.device) if kk else q.new_empty(0)
+        rows = chunk_rows(B, H, Lq, Lk, ct, cfg.dropout_p > 0)
         for r0 in range(0, Lq, rows):
-            r = torch.arange(r0, min(Lq, r0 + rows), device=q.device)
-            sl = slice(r0, r0 + len(r))
-            mask = element_mask(
-                B, Lq, Lk, key_valid=key_valid, query_valid=query_valid,
-                block_mask=block_mask, block_q=block_q, block_k=block_k, rows=r,
-            )
-            s = logits(q[:, :, sl].to(ct), kc, scale, inv_t)
-            empty = None
-            if mask is not None:
-                s.masked_fill_(~mask, -math.inf)
-                empty = ~mask.any(-1, keepdim=True)
-            if need_lse:
-                l = torch.logsumexp(s, dim=-1)
-                # Rows that attend to nothing store +inf: exp(s - lse) is then 0 in backward.
-                lse[:, :, sl] = l if empty is None else l.masked_fill(empty.squeeze(-1), math.inf)
-            p = torch.softmax(s, dim=-1)
-            del s
-            if empty is not None:
-                p.masked_fill_(empty, 0.0)  # softmax of an all -inf row is NaN
+            sl = slice(r0, min(Lq, r0 + rows))
+            c = _Chunk(q, k, temperature, bias, key_valid, query_valid, block_mask, cfg, sl, ct)
+            s = c.s
+            m = s.amax(-1, keepdim=True) if Lk else s.new_full(s.shape[:3] + (1,), -math.inf)
+            empty = m == -math.inf  # no attended key (masks, causality, pruning, -inf bias)
+            p = torch.exp(s - m.masked_fill(empty, 0.0))
+            l = p.sum(-1, keepdim=True)
+            p /= l.masked_fill(empty, 1.0)
+            # Kept apart (not as lse = m + log l) so that P = exp((s - m) - log l) stays exact
+            # where s is near a huge m (identical keys at logit 1e4: lse rounds, s - m does not).
+            m_all[:, :, sl] = m.masked_fill(empty, math.inf)
+            lnl_all[:, :, sl] = torch.log(l).masked_fill(empty, 0.0)
+            if ent.numel():
+                attended = s > -math.inf
+                shifted = torch.where(attended, s - m.masked_fill(empty, 0.0), 0.0)
+                e = torch.log(l.masked_fill(empty, 1.0)).squeeze(-1) - (p * shifted).sum(-1)
+                ent[:, :, sl] = e.masked_fill(empty.squeeze(-1), 0.0)
+            if mass.numel():
+                mass += p.sum(2)
+            if kk:
+                top_v[:, :, sl], top_i[:, :, sl] = _top_k(p, s, kk, q.dtype)
             pd = p
-            keep = _keep(seed, dropout_p, B, H, r, Lk, direction, q.device)
+            keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
             if keep is not None:
-                pd = p * keep * (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
-            out[:, :, sl] = pd @ vc
-            if need_weights == "full":
-                weights[:, :, sl] = p
-            elif need_weights == "mean":
-                weights[:, sl] = p.mean(1)
-        ctx.save_for_backward(q, k, v, temperature, key_valid, query_valid, block_mask, lse, seed)
-        ctx.config = (scale, temp_float, block_q, block_k, dropout_p, direction, need_weights)
-        ctx.mark_non_differentiable(lse)
-        return out, weights, lse
+                pd = p * keep * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
+            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            pw = p if cfg.weight_heads is None else p[:, list(cfg.weight_heads)]
+            if cfg.need_weights == "full":
+                weights[:, :, sl] = pw
+            elif cfg.need_weights == "mean":
+                weights[:, sl] = pw.mean(1)
+        lse = q.new_empty(0)
+        if aux and aux.lse:
+            lse = torch.where(m_all == math.inf, -math.inf, m_all + lnl_all).squeeze(-1)
+        ctx.save_for_backward(q, k, v, temperature, bias, key_valid, query_valid, block_mask, m_all, lnl_all,
+                              seed)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(top_v, top_i)
+        return out, weights, lse, ent, mass, top_v, top_i
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_weights, _d_lse):
-        q, k, v, temperature, key_valid, query_valid, block_mask, lse, seed = ctx.saved_tensors
-        scale, temp_float, block_q, block_k, dropout_p, direction, need_weights = ctx.config
+    def backward(ctx, d_out, d_weights, d_lse, d_ent, d_mass, _dv, _di):
+        q, k, v, temperature, bias, key_valid, query_valid, block_mask, m_all, lnl_all, seed = ctx.saved_tensors
+        cfg = ctx.cfg
         B, H, Lq, _ = q.shape
-        Lk = k.shape[2]
+        Hkv, Lk = k.shape[1], k.shape[2]
         ct = compute_dtype(q.dtype)
-        inv_t = _inv_temperature(temperature, temp_float, H, ct)
         kc, vc = k.to(ct), v.to(ct)
         dq = torch.zeros_like(q, dtype=ct)
         dk = torch.zeros_like(k, dtype=ct)
         dv = torch.zeros_like(v, dtype=ct)
         dt = None if temperature is None else torch.zeros(H, dtype=ct, device=q.device)
-        want_dw = need_weights is not None and d_weights is not None
-        # d logits / d (q.k): per head when the temperature is a tensor.
-        coef = scale * inv_t if inv_t is not None else scale
-        rows = chunk_rows(B, H, Lq, Lk, ct, dropout_p > 0)
+        want_dbias = bias is not None and ctx.needs_input_grad[4]
+        dbias = torch.zeros(bias.shape, dtype=ct, device=q.device) if want_dbias else None
+        heads = list(range(H)) if cfg.weight_heads is None else list(cfg.weight_heads)
+        want_dw = cfg.need_weights is not None and d_weights is not None and d_weights.numel() > 0
+        use = [g is not None and g.numel() > 0 for g in (d_lse, d_ent, d_mass)]
+        rows = chunk_rows(B, H, Lq, Lk, ct, cfg.dropout_p > 0)
         for r0 in range(0, Lq, rows):
-            r = torch.arange(r0, min(Lq, r0 + rows), device=q.device)
-            sl = slice(r0, r0 + len(r))
-            qc = q[:, :, sl].to(ct)
-            s = logits(qc, kc, scale, inv_t)
-            p = torch.exp(s - lse[:, :, sl, None])  # rows with no key: lse=+inf -> 0
-            mask = element_mask(
-                B, Lq, Lk, key_valid=key_valid, query_valid=query_valid,
-                block_mask=block_mask, block_q=block_q, block_k=block_k, rows=r,
-            )
-            if mask is not None:
-                p = p.masked_fill(~mask, 0.0)
+            sl = slice(r0, min(Lq, r0 + rows))
+            c = _Chunk(q, k, temperature, bias, key_valid, query_valid, block_mask, cfg, sl, ct)
+            logp = c.s - m_all[:, :, sl] - lnl_all[:, :, sl]  # -inf where not attended / empty row
+            p = torch.exp(logp)
             do = d_out[:, :, sl].to(ct)
-            dp = do @ vc.transpose(-1, -2)
-            keep = _keep(seed, dropout_p, B, H, r, Lk, direction, q.device)
+            dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
             pd = p
+            keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
             if keep is not None:
-                factor = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-                keep_scaled = keep.to(ct) * factor
+                keep_scaled = keep.to(ct) * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
                 dp = dp * keep_scaled
                 pd = p * keep_scaled
             if want_dw:
-                dw = d_weights[:, :, sl] if need_weights == "full" else d_weights[:, None, sl] / H
-                dp = dp + dw.to(ct)
+                dw = d_weights[:, :, sl] if cfg.need_weights == "full" else d_weights[:, None, sl] / len(heads)
+                dp[:, heads] += dw.to(ct)
+            if use[2]:  # key_mass_j = sum_i P_ij
+                dp = dp + d_mass[:, :, None, :].to(ct)
+            if use[1]:  # d entropy / d P_ij = -(log P_ij + 1); the 1 cancels in the softmax
+                dp = dp - d_ent[:, :, sl, None].to(ct) * torch.where(p > 0, logp, 0.0)
             ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # d loss / d logits
-            dv += pd.transpose(-1, -2) @ do
+            if use[0]:  # d lse / d logits = P
+                ds = ds + p * d_lse[:, :, sl, None].to(ct)
+            dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
             if dt is not None:
                 # logits = q.k * scale / T  =>  d logits / dT = -logits / T
-                dt -= (ds * s).sum((0, 2, 3)) * inv_t.reshape(-1).expand(H)
-            ds = ds * coef
-            dq[:, :, sl] = ds @ kc
-            dk += ds.transpose(-1, -2) @ qc
+                dt -= (ds * c.s_qk).sum((0, 2, 3)) * (1.0 / temperature.to(ct)).reshape(-1).expand(H)
+            if dbias is not None:
+                red = tuple(d for d in (0, 1, 3) if bias.shape[d] == 1)
+                g = ds.sum(red, keepdim=True) if red else ds
+                if bias.shape[2] == 1:
+                    dbias += g.sum(2, keepdim=True)
+                else:
+                    dbias[:, :, sl] += g
+            ds = _grouped(ds * c.coef, Hkv)
+            dq[:, :, sl] = _ungrouped(ds @ kc, H)
+            dk += ds.transpose(-1, -2) @ _grouped(c.qc, Hkv)
         d_temp = None
         if temperature is not None and ctx.needs_input_grad[3]:
             d_temp = dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt
             d_temp = d_temp.to(temperature.dtype)
         return (
             dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp,
-            None, None, None, None, None, None, None, None, None, None, None,
+            None if dbias is None else dbias.to(bias.dtype), None, None, None, None, None,
         )
 
 
-def _inv_temperature(temperature, temp_float, heads, ct):
-    if temperature is not None:
-        return temperature_factor(temperature.to(ct), heads)
-    return temperature_factor(temp_float, heads)
+def _top_k(p, s, k, dtype):
+    """The ``k`` largest weights of each row and their key positions, ties to the lower index;
+    value 0 and index -1 past the row's attended keys."""
+    ranked = p.masked_fill(s == -math.inf, -1.0)
+    if ranked.shape[-1] < k:
+        ranked = torch.nn.functional.pad(ranked, (0, k - ranked.shape[-1]), value=-1.0)
+    values, idx = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    values, idx = values[..., :k], idx[..., :k]
+    none = values < 0
+    return values.masked_fill(none, 0.0).to(dtype), idx.masked_fill(none, -1)
 
 
-def _new_weights(q, need_weights, lk):
+def _new_weights(q, cfg, lk):
     B, H, Lq, _ = q.shape
-    if need_weights == "full":
-        return q.new_empty(B, H, Lq, lk)
-    if need_weights == "mean":
+    nh = H if cfg.weight_heads is None else len(cfg.weight_heads)
+    if cfg.need_weights == "full":
+        return q.new_empty(B, nh, Lq, lk)
+    if cfg.need_weights == "mean":
         return q.new_empty(B, Lq, lk)
     return q.new_empty(0)
 
@@ -195,15 +263,21 @@ class TorchBackend(Backend):
         if p.pruning is not None:
             block_mask = select_blocks_reference(
                 p.q, p.k, p.pruning, key_valid=key_valid, query_valid=query_valid,
-                scale=p.scale, temperature=p.temperature,
+                scale=p.scale, temperature=p.temperature, is_causal=p.is_causal,
             )
             block_q, block_k = p.pruning.block_q, p.pruning.block_k
         temp = p.temperature if isinstance(p.temperature, torch.Tensor) else None
-        temp_float = None if isinstance(p.temperature, torch.Tensor) else p.temperature
-        out, weights, _ = _ChunkedAttention.apply(
-            p.q, p.k, p.v, temp, key_valid, query_valid, block_mask,
-            p.scale, temp_float, block_q, block_k, p.dropout_p, p.dropout_seed, p.direction,
-            p.need_weights,
+        scale = p.scale if temp is not None or p.temperature is None else p.scale / p.temperature
+        cfg = _Config(scale, block_q, block_k, p.dropout_p, p.direction, p.need_weights, p.weight_heads,
+                      p.is_causal, p.aux)
+        out, weights, lse, ent, mass, top_v, top_i = _ChunkedAttention.apply(
+            p.q, p.k, p.v, temp, p.attn_bias, key_valid, query_valid, block_mask, p.dropout_seed, cfg,
         )
-        return out, (weights if p.need_weights else None)
-
+        aux = None
+        if p.aux is not None:
+            aux = AuxOutput(
+                lse if p.aux.lse else None, ent if p.aux.entropy else None,
+                mass if p.aux.key_mass else None,
+                top_v if p.aux.top_k else None, top_i if p.aux.top_k else None,
+            )
+        return out, (weights if p.need_weights else None), aux
