@@ -10,6 +10,17 @@ stacked along the rows (``[B, Hkv, G * rows, D]``) and multiply their shared key
 
 The chunk size follows ``CROSSATTN_TORCH_CHUNK_MB`` (default 128): the budget for the
 per-chunk temporaries of the forward and backward.
+
+Two faster paths serve the common cases, with the same semantics (issue 20: the torch
+backend must be at least as fast as the code users would otherwise write):
+
+* no weights, no statistics, no dropout, bias, causality or pruning, below float64: PyTorch's
+  own ``scaled_dot_product_attention`` (a fused kernel with its own backward), with rows that
+  attend to nothing patched to 0 afterwards;
+* weights ``"full"`` of every head (no statistics, no bias): the caller holds ``P`` anyway, so
+  the backward reuses it, with the dropout keep mask saved as bool, as eager autograd would,
+  instead of recomputing the logits: fused softmax and softmax-backward, the dropout scale
+  and the ``scale / temperature`` factor folded into the small tensors.
 """
 from __future__ import annotations
 
@@ -238,13 +249,167 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
+# Philox counters per dropout-mask piece: its int64 temporaries (~0.25 MiB each) stay in
+# cache, several times faster than one pass over the whole chunk.
+_PHILOX_PIECE = 32768
+
+
 def _keep(seed, dropout_p, batch, heads, rows, lk, direction, device):
     if dropout_p <= 0.0:
         return None
-    return dropout_keep_mask(
-        seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-        direction=direction, device=device,
-    )
+    step = max(1, _PHILOX_PIECE // max(1, batch * heads * -(-lk // 4)))
+    if device.type != "cpu" or step >= len(rows):
+        return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
+                                 direction=direction, device=device)
+    keep = torch.empty(batch, heads, len(rows), lk, dtype=torch.bool, device=device)
+    for r0 in range(0, len(rows), step):
+        keep[:, :, r0:r0 + step] = dropout_keep_mask(
+            seed, dropout_p, batch=batch, heads=heads, rows=rows[r0:r0 + step], cols=lk,
+            direction=direction, device=device)
+    return keep
+
+
+def _dropout_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def _coef(cfg, temperature, ct):
+    """``scale / temperature``: a float, or ``[1, H, 1, 1]`` for a tensor temperature."""
+    return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
+
+
+class _WeightsAttention(torch.autograd.Function):
+    """``need_weights="full"`` over every head: (q, k, v, temperature) -> (out, weights).
+
+    The returned ``P`` is saved for the backward (the caller holds it anyway), so nothing is
+    recomputed; peak memory stays below eager's, which also keeps the dropped-out copy."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
+        B, H, Lq, _ = q.shape
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        ct = compute_dtype(q.dtype)
+        qs = q.to(ct) * _coef(cfg, temperature, ct)  # logits = qs @ k^T
+        kt, vc = k.to(ct).transpose(-1, -2), v.to(ct)
+        rows = chunk_rows(B, H, Lq, Lk, ct, cfg.dropout_p > 0)
+        whole = rows >= Lq
+        # One chunk in the compute dtype: P itself is returned, no copy.
+        weights = None if whole and ct == q.dtype and Lq > 0 else q.new_empty(B, H, Lq, Lk)
+        out = q.new_empty(B, H, Lq, Dv)
+        keep_all = None
+        if cfg.dropout_p > 0 and not whole:
+            keep_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
+        f = _dropout_scale(cfg.dropout_p)
+        for r0 in range(0, Lq, rows):
+            sl = slice(r0, min(Lq, r0 + rows))
+            r = torch.arange(sl.start, sl.stop, device=q.device)
+            s = _ungrouped(_grouped(qs[:, :, sl], Hkv) @ kt, H)
+            mask = element_mask(
+                B, Lq, Lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
+                block_q=cfg.block_q, block_k=cfg.block_k, rows=r, is_causal=cfg.is_causal, device=q.device,
+            )
+            if mask is not None:
+                s.masked_fill_(~mask, -math.inf)
+            p = torch.softmax(s, dim=-1)
+            del s
+            if mask is not None:
+                p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
+            if weights is None:
+                weights = p
+            else:
+                weights[:, :, sl] = p
+            keep = _keep(seed, cfg.dropout_p, B, H, r, Lk, cfg.direction, q.device)
+            if keep is not None:
+                if keep_all is None:
+                    keep_all = keep
+                else:
+                    keep_all[:, :, sl] = keep
+            pd = p if keep is None else p * keep
+            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            out[:, :, sl] = o if keep is None else o * f
+        ctx.save_for_backward(qs, k, v, temperature, weights, keep_all)
+        ctx.cfg, ctx.q_dtype = cfg, q.dtype
+        ctx.set_materialize_grads(False)  # unused outputs: no [B, H, Lq, Lk] of zeros
+        return out, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_weights):
+        qs, k, v, temperature, weights, keep_all = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, H, Lq, _ = qs.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        ct = qs.dtype
+        kc, vt = k.to(ct), v.to(ct).transpose(-1, -2)
+        coef = _coef(cfg, temperature, ct)
+        dq = torch.zeros_like(qs)
+        dk = torch.zeros(k.shape, dtype=ct, device=k.device)
+        dv = torch.zeros(v.shape, dtype=ct, device=v.device)
+        f = _dropout_scale(cfg.dropout_p) if keep_all is not None else 1.0
+        rows = chunk_rows(B, H, Lq, Lk, ct, False)
+        for r0 in range(0, Lq, rows):
+            sl = slice(r0, min(Lq, r0 + rows))
+            p = weights[:, :, sl].to(ct)
+            keep = None if keep_all is None else keep_all[:, :, sl]
+            if d_out is None:
+                dp = torch.zeros_like(p)
+            else:
+                do = d_out[:, :, sl].to(ct)
+                if f != 1.0:
+                    do = do * f
+                dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
+                pd = p if keep is None else p * keep
+                dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
+                del pd
+                if keep is not None:
+                    dp.mul_(keep)
+            if d_weights is not None:
+                dp += d_weights[:, :, sl].to(ct)
+            ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
+            del dp, p
+            ds = _grouped(ds, Hkv)
+            dq[:, :, sl] = _ungrouped(ds @ kc, H)
+            dk += ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
+        d_temp = None
+        if temperature is not None and ctx.needs_input_grad[3]:
+            # logits = q.k * scale / T: sum_j dS_ij * S_ij = qs_i . (dS @ k)_i, so
+            # dL/dT_h = -(1/T_h) * sum_{b,i} qs_i . dq_raw_i
+            dt = -(qs * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
+            d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
+        dq = dq * coef
+        return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
+
+
+def _sdpa_serves(p: AttentionProblem) -> bool:
+    """Where SDPA computes exactly what the contract asks (float64 keeps the exact path)."""
+    B, H, Lq, Lk, _, _ = p.dims
+    return (p.need_weights is None and p.aux is None and p.dropout_p == 0.0 and p.pruning is None
+            and p.attn_bias is None and not p.is_causal and p.q.dtype != torch.float64
+            and min(B, H, Lq, Lk) > 0)
+
+
+def _sdpa_attention(p: AttentionProblem) -> torch.Tensor:
+    B, H, Lq, Lk, _, _ = p.dims
+    q, scale = p.q, p.scale
+    if isinstance(p.temperature, torch.Tensor):  # per-head factor on q; autograd reaches T
+        q = q * (p.scale / p.temperature.to(compute_dtype(q.dtype))).reshape(1, -1, 1, 1).to(q.dtype)
+        scale = 1.0
+    elif p.temperature is not None:
+        scale = p.scale / p.temperature
+    key_valid, query_valid = p.key_valid(), p.query_valid()
+    mask = row_ok = None
+    if key_valid is not None:
+        # A batch with no valid key attends to all of them here (no NaN, no NaN gradient);
+        # its rows are zeroed below, so their output and gradients are exactly 0.
+        has_key = key_valid.any(-1)
+        mask = (key_valid | ~has_key[:, None])[:, None, None, :]
+        row_ok = has_key[:, None, None, None]
+    if query_valid is not None:
+        qv = query_valid[:, None, :, None]
+        row_ok = qv if row_ok is None else row_ok & qv
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, p.k, p.v, attn_mask=mask, scale=scale, enable_gqa=p.kv_heads != H)
+    return out if row_ok is None else out.masked_fill(~row_ok, 0.0)
 
 
 class TorchBackend(Backend):
@@ -258,6 +423,8 @@ class TorchBackend(Backend):
 
     def attention(self, problem: AttentionProblem):
         p = problem
+        if _sdpa_serves(p):
+            return _sdpa_attention(p), None, None
         key_valid, query_valid = p.key_valid(), p.query_valid()
         block_mask, block_q, block_k = None, 0, 0
         if p.pruning is not None:
@@ -270,6 +437,10 @@ class TorchBackend(Backend):
         scale = p.scale if temp is not None or p.temperature is None else p.scale / p.temperature
         cfg = _Config(scale, block_q, block_k, p.dropout_p, p.direction, p.need_weights, p.weight_heads,
                       p.is_causal, p.aux)
+        if p.need_weights == "full" and p.weight_heads is None and p.aux is None and p.attn_bias is None:
+            out, weights = _WeightsAttention.apply(
+                p.q, p.k, p.v, temp, key_valid, query_valid, block_mask, p.dropout_seed, cfg)
+            return out, weights, None
         out, weights, lse, ent, mass, top_v, top_i = _ChunkedAttention.apply(
             p.q, p.k, p.v, temp, p.attn_bias, key_valid, query_valid, block_mask, p.dropout_seed, cfg,
         )
