@@ -61,16 +61,17 @@ def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS) -> tuple[torch.Te
 
     Matches ``tl.philox(seed, c0, c1, c2, c3)`` with uint32 counters.
     """
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    # No broadcast up front: counters that vary along one axis only (keys, rows, heads) stay
+    # small for the first rounds, which then cost next to nothing.
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
     for _ in range(n_rounds):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0, c1, c2, c3 = hi_b ^ (c1 ^ k0), lo_b, hi_a ^ (c3 ^ k1), lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return torch.broadcast_tensors(c0, c1, c2, c3)
 
 
 def dropout_threshold(p: float) -> int:

@@ -142,11 +142,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 mass += p.sum(2)
             if kk:
                 top_v[:, :, sl], top_i[:, :, sl] = _top_k(p, s, kk, q.dtype)
-            pd = p
             keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
-            if keep is not None:
-                pd = p * keep * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
-            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            pd = p if keep is None else p.masked_fill(keep.logical_not_(), 0.0)
+            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            out[:, :, sl] = o if keep is None else o * _dropout_scale(cfg.dropout_p)  # on the small side
             pw = p if cfg.weight_heads is None else p[:, list(cfg.weight_heads)]
             if cfg.need_weights == "full":
                 weights[:, :, sl] = pw
@@ -186,13 +185,15 @@ class _ChunkedAttention(torch.autograd.Function):
             logp = c.s - m_all[:, :, sl] - lnl_all[:, :, sl]  # -inf where not attended / empty row
             p = torch.exp(logp)
             do = d_out[:, :, sl].to(ct)
-            dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
-            pd = p
             keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
             if keep is not None:
-                keep_scaled = keep.to(ct) * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
-                dp = dp * keep_scaled
-                pd = p * keep_scaled
+                do = do * _dropout_scale(cfg.dropout_p)  # the 1/(1-p) of dP and dV, on the small side
+            dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
+            pd = p
+            if keep is not None:
+                drop = keep.logical_not_()
+                dp.masked_fill_(drop, 0.0)
+                pd = p.masked_fill(drop, 0.0)
             if want_dw:
                 dw = d_weights[:, :, sl] if cfg.need_weights == "full" else d_weights[:, None, sl] / len(heads)
                 dp[:, heads] += dw.to(ct)
@@ -200,7 +201,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 dp = dp + d_mass[:, :, None, :].to(ct)
             if use[1]:  # d entropy / d P_ij = -(log P_ij + 1); the 1 cancels in the softmax
                 dp = dp - d_ent[:, :, sl, None].to(ct) * torch.where(p > 0, logp, 0.0)
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # d loss / d logits
+            ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
             if use[0]:  # d lse / d logits = P
                 ds = ds + p * d_lse[:, :, sl, None].to(ct)
             dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
@@ -249,9 +250,9 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
-# Philox counters per dropout-mask piece: its int64 temporaries (~0.25 MiB each) stay in
-# cache, several times faster than one pass over the whole chunk.
-_PHILOX_PIECE = 32768
+# Philox counters per dropout-mask piece: its int64 temporaries stay in
+# cache (about 0.5 MiB each), several times faster than one pass over the whole chunk.
+_PHILOX_PIECE = 65536
 
 
 def _keep(seed, dropout_p, batch, heads, rows, lk, direction, device):
@@ -281,8 +282,11 @@ def _coef(cfg, temperature, ct):
 class _WeightsAttention(torch.autograd.Function):
     """``need_weights="full"`` over every head: (q, k, v, temperature) -> (out, weights).
 
-    The returned ``P`` is saved for the backward (the caller holds it anyway), so nothing is
-    recomputed; peak memory stays below eager's, which also keeps the dropped-out copy."""
+    The returned ``P`` is saved for the backward (the caller holds it anyway) and, with
+    dropout, the keep mask as floats already scaled by ``1/(1-p)``: nothing is recomputed, and
+    the saved state (8 bytes per score in float32) stays below eager autograd's (scores,
+    mask and dropped-out copy). In float32/float64 ``P`` is computed whole; half inputs are
+    computed in float32 by row chunks (their ``P`` is stored in the input dtype)."""
 
     @staticmethod
     def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
@@ -291,15 +295,14 @@ class _WeightsAttention(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         qs = q.to(ct) * _coef(cfg, temperature, ct)  # logits = qs @ k^T
         kt, vc = k.to(ct).transpose(-1, -2), v.to(ct)
-        rows = chunk_rows(B, H, Lq, Lk, ct, cfg.dropout_p > 0)
-        whole = rows >= Lq
-        # One chunk in the compute dtype: P itself is returned, no copy.
-        weights = None if whole and ct == q.dtype and Lq > 0 else q.new_empty(B, H, Lq, Lk)
-        out = q.new_empty(B, H, Lq, Dv)
-        keep_all = None
+        rows = max(Lq, 1) if ct == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        whole = rows >= Lq and Lq > 0 and ct == q.dtype
+        weights = None if whole else q.new_empty(B, H, Lq, Lk)  # whole: P itself, no copy
+        scaled_keep = None
         if cfg.dropout_p > 0 and not whole:
-            keep_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
+            scaled_keep = torch.empty(B, H, Lq, Lk, dtype=ct, device=q.device)
         f = _dropout_scale(cfg.dropout_p)
+        out = q.new_empty(B, H, Lq, Dv)
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
             r = torch.arange(sl.start, sl.stop, device=q.device)
@@ -314,55 +317,53 @@ class _WeightsAttention(torch.autograd.Function):
             del s
             if mask is not None:
                 p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
-            if weights is None:
+            if whole:
                 weights = p
             else:
                 weights[:, :, sl] = p
             keep = _keep(seed, cfg.dropout_p, B, H, r, Lk, cfg.direction, q.device)
             if keep is not None:
-                if keep_all is None:
-                    keep_all = keep
+                # Floats, not bool: multiplying by a bool tensor converts it on every use.
+                keep = torch.where(keep, torch.full((), f, dtype=ct, device=q.device),
+                                   torch.zeros((), dtype=ct, device=q.device))
+                if whole:
+                    scaled_keep = keep
                 else:
-                    keep_all[:, :, sl] = keep
+                    scaled_keep[:, :, sl] = keep
             pd = p if keep is None else p * keep
-            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            out[:, :, sl] = o if keep is None else o * f
-        ctx.save_for_backward(qs, k, v, temperature, weights, keep_all)
+            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+        ctx.save_for_backward(qs, k, v, temperature, weights, scaled_keep)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
-        ctx.set_materialize_grads(False)  # unused outputs: no [B, H, Lq, Lk] of zeros
+        ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         return out, weights
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_weights):
-        qs, k, v, temperature, weights, keep_all = ctx.saved_tensors
+        qs, k, v, temperature, weights, scaled_keep = ctx.saved_tensors
         cfg = ctx.cfg
         B, H, Lq, _ = qs.shape
         Hkv, Lk = k.shape[1], k.shape[2]
         ct = qs.dtype
         kc, vt = k.to(ct), v.to(ct).transpose(-1, -2)
-        coef = _coef(cfg, temperature, ct)
-        dq = torch.zeros_like(qs)
+        dq = torch.empty_like(qs)  # before the scale / temperature factor
         dk = torch.zeros(k.shape, dtype=ct, device=k.device)
         dv = torch.zeros(v.shape, dtype=ct, device=v.device)
-        f = _dropout_scale(cfg.dropout_p) if keep_all is not None else 1.0
-        rows = chunk_rows(B, H, Lq, Lk, ct, False)
+        rows = max(Lq, 1) if ct == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
             p = weights[:, :, sl].to(ct)
-            keep = None if keep_all is None else keep_all[:, :, sl]
+            keep = None if scaled_keep is None else scaled_keep[:, :, sl]
             if d_out is None:
                 dp = torch.zeros_like(p)
             else:
                 do = d_out[:, :, sl].to(ct)
-                if f != 1.0:
-                    do = do * f
                 dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
                 pd = p if keep is None else p * keep
                 dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
                 del pd
                 if keep is not None:
-                    dp.mul_(keep)
+                    dp *= keep
             if d_weights is not None:
                 dp += d_weights[:, :, sl].to(ct)
             ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
@@ -376,7 +377,7 @@ class _WeightsAttention(torch.autograd.Function):
             # dL/dT_h = -(1/T_h) * sum_{b,i} qs_i . dq_raw_i
             dt = -(qs * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
             d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
-        dq = dq * coef
+        dq = dq * _coef(cfg, temperature, ct)
         return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
 
 
