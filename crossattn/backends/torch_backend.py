@@ -36,6 +36,9 @@ from ..reference import AuxOutput, compute_dtype, element_mask, select_blocks_re
 from .base import Backend
 
 _DEFAULT_CHUNK_MB = 128
+# Without returned weights, P is saved for the backward while it takes at most this many
+# chunk budgets (512 MiB by default); beyond that the backward recomputes it by chunks.
+_SAVED_P_CHUNKS = 4
 # Per score element: ~7 compute-dtype temporaries in backward (s, s+bias, p, dp, ds, masks)
 # plus the int64 Philox state (5 words) while a dropout mask is drawn.
 _TEMPS = 7
@@ -279,14 +282,15 @@ def _coef(cfg, temperature, ct):
     return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
 
 
-class _WeightsAttention(torch.autograd.Function):
-    """``need_weights="full"`` over every head: (q, k, v, temperature) -> (out, weights).
+class _SavedPAttention(torch.autograd.Function):
+    """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
 
-    The returned ``P`` is saved for the backward (the caller holds it anyway) and, with
-    dropout, the keep mask as floats already scaled by ``1/(1-p)``: nothing is recomputed, and
-    the saved state (8 bytes per score in float32) stays below eager autograd's (scores,
-    mask and dropped-out copy). In float32/float64 ``P`` is computed whole; half inputs are
-    computed in float32 by row chunks (their ``P`` is stored in the input dtype)."""
+    ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
+    the caller holds anyway -- and, with dropout, the keep mask as floats already scaled by
+    ``1/(1-p)``: nothing is recomputed, and the saved state (8 bytes per score in float32)
+    stays below eager autograd's (scores, mask and dropped-out copy). In float32/float64
+    ``P`` is computed whole; half inputs are computed in float32 by row chunks (their ``P``
+    is stored in the input dtype, as eager would)."""
 
     @staticmethod
     def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
@@ -297,7 +301,7 @@ class _WeightsAttention(torch.autograd.Function):
         kt, vc = k.to(ct).transpose(-1, -2), v.to(ct)
         rows = max(Lq, 1) if ct == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         whole = rows >= Lq and Lq > 0 and ct == q.dtype
-        weights = None if whole else q.new_empty(B, H, Lq, Lk)  # whole: P itself, no copy
+        weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
         scaled_keep = None
         if cfg.dropout_p > 0 and not whole:
             scaled_keep = torch.empty(B, H, Lq, Lk, dtype=ct, device=q.device)
@@ -335,7 +339,9 @@ class _WeightsAttention(torch.autograd.Function):
         ctx.save_for_backward(qs, k, v, temperature, weights, scaled_keep)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
-        return out, weights
+        if cfg.need_weights == "full":
+            return out, weights
+        return out, weights.mean(1) if cfg.need_weights == "mean" else q.new_empty(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -364,8 +370,10 @@ class _WeightsAttention(torch.autograd.Function):
                 del pd
                 if keep is not None:
                     dp *= keep
-            if d_weights is not None:
+            if d_weights is not None and cfg.need_weights == "full":
                 dp += d_weights[:, :, sl].to(ct)
+            elif d_weights is not None and cfg.need_weights == "mean":
+                dp += d_weights[:, None, sl].to(ct) / H
             ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
             del dp, p
             ds = _grouped(ds, Hkv)
@@ -379,6 +387,19 @@ class _WeightsAttention(torch.autograd.Function):
             d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
         dq = dq * _coef(cfg, temperature, ct)
         return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
+
+
+def _saves_p(p: AttentionProblem) -> bool:
+    """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and the dropout
+    mask fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
+    if p.aux is not None or p.attn_bias is not None or p.weight_heads is not None:
+        return False
+    if p.need_weights == "full":
+        return True
+    B, H, Lq, Lk, _, _ = p.dims
+    per_score = p.q.element_size() + (compute_dtype(p.q.dtype).itemsize if p.dropout_p > 0 else 0)
+    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
 
 
 def _sdpa_serves(p: AttentionProblem) -> bool:
@@ -438,10 +459,10 @@ class TorchBackend(Backend):
         scale = p.scale if temp is not None or p.temperature is None else p.scale / p.temperature
         cfg = _Config(scale, block_q, block_k, p.dropout_p, p.direction, p.need_weights, p.weight_heads,
                       p.is_causal, p.aux)
-        if p.need_weights == "full" and p.weight_heads is None and p.aux is None and p.attn_bias is None:
-            out, weights = _WeightsAttention.apply(
+        if _saves_p(p):
+            out, weights = _SavedPAttention.apply(
                 p.q, p.k, p.v, temp, key_valid, query_valid, block_mask, p.dropout_seed, cfg)
-            return out, weights, None
+            return out, (weights if p.need_weights else None), None
         out, weights, lse, ent, mass, top_v, top_i = _ChunkedAttention.apply(
             p.q, p.k, p.v, temp, p.attn_bias, key_valid, query_valid, block_mask, p.dropout_seed, cfg,
         )
