@@ -402,12 +402,16 @@ def _saves_p(p: AttentionProblem) -> bool:
     return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
 
 
+# SDPA's enable_gqa came with torch 2.5; older torch serves grouped heads on the chunked path.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def _sdpa_serves(p: AttentionProblem) -> bool:
     """Where SDPA computes exactly what the contract asks (float64 keeps the exact path)."""
     B, H, Lq, Lk, _, _ = p.dims
     return (p.need_weights is None and p.aux is None and p.dropout_p == 0.0 and p.pruning is None
             and p.attn_bias is None and not p.is_causal and p.q.dtype != torch.float64
-            and min(B, H, Lq, Lk) > 0)
+            and min(B, H, Lq, Lk) > 0 and (p.kv_heads == H or _SDPA_GQA))
 
 
 def _sdpa_attention(p: AttentionProblem) -> torch.Tensor:
@@ -429,8 +433,8 @@ def _sdpa_attention(p: AttentionProblem) -> torch.Tensor:
     if query_valid is not None:
         qv = query_valid[:, None, :, None]
         row_ok = qv if row_ok is None else row_ok & qv
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, p.k, p.v, attn_mask=mask, scale=scale, enable_gqa=p.kv_heads != H)
+    gqa = {"enable_gqa": True} if p.kv_heads != H else {}
+    out = torch.nn.functional.scaled_dot_product_attention(q, p.k, p.v, attn_mask=mask, scale=scale, **gqa)
     return out if row_ok is None else out.masked_fill(~row_ok, 0.0)
 
 
