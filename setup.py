@@ -53,10 +53,11 @@ def cuda_build_plan(env=os.environ):
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
+    except ImportError as exc:
         if force:
             raise RuntimeError("CROSSATTN_FORCE_CUDA=1: torch is not importable in the build environment; "
-                               "install a CUDA-enabled torch first and build with pip install --no-build-isolation .")
+                               "install a CUDA-enabled torch first and build with "
+                               "pip install --no-build-isolation .") from exc
         return [], {}, "torch is not importable in the build environment (use --no-build-isolation)"
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if nvcc is None:
@@ -85,7 +86,8 @@ if __name__ == "__main__":
     if skipped:
         print(f"crossattn: building without the CUDA extension ({skipped})")
     setup(
-        packages=find_packages(include=["crossattn", "crossattn.*"]) + ["crossattn.kernels"],
+        # A set: a development checkout may hold crossattn/kernels as a link to kernels/.
+        packages=sorted(set(find_packages(include=["crossattn", "crossattn.*"])) | {"crossattn.kernels"}),
         package_dir={"crossattn.kernels": "kernels"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

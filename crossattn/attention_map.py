@@ -10,10 +10,11 @@ attention of a trained emotion model, for one utterance, as a PNG.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+
+from ._cli import ArgumentParser, existing_file, require_extra
 
 
 def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, title: str, path) -> None:
@@ -39,8 +40,8 @@ def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, t
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p = ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a crossattn-train run (emotion model)")
     p.add_argument("--output", required=True, help="PNG path")
     p.add_argument("--index", type=int, help="utterance of the run's test (or validation) split")
     p.add_argument("--text")
@@ -50,12 +51,17 @@ def main(argv=None) -> int:
         p.error("give either --index, or --text with --wav")
     if args.text is not None and not args.wav:
         p.error("--text needs --wav")
+    existing_file(p.prog, "--checkpoint", args.checkpoint)
+    existing_file(p.prog, "--wav", args.wav)
+    if not Path(args.output).resolve().parent.is_dir():
+        p.error(f"--output {args.output}: its directory does not exist")
+    require_extra(p.prog, "models")
 
     from crossattn.data import EmotionCollator, read_wav
     from crossattn.models import EMOTIONS
-    from crossattn.train import build_data, build_model
+    from crossattn.train import build_data, build_model, load_checkpoint
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(args.checkpoint, p.prog)
     run = argparse.Namespace(**state["args"])
     if run.model != "emotion":
         p.error(f"the checkpoint holds a {run.model!r} model; heat maps need the emotion model")
@@ -73,7 +79,11 @@ def main(argv=None) -> int:
             p.error(f"--index must be in [0, {len(split)}), got {args.index}")
         item = split[args.index]
     else:
-        item = {"text": args.text, "waveform": read_wav(args.wav, 16000), "label": -1, "metadata": {}}
+        try:
+            waveform = read_wav(args.wav, 16000)
+        except Exception as exc:  # wave.Error, EOFError, ValueError: any unreadable file is one line
+            p.error(f"--wav {args.wav}: cannot read it as a PCM wav ({type(exc).__name__}: {exc})")
+        item = {"text": args.text, "waveform": waveform, "label": -1, "metadata": {}}
     text_input, audio_input, metadata, _ = EmotionCollator(tokenizer, max_seconds=run.max_seconds)([item])
     with torch.no_grad():
         out = model(text_input, audio_input, metadata)
@@ -83,11 +93,12 @@ def main(argv=None) -> int:
               else tokenizer.convert_ids_to_tokens(text_input["input_ids"][0]))
     w = w[: len(tokens), :frames].float()
     seconds = audio_input["attention_mask"][0].sum().item() / 16000
-    pred = EMOTIONS[int(out["logits"].argmax(-1))] if state["num_outputs"] == len(EMOTIONS) else str(int(out["logits"].argmax(-1)))
+    label = int(out["logits"].argmax(-1))
+    pred = EMOTIONS[label] if state["num_outputs"] == len(EMOTIONS) else str(label)
     truth = EMOTIONS[item["label"]] if item.get("label", -1) >= 0 else "?"
     render(w, tokens, seconds / max(frames, 1), f"\"{item['text']}\" — predicted {pred}, label {truth}",
            args.output)
-    print(f"wrote {Path(args.output)} ({len(tokens)} tokens x {frames} frames)", file=sys.stderr)
+    print(f"predicted {pred} (label {truth}); wrote {Path(args.output)} ({len(tokens)} tokens x {frames} frames)")
     return 0
 
 

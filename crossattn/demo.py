@@ -6,13 +6,14 @@ implementation of the seed model, and read out as Whisper-style token timestamps
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
 import crossattn
+from crossattn._cli import ArgumentParser, check_device, require_extra
 from crossattn.bench.impls import eager_core
 from crossattn.bench.measure import median_ms
 from crossattn.reference import bidirectional_reference
@@ -52,20 +53,27 @@ def eager_bidirectional(q_x, k_x, v_x, q_y, k_y, v_y, text_pad, audio_pad):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crossattn.demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m crossattn.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--plot", default=None, help="write a text x audio heat map PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.plot:
+        require_extra(parser.prog, "bench", ("matplotlib",))
+        if not Path(args.plot).resolve().parent.is_dir():
+            parser.error(f"--plot {args.plot}: its directory does not exist")
 
-    device = torch.device(args.device)
+    device = check_device(parser.prog, args.device)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     # The seed workload on a GPU (B=4, T=512, A=1000, E=768, H=8); a CPU-sized one otherwise.
     B, H, T, A, D = (4, 8, 512, 1000, 96) if on_gpu else (2, 8, 64, 400, 96)
     repeats = args.repeats or (50 if on_gpu else 5)
-    name = torch.cuda.get_device_name(device) if on_gpu else "CPU (no GPU found)" if not torch.cuda.is_available() else "CPU"
+    name = (torch.cuda.get_device_name(device) if on_gpu
+            else "CPU" if torch.cuda.is_available() else "CPU (no GPU found)")
     print(f"crossattn {crossattn.__version__} | torch {torch.__version__} | device: {name}")
     for backend, why in crossattn.available_backends().items():
         print(f"  backend {backend:6s}: {'available' if why is None else 'unavailable - ' + why}")
@@ -108,12 +116,9 @@ def main(argv=None) -> int:
     shown = ", ".join(f"t{i}->f{int(p)}" for i, p in list(enumerate(peaks.tolist()))[:: max(1, n_text // 8)])
     print(f"\ntoken -> peak audio frame (batch 0, {n_text} tokens): {shown}; monotone: {monotone}")
 
+    ok = all(e < (1e-3 if dtype == torch.float32 else 5e-2) for e in errors.values())
     if args.plot:
-        try:
-            import matplotlib
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'crossattn[bench]'", file=sys.stderr)
-            return 2
+        import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -126,8 +131,9 @@ def main(argv=None) -> int:
         ax.set_title("text -> audio attention (head average, from the fused call)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
-        print(f"heat map written to {args.plot}")
-    ok = all(e < (1e-3 if dtype == torch.float32 else 5e-2) for e in errors.values())
+    verdict = "agrees with" if ok else "DOES NOT agree with"
+    where = f"; heat map written to {args.plot}" if args.plot else ""
+    print(f"\nresult: crossattn {verdict} the float64 reference (max error {max(errors.values()):.1e}){where}")
     return 0 if ok else 1
 
 

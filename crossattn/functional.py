@@ -264,15 +264,15 @@ def merge_attention(outs, lses):
     if not outs or len(outs) != len(lses):
         raise ValueError(f"outs and lses must be non-empty sequences of the same length, got {len(outs)} "
                          f"and {len(lses)}")
-    for i, (o, l) in enumerate(zip(outs, lses)):
-        if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
+    for i, (o, ls) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(ls, torch.Tensor):
             raise TypeError(f"outs[{i}] and lses[{i}] must be tensors, got {type(o).__name__} and "
-                            f"{type(l).__name__}")
-        if o.dim() != 4 or tuple(l.shape) != tuple(o.shape[:3]) or o.shape != outs[0].shape:
+                            f"{type(ls).__name__}")
+        if o.dim() != 4 or tuple(ls.shape) != tuple(o.shape[:3]) or o.shape != outs[0].shape:
             raise ValueError(f"outs[{i}] must be [B, H, Lq, Dv] like outs[0] {list(outs[0].shape)} and "
-                             f"lses[{i}] its [B, H, Lq]; got {list(o.shape)} and {list(l.shape)}")
+                             f"lses[{i}] its [B, H, Lq]; got {list(o.shape)} and {list(ls.shape)}")
     ct = torch.promote_types(lses[0].dtype, torch.float32)
-    stacked = torch.stack([l.to(ct) for l in lses])  # [C, B, H, Lq]
+    stacked = torch.stack([ls.to(ct) for ls in lses])  # [C, B, H, Lq]
     lse = torch.logsumexp(stacked, dim=0)
     empty = lse == float("-inf")
     # exp(-inf - -inf) would be NaN on rows no chunk saw: those rows weigh nothing.

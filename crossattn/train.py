@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from itertools import islice
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ._cli import ArgumentParser, check_device, existing_file, fail, require_extra
+
 MODELS = ("emotion", "hctdmg", "late", "early", "attention")
 
 
 # --------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossattn-train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="crossattn-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON file of option values (flag names with _ for -); flags given "
                                     "on the command line win")
@@ -80,7 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        config = json.loads(Path(pre.config).read_text())
+        try:
+            config = json.loads(Path(pre.config).read_text())
+        except OSError as exc:
+            parser.error(f"--config {pre.config}: {exc.strerror.lower()}")
+        except ValueError as exc:
+            parser.error(f"--config {pre.config}: not valid JSON ({exc})")
+        if not isinstance(config, dict):
+            parser.error(f"--config {pre.config}: expected a JSON object of options, got {type(config).__name__}")
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(k.replace("-", "_") for k in config) - known)
         if unknown:
@@ -97,6 +107,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("the emotion model takes text and raw audio: use --data synthetic or meld")
     if args.model == "hctdmg" and args.data != "mmsa":
         parser.error("hctdmg takes text, audio and vision features: use --data mmsa")
+    for name in ("epochs", "batch_size", "per_class", "d_model", "heads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for option, path in (("--pickle", args.pickle), ("--meld-csv", args.meld_csv),
+                         ("--meld-valid-csv", args.meld_valid_csv)):
+        existing_file(parser.prog, option, path if args.data != "synthetic" else None)
+    if args.data == "meld" and not Path(args.meld_audio).is_dir():
+        parser.error(f"--meld-audio {args.meld_audio}: not a directory")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f"--output {args.output}: exists and is not a directory")
+    check_device(parser.prog, args.device)
     return args
 
 
@@ -313,6 +334,27 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path, prog: str = "crossattn-train") -> dict:
+    """A checkpoint written by ``save_checkpoint``. Loaded with ``weights_only=True``: a
+    checkpoint holds tensors and plain Python values only, so opening one someone sent you
+    cannot run code. Unreadable files exit 2 with one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise fail(prog, f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise fail(prog, f"{path}: is a directory, expected a checkpoint file") from None
+    except pickle.UnpicklingError:
+        raise fail(prog, f"{path}: not a crossattn checkpoint: torch.load(weights_only=True) refused it "
+                         "(a checkpoint holds tensors and plain values only)") from None
+    except Exception as exc:  # a truncated or foreign file fails in many ways; the first line says which
+        raise fail(prog, f"{path}: not a crossattn checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not {"model", "args", "num_outputs"} <= set(state):
+        raise fail(prog, f"{path}: not a crossattn checkpoint (expected the keys model, args, num_outputs)")
+    return state
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
@@ -320,6 +362,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_extra("crossattn-train", "models", ("numpy", "transformers") + (() if args.no_progress else ("tqdm",)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
@@ -334,11 +377,14 @@ def main(argv=None) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume and ckpt_path.exists() else None
+    state = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     if args.resume and state is None and rank == 0:
         print(f"--resume: no {ckpt_path} yet, starting afresh", file=sys.stderr)
 
-    train, val, test, num_outputs, extra = build_data(args)
+    try:
+        train, val, test, num_outputs, extra = build_data(args)
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:  # the loaders say which file is wrong
+        raise fail("crossattn-train", f"cannot load the {args.data} data: {exc}") from None
     model, tokenizer = build_model(args, num_outputs, extra, state and state.get("tokenizer"))
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -406,8 +452,10 @@ def main(argv=None) -> int:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             v = metrics["validation"]
-            summary = ", ".join(f"{k}={v[k]:.4f}" for k in ("accuracy", "weighted_f1", "mae", "corr") if k in v)
-            print(f"epoch {epoch + 1}: loss={metrics['loss']} validation {summary}", file=sys.stderr)
+            summary = " ".join(f"{k}={v[k]:.4f}" for k in ("accuracy", "weighted_f1", "mae", "corr") if k in v)
+            loss_text = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+            # Results go to stdout (one line per epoch); progress bars and notes to stderr.
+            print(f"epoch {epoch + 1}/{args.epochs} step {step} loss={loss_text} validation: {summary}", flush=True)
         if finished_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             checkpoint(epoch, 0)
@@ -421,6 +469,8 @@ def main(argv=None) -> int:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    if rank == 0:
+        print(f"wrote {ckpt_path} and {out_dir / 'metrics.jsonl'}")
     return 0
 
 

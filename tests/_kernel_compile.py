@@ -1,129 +1,312 @@
-"""Compile the Triton kernels for NVIDIA targets without a GPU (Triton ships ptxas).
+"""Compile the Triton kernels for NVIDIA targets without a GPU (Triton ships ptxas) and read
+ptxas's resource report: registers, spills, shared memory, occupancy.
 
-Used by tests/test_kernels_compile.py; also runnable as a script to print a survey:
-    python tests/_kernel_compile.py
+The kernel configurations are not written down here: they are *recorded* from the launchers.
+A capture process runs the public API at tiny sizes under the Triton interpreter with the
+launchers' GPU configs (``xattn._config`` as on a GPU), and ``record_launches`` notes every
+kernel launch (kernel, argument types, constexprs, num_warps/num_stages). A compile process
+(no interpreter) then specialises each recorded launch exactly as Triton's JIT would
+(Triton's own argument specialisation: types, 16-byte divisibility) and compiles it per
+architecture. Kernel argument lists can change without touching this file.
+
+    python tests/_kernel_compile.py [--full] [--json] [--markdown]
+
+Used by tests/test_kernels_compile.py; ``--markdown`` prints the table of benchmarks/README.md.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import io
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
-POINTER_ARGS = {
-    "Q": "data", "K": "data", "V": "data", "O": "data", "W": "data", "DW": "data", "DO": "data",
-    "DQ": "data", "DK": "data", "DVP": "data",
-    "L": "fp32", "T": "fp32", "DELTA": "fp32", "DT": "fp32", "OP": "fp32", "LP": "fp32",
-    "QV": "u8", "KV": "u8", "BM": "i32", "SEED": "i64",
-    # selection kernels
-    "X": "data", "VALID": "u8", "MEAN": "fp32", "COUNT": "fp32", "PQ": "fp32", "PQN": "fp32",
-    "PK": "fp32", "PKN": "fp32", "SCORES": "fp32", "NKEEP": "i32", "MASK": "u8", "LAYOUT": "i32",
-    "M": "u8",
-}
-# The weights pass tests the dense kept-bit mask; the other passes walk the compact layout.
-DENSE_MASK_KERNELS = {"_xattn_weights_kernel"}
-FLOAT_ARGS = {"scale", "drop_scale", "mass"}
-INT64_ARGS = {"drop_threshold"}
-TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = (80, 86, 89, 90)
+HEAD_DIMS = (64, 96, 128, 256)
+DTYPES = ("float16", "bfloat16", "float32")
+FEATURES = ("plain", "all")
+KERNEL_MODULES = ("crossattn.kernels.xattn_fwd", "crossattn.kernels.xattn_bwd", "crossattn.kernels.xattn_select")
+# sm_86/sm_89 (RTX 3060/4080 class): per SM 64 K registers, 48 warps, 16 blocks, 100 KB of
+# shared memory (99 KB per block, 1 KB reserved per block).
+SM86 = dict(regs=65536, warps=48, blocks=16, smem=100 * 1024, smem_block=99 * 1024, reserved=1024)
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        base = name.rstrip("01")
-        if base in POINTER_ARGS:
-            kind = POINTER_ARGS[base]
-            if base == "BM" and kernel.fn.__name__ in DENSE_MASK_KERNELS:
-                kind = "u8"
-            sig[name] = "*" + (TRITON_DTYPE[dtype] if kind == "data" else kind)
-        elif base in FLOAT_ARGS:
-            sig[name] = "fp32"
-        elif base in INT64_ARGS:
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    return sig
+# ----------------------------------------------------------------------------- recording
+@contextlib.contextmanager
+def record_launches():
+    """Every Triton kernel launch of crossattn inside the block, as dicts
+    ``{"module", "kernel", "args": {name: value or {"tensor": dtype, "aligned": bool}}, "options"}``;
+    the launches still run (interpreter or GPU)."""
+    from triton.runtime.jit import KernelInterface
+
+    launches, patched = [], []
+    for mod_name in KERNEL_MODULES:
+        mod = importlib.import_module(mod_name)
+        for attr, kernel in vars(mod).items():
+            if isinstance(kernel, KernelInterface) and attr not in [p[1] for p in patched]:
+                names = list(inspect.signature(kernel.fn).parameters)
+                kernel.run = _recording_run(kernel, kernel.run, names, mod_name, attr, launches)
+                patched.append((kernel, attr))
+    try:
+        yield launches
+    finally:
+        for kernel, _ in patched:
+            del kernel.run  # the class's run again
 
 
-def kernel_variants(dtype: str, d: int):
-    """(name, kernel, constexprs, launch options) for every kernel at head dim ``d`` with the
-    config the launcher picks and every optional feature switched on (the worst case)."""
+def _recording_run(kernel, run, names, module, attr, launches):
+    def wrapper(*args, grid, warmup, **kwargs):
+        bound = dict(zip(names, args))
+        options = {k: v for k, v in kwargs.items() if k not in names}
+        bound.update({k: v for k, v in kwargs.items() if k in names})
+        launches.append({"module": module, "kernel": attr, "args": {k: _describe(v) for k, v in bound.items()},
+                         "options": options})
+        return run(*args, grid=grid, warmup=warmup, **kwargs)
+    return wrapper
+
+
+def _describe(value):
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
+    return value
+
+
+# ----------------------------------------------------------------------------- capture
+def capture(dtype: str, d: int, features: str) -> list[dict]:
+    """The distinct launches (forward, weights, backward, selection) the launchers make for head
+    dim ``d``: ``features="plain"`` (no option) or ``"all"`` (padding both sides, per-head
+    temperature, dropout, pruning, weights full and mean with a loss on them), each with and
+    without the key split. Runs under the interpreter with the GPU configs."""
+    os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from crossattn.kernels import xattn, xattn_bwd, xattn_fwd, xattn_select
+    import crossattn
+    from crossattn.kernels import xattn
 
-    bd = xattn._block_dim(d)
-    prec = "ieee" if dtype == "float32" else "tf32"
-    flags = dict(HAS_QV=True, HAS_KV=True, HAS_T=True, PRUNE=True)
-    for kind in ("fwd", "bwd"):
-        cfg = xattn._config(d, d, getattr(torch, dtype), kind)
-        blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec)
-        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if kind == "fwd":
-            for split in (False, True):
-                yield (f"fwd{'_split' if split else ''}", xattn_fwd._xattn_fwd_kernel,
-                       dict(flags, DROPOUT=True, SPLIT=split, **blocks), opts)
-            yield ("combine", xattn_fwd._xattn_fwd_combine_kernel,
-                   dict(BLOCK_M=cfg.block_m, BLOCK_DV=bd), dict(num_warps=cfg.num_warps))
-            wblocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PREC=prec)
-            for mean in (False, True):
-                yield (f"weights_{'mean' if mean else 'full'}", xattn_fwd._xattn_weights_kernel,
-                       dict(MEAN=mean, **flags, **wblocks), opts)
-        else:
-            yield ("bwd_delta", xattn_bwd._xattn_bwd_delta_kernel,
-                   dict(HAS_DW=True, MEAN=False, **flags, **blocks), opts)
-            for name, kernel in (("bwd_dkdv", xattn_bwd._xattn_bwd_dkdv_kernel),
-                                 ("bwd_dq", xattn_bwd._xattn_bwd_dq_kernel)):
-                yield name, kernel, dict(HAS_DW=True, MEAN=False, **flags, DROPOUT=True, **blocks), opts
-    # Block selection (launched with fixed block shapes and the default warps).
-    yield ("select_pool", xattn_select._xattn_pool_kernel,
-           dict(HAS_VALID=True, BLOCK_R=64, BLOCK_D=bd), {})
-    yield ("select_rank", xattn_select._xattn_select_kernel,
-           dict(MASS=True, HAS_T=True, BLOCK_J=64, BLOCK_I=32, BLOCK_D=bd), {})
-    yield ("select_compact", xattn_select._xattn_blocks_compact_kernel, dict(BLOCK_C=256), {})
+    xattn._interpreting = lambda: False  # the launch configs a GPU gets (unsupported() unaffected)
+    # bf16 has fp16's configs (by element size); the interpreter's bf16 dot is refused.
+    tdtype = getattr(torch, "float16" if dtype == "bfloat16" else dtype)
+    g = torch.Generator().manual_seed(0)
+    B, H, Lx, Ly = 1, 2, 70, 135
+
+    def r(L):
+        return torch.randn(B, H, L, d, generator=g).to(tdtype).requires_grad_(True)
+
+    calls = []
+    if features == "plain":
+        calls.append(dict(need_weights=False))
+    else:
+        opts = dict(x_padding_mask=torch.arange(Lx)[None] >= 50, y_padding_mask=torch.arange(Ly)[None] >= 99,
+                    temperature=torch.tensor([0.7, 1.3], requires_grad=True), dropout_p=0.3,
+                    prune=crossattn.BlockPruning(block_q=64, block_k=64, keep=0.5))
+        calls += [dict(opts, need_weights="full"), dict(opts, need_weights="mean")]
+    seen = {}
+    for splits in ("1", "2"):
+        os.environ["CROSSATTN_TRITON_SPLITS"] = splits
+        for kw in calls:
+            with record_launches() as launches:
+                res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
+                                                              backend="triton", **kw)
+                sum(t.float().square().sum() for t in res if t is not None).backward()
+            for launch in launches:
+                seen.setdefault(json.dumps(launch, sort_keys=True), launch)
+    os.environ.pop("CROSSATTN_TRITON_SPLITS", None)
+    out = list(seen.values())
+    if dtype == "bfloat16":
+        out = json.loads(json.dumps(out).replace('"float16"', '"bfloat16"'))
+    return out
 
 
-def compile_kernel(kernel, dtype: str, constexprs: dict, options: dict, arch: int):
+def short_name(launch: dict) -> str:
+    """A readable variant name: the kernel plus the flags that distinguish its variants."""
+    a = launch["args"]
+    name = launch["kernel"].removeprefix("_xattn_").removesuffix("_kernel")
+    if name == "fwd" and a.get("SPLIT"):
+        name += "_split"
+    if name == "weights" or (name.startswith("bwd") and a.get("HAS_DW")):
+        name += "_mean" if a.get("MEAN") else ("_full" if name == "weights" else "_dw")
+    return name
+
+
+# ----------------------------------------------------------------------------- compiling
+def _value(desc):
+    import torch
+
+    if isinstance(desc, dict) and "tensor" in desc:
+        t = torch.empty(16, dtype=getattr(torch, desc["tensor"]))
+        return t if desc["aligned"] else t[1:]
+    return desc
+
+
+def _specialize(arg, is_const, specialize):
+    """Triton's own (type, attribute) for a launch argument."""
+    from triton.backends.compiler import BaseBackend
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+
+        return native_specialize_impl(BaseBackend, arg, is_const, specialize, True)
+    except ImportError:  # older Triton: the Python implementation
+        from triton.runtime.jit import specialize_impl
+
+        return specialize_impl(BaseBackend, arg, is_const, specialize, True)
+
+
+def compile_launch(launch: dict, arch: int) -> dict:
+    """Compile one recorded launch for ``sm_{arch}`` and parse ptxas's ``-v`` report."""
+    os.environ.pop("TRITON_INTERPRET", None)
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
-    src = ASTSource(kernel, signature(kernel, dtype, constexprs), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        value = _value(launch["args"][p.name]) if p.name in launch["args"] else p.default
+        if p.is_constexpr:
+            signature[p.name], constexprs[(i,)] = "constexpr", value
+            continue
+        ty, attr = _specialize(value, p.is_const, not p.do_not_specialize)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = value
+        elif isinstance(attr, str) and attr:
+            attrs[(i,)] = backend.parse_attr(attr)
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(launch["options"]))
+    report = parse_ptxas(log.getvalue()) or ptxas_report(compiled.asm["ptx"], arch)
+    warps = launch["options"].get("num_warps", 4)
+    report.update(shared=compiled.metadata.shared, num_warps=warps, num_stages=launch["options"].get("num_stages"))
+    report["occupancy_sm86"] = occupancy_sm86(report["regs"], report["shared"], warps)
+    return report
 
 
-def _job(job):
-    arch, dtype, d, name = job
-    variant = next(v for v in kernel_variants(dtype, d) if v[0] == name)
-    compiled = compile_kernel(variant[1], dtype, variant[2], variant[3], arch)
-    return {"arch": arch, "dtype": dtype, "d": d, "kernel": name, "shared": compiled.metadata.shared}
+_PTXAS = {
+    "regs": r"Used (\d+) registers",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+    "stack": r"(\d+) bytes stack frame",
+}
 
 
-def survey(jobs, workers: int = 2):
-    """Compile every job (arch, dtype, head dim, kernel name) in worker processes."""
+def parse_ptxas(log: str) -> dict | None:
+    found = {k: re.search(p, log) for k, p in _PTXAS.items()}
+    if found["regs"] is None:
+        return None
+    return {k: int(m.group(1)) if m else 0 for k, m in found.items()}
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Run the bundled ptxas -v on the PTX (where Triton printed no log)."""
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src),
+                              "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+    return parse_ptxas(res.stderr)
+
+
+def occupancy_sm86(regs: int, shared: int, warps: int) -> dict:
+    """Resident warps per SM on sm_86 and what limits them (registers, shared memory, warps)."""
+    warp_regs = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    by = {
+        "registers": SM86["regs"] // warp_regs // warps,
+        "shared memory": SM86["smem"] // (shared + SM86["reserved"]) if shared else SM86["blocks"],
+        "warps": SM86["warps"] // warps,
+    }
+    blocks = min(min(by.values()), SM86["blocks"])
+    limit = min(by, key=by.get) if blocks < SM86["blocks"] else "blocks"
+    return {"warps": blocks * warps, "limit": limit}
+
+
+# ----------------------------------------------------------------------------- the survey
+def _capture_job(job):
+    return job, capture(*job)
+
+
+def _compile_job(job):
+    arch, dtype, d, features, launch = job
+    return {"arch": arch, "dtype": dtype, "d": d, "features": features, "kernel": short_name(launch),
+            "block_m": launch["args"].get("BLOCK_M"), "block_n": launch["args"].get("BLOCK_N"),
+            **compile_launch(launch, arch)}
+
+
+def survey(archs=ARCHS, dtypes=DTYPES, dims=HEAD_DIMS, features=FEATURES, workers: int = 2) -> list[dict]:
+    """Every recorded launch of every (dtype, head dim, feature set), compiled for each arch.
+    Capture and compile run in separate worker processes (interpreter on / off)."""
+    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_job, jobs))
+    ctx = mp.get_context("spawn")
+    jobs = [(dt, d, f) for dt in dtypes for d in dims for f in features]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        captured = dict(pool.map(_capture_job, jobs))
+    compile_jobs, seen = [], set()
+    for (dt, d, f), launches in captured.items():
+        for launch in launches:
+            for arch in archs:
+                # The same variant recorded by both feature sets is compiled once.
+                key = (arch, json.dumps(launch, sort_keys=True))
+                if key not in seen:
+                    seen.add(key)
+                    compile_jobs.append((arch, dt, d, f, launch))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_compile_job, compile_jobs))
 
 
-def default_jobs():
-    names = [v[0] for v in kernel_variants("float16", 64)]
-    jobs = [(86, dt, d, n) for dt in ("float16", "float32") for d in (64, 128, 256) for n in names]
-    jobs += [(86, "bfloat16", 128, n) for n in names]
-    jobs += [(90, "float16", 128, n) for n in names]  # Hopper codegen
-    return jobs
+def fast_subset() -> dict:
+    """What CI compiles on every run: sm_86 (the tightest register and smem budget), fp16 and
+    fp32, D = 128 (the largest head dim with the zero-spill guarantee), every option on."""
+    return dict(archs=(86,), dtypes=("float16", "float32"), dims=(128,), features=("all",))
+
+
+def markdown(results: list[dict]) -> str:
+    """One row per (kernel, dtype, head dim) with the worst case over archs and feature sets."""
+    rows = {}
+    for r in results:
+        key = (r["kernel"], r["dtype"], r["d"])
+        row = rows.setdefault(key, dict(r, archs=set(), occ=r["occupancy_sm86"]))
+        row["archs"].add(r["arch"])
+        for k in ("regs", "spill_stores", "spill_loads", "shared"):
+            row[k] = max(row[k], r[k])
+        if r["arch"] == 86 and r["occupancy_sm86"]["warps"] < row["occ"]["warps"]:
+            row["occ"] = r["occupancy_sm86"]
+    lines = ["| kernel | dtype | D | tile (M×N, warps) | regs | spill st/ld (B) | smem (KB) | sm_86 occupancy | archs |",
+             "|---|---|---:|---|---:|---:|---:|---|---|"]
+    for (kernel, dtype, d), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        tile = f"{r['block_m']}×{r['block_n']}, {r['num_warps']}" if r["block_m"] else f"{r['num_warps']} warps"
+        lines.append(f"| {kernel} | {dtype} | {d} | {tile} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
+                     f"{r['shared'] / 1024:.1f} | {r['occ']['warps']} of 48 ({r['occ']['limit']}) | "
+                     f"{','.join(f'sm_{a}' for a in sorted(r['archs']))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
-    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    results = survey(default_jobs())
+    kwargs = {} if "--full" in sys.argv else fast_subset()
+    results = survey(**kwargs)
     if "--json" in sys.argv:
         print(json.dumps(results))
+    elif "--markdown" in sys.argv:
+        print(markdown(results))
     else:
         for r in results:
-            print(f"sm_{r['arch']} {r['dtype']:8s} d={r['d']:3d} {r['kernel']:14s} shared={r['shared']:6d}")
+            print(f"sm_{r['arch']} {r['dtype']:8s} d={r['d']:3d} {r['features']:5s} {r['kernel']:16s} "
+                  f"regs={r['regs']:3d} spills={r['spill_stores']}/{r['spill_loads']} smem={r['shared']:6d} "
+                  f"occ86={r['occupancy_sm86']['warps']} ({r['occupancy_sm86']['limit']})")

@@ -183,7 +183,7 @@ def test_gqa_does_not_copy_keys(monkeypatch):
     """Grouped heads read the shared kv head: no repeat_interleave / expand of k or v."""
     q, k, v, _ = inputs(1, 8, 2, 5, 9, 8, 8, torch.float32)
     for name in ("repeat_interleave", "repeat"):
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, **kw: pytest.fail(f"k/v copied with {name}"))
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **kw: pytest.fail(f"k/v copied with {_n}"))
     out, _ = crossattn.cross_attention(q, k, v, backend="torch")
     monkeypatch.undo()
     ref, _ = attention_reference(q.double(), k.double(), v.double())

@@ -1,12 +1,14 @@
 """torch.compile(fullgraph=True) traces the functional API on the torch backend."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import crossattn
 from conftest import make_qkv, random_padding
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager_with_gradients():
     q, k, v = make_qkv(2, 4, 10, 30, 16, requires_grad=True)
     t = torch.ones(4, requires_grad=True)
@@ -29,6 +31,7 @@ def test_compile_fullgraph_matches_eager_with_gradients():
         torch.testing.assert_close(x.grad, g, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_traces_dropout_and_both_directions():
     qx, kx, vx = make_qkv(2, 2, 12, 12, 8, seed=1, requires_grad=True)
     qy, ky, vy = make_qkv(2, 2, 20, 20, 8, seed=2)

@@ -112,3 +112,13 @@ def test_bidirectional_asks_the_backend_once_for_both_directions(monkeypatch):
     crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, dropout_p=0.1)
     (d_xy, d_yx, s_xy, s_yx), = seen
     assert (d_xy, d_yx) == (0, 1) and s_xy == s_yx is not None
+
+
+def test_auto_on_cpu_explains_why_the_kernel_backends_were_not_tried():
+    q, k, v = make_qkv(1, 1, 3, 4, 8)
+    choice = crossattn.choose_backend(q, k, v)
+    assert choice.name == "torch"
+    assert set(choice.rejected) == {"triton", "cuda"}
+    for name, why in choice.rejected.items():
+        assert "CUDA tensors only" in why and "cpu" in why, (name, why)
+    assert "TRITON_INTERPRET=1" in choice.rejected["triton"]

@@ -1,4 +1,5 @@
-"""Hugging Face attention implementation: BERT, Wav2Vec2 and Whisper match eager."""
+"""Hugging Face attention implementation: registration, masks, fallbacks (the model
+comparisons against eager are in test_hf_models.py)."""
 from __future__ import annotations
 
 import copy
@@ -82,48 +83,111 @@ def test_from_pretrained_with_the_implementation_name(name, tmp_path, kernel_cal
     assert kernel_calls and all(k["need_weights"] is False for k in kernel_calls)
 
 
-def test_wav2vec2_matches_eager(name, kernel_calls):
-    config = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True)
-    eager, ours = pair(transformers.Wav2Vec2Model, config, name)
-    audio = torch.randn(2, 800)
-    mask = torch.ones(2, 800, dtype=torch.long)
-    mask[1, 500:] = 0
-    a = eager(audio, attention_mask=mask, output_attentions=True)
-    b = ours(audio, attention_mask=mask, output_attentions=True)
-    torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=1e-5, atol=1e-5)
-    assert_all_close(b.attentions, a.attentions)
-    assert len(kernel_calls) == 2
+def test_mask_function_notes_the_structure_of_the_masks_it_builds():
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        sliding_window_causal_mask_function,
+    )
+
+    pad = torch.tensor([[True, True, False], [True, True, True]])  # 2-D HF mask as bool
+    m = ca_hf.crossattn_mask(2, 4, 3, mask_function=bidirectional_mask_function, attention_mask=pad,
+                             allow_is_bidirectional_skip=True)
+    assert m.shape == (2, 1, 4, 3) and m.crossattn_structure.causal_offset is None
+    assert m.crossattn_structure.key_padding.tolist() == [[False, False, True], [False, False, False]]
+    # causal with a cache of 5 (bottom-right offset 5) and padding
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[0, :2] = False
+    m = ca_hf.crossattn_mask(2, 3, 8, q_offset=5, mask_function=causal_mask_function, attention_mask=pad)
+    assert m.crossattn_structure.causal_offset == 5
+    assert m.crossattn_structure.key_padding[0].tolist() == [True, True] + [False] * 6
+    # no padding, square: transformers skips the mask (is_causal); nothing to note
+    assert ca_hf.crossattn_mask(2, 4, 4, mask_function=causal_mask_function) is None
+    # a sliding window is no structure the kernels take: the dense mask goes as a bias
+    m = ca_hf.crossattn_mask(1, 6, 6, mask_function=sliding_window_causal_mask_function(2),
+                             attention_mask=torch.ones(1, 6, dtype=torch.bool), allow_is_causal_skip=False)
+    assert not hasattr(m, "crossattn_structure")
 
 
-def test_whisper_cross_attention_on_the_kernels_matches_eager(name, kernel_calls):
-    """Whisper word timestamps average decoder cross-attention heads: those weights now come
-    from the fused kernel; the causal decoder self-attention takes the eager fallback."""
-    config = transformers.WhisperConfig(
-        vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=8,
-        max_source_positions=30, max_target_positions=20, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1)
-    eager, ours = pair(transformers.WhisperModel, config, name)
-    features = torch.randn(2, 8, 60)
-    decoder_ids = torch.randint(3, 99, (2, 7))
-    a = eager(input_features=features, decoder_input_ids=decoder_ids, output_attentions=True)
-    b = ours(input_features=features, decoder_input_ids=decoder_ids, output_attentions=True)
-    torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=1e-5, atol=1e-5)
-    assert_all_close(b.cross_attentions, a.cross_attentions)
-    assert_all_close(b.decoder_attentions, a.decoder_attentions)
-    assert_all_close(b.encoder_attentions, a.encoder_attentions)
-    assert len(kernel_calls) == 4  # 2 encoder self-attention + 2 decoder cross-attention
+def bert_layer():
+    torch.manual_seed(0)
+    model = transformers.BertModel._from_config(bert_config(), attn_implementation="eager").eval()
+    return model.encoder.layer[0].attention.self
 
 
-def test_mask_reduction_rules():
-    pad = torch.tensor([[True, True, False]])
-    mask = pad[:, None, None, :].expand(1, 1, 4, 3)
-    kp, why = ca_hf.key_padding_from_mask(mask, 4, 3, False)
-    assert why is None and kp.tolist() == [[False, False, True]]
-    causal = torch.ones(3, 3, dtype=torch.bool).tril()[None, None]
-    assert ca_hf.key_padding_from_mask(causal, 3, 3, False)[1] == "a mask that differs between queries (not padding alone)"
-    assert ca_hf.key_padding_from_mask(None, 3, 3, True)[1] == "causal attention"
-    assert ca_hf.key_padding_from_mask(None, 1, 3, True) == (None, None)  # one decoding step
+def qkv(B=2, H=4, Lq=5, Lk=6, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g) for L in (Lq, Lk, Lk)]
+
+
+def test_an_argument_it_does_not_understand_goes_to_the_models_eager_logged_once(kernel_calls, caplog, monkeypatch):
+    """Never ignore an argument: an unknown one (e.g. Gemma's softcap) runs the model's own
+    eager function, with the reason logged once."""
+    import transformers.models.bert.modeling_bert as bert
+
+    seen = []
+    real = bert.eager_attention_forward
+    monkeypatch.setattr(bert, "eager_attention_forward", lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(ca_hf, "_logged", set())
+    layer = bert_layer()
+    q, k, v = qkv()
+    with caplog.at_level("WARNING", logger=ca_hf.__name__):
+        for _ in range(2):
+            out, w = ca_hf.crossattn_attention_forward(layer, q, k, v, None, scaling=0.3, softcap=30.0,
+                                                       output_attentions=True)
+    ref, ref_w = real(layer, q, k, v, None, scaling=0.3, softcap=30.0)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w, ref_w)
+    assert kernel_calls == [] and len(seen) == 2 and seen[0]["softcap"] == 30.0
+    records = [r for r in caplog.records if "softcap" in r.getMessage()]
+    assert len(records) == 1 and "not understood by crossattn" in records[0].getMessage()
+
+
+def test_harmless_arguments_do_not_force_the_fallback(kernel_calls):
+    layer = bert_layer()
+    q, k, v = qkv()
+    ca_hf.crossattn_attention_forward(layer, q, k, v, None, position_ids=torch.arange(5),
+                                      cache_position=torch.arange(5), softcap=None)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_eager_fallback_keeps_the_models_dtype_handling(dtype, monkeypatch):
+    """BERT's eager softmax runs in the input dtype (not float32): the fallback is the
+    model's function, so it matches bit for bit."""
+    import transformers.models.bert.modeling_bert as bert
+
+    monkeypatch.setattr(ca_hf, "_logged", set())
+    layer = bert_layer()
+    q, k, v = (t.to(dtype) for t in qkv())
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    out, w = ca_hf.crossattn_attention_forward(layer, q, k, v, mask, scaling=0.35, s_aux=torch.zeros(4),
+                                               output_attentions=True)
+    float_mask = torch.where(mask, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+    ref, ref_w = bert.eager_attention_forward(layer, q, k, v, float_mask, scaling=0.35)
+    assert torch.equal(out, ref) and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_a_dense_mask_goes_to_the_kernels_as_a_bias(kind, kernel_calls):
+    """A 4-D mask the integration cannot decompose (a user's float mask; a bool pattern such
+    as a sliding window) is added to the logits in the kernels, as eager adds it; a row it
+    masks entirely comes out uniform, as in eager."""
+    import transformers.models.bert.modeling_bert as bert
+
+    layer = bert_layer()
+    q, k, v = (t.double() for t in qkv())
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(2, 1, 5, 6, generator=g) > 0.4
+    keep[1, 0, 2] = False  # a row that sees nothing
+    lowest = torch.finfo(torch.float64).min
+    float_mask = torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64).masked_fill(~keep, lowest)
+    mask = float_mask if kind == "float" else keep
+    out, w = ca_hf.crossattn_attention_forward(layer, q, k, v, mask, scaling=0.35, output_attentions=True)
+    eager_mask = float_mask if kind == "float" else torch.zeros(()).double().masked_fill(~keep, lowest)
+    ref, ref_w = bert.eager_attention_forward(layer, q, k, v, eager_mask, scaling=0.35)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w, ref_w)
+    torch.testing.assert_close(w[1, :, 2], torch.full((4, 6), 1 / 6, dtype=torch.float64))
+    assert len(kernel_calls) == 1 and kernel_calls[0]["attn_bias"] is not None

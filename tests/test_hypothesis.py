@@ -1,6 +1,8 @@
 """Random shapes, masks and options: the torch backend against the float64 reference."""
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,9 +16,12 @@ SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
-def problems(draw):
+def problems(draw, new_options=True):
+    """(q, k, v, kwargs) in float64; with ``new_options`` also grouped-query heads, an
+    additive bias of a random broadcast shape (sometimes with -inf entries), causality,
+    weight heads and statistics requests."""
     B = draw(st.integers(1, 3))
-    H = draw(st.integers(1, 3))
+    H = draw(st.integers(1, 4))
     Lq = draw(st.integers(1, 40))
     Lk = draw(st.integers(1, 70))
     D = draw(st.integers(1, 24))
@@ -50,10 +55,50 @@ def problems(draw):
                                              min_blocks=draw(st.integers(1, 3)))
     if draw(st.booleans()):
         kw["dropout_p"] = draw(st.floats(0.0, 0.9))
+    Hkv = H
+    if new_options:
+        Hkv = draw(st.sampled_from([d for d in range(1, H + 1) if H % d == 0]))
+        if draw(st.booleans()):
+            shape = [draw(st.sampled_from([1, n])) for n in (B, H, Lq, Lk)]
+            shape = shape[draw(st.integers(0, 2)):] if shape[0] == 1 else shape  # also 2-D / 3-D
+            bias = torch.randn(shape, generator=g, dtype=torch.float64) * draw(st.floats(0.0, 4.0))
+            if draw(st.booleans()):
+                bias = bias.masked_fill(torch.rand(shape, generator=g) < 0.2, -math.inf)
+            kw["attn_bias"] = bias
+        kw["is_causal"] = draw(st.booleans())
+        if kw["need_weights"] and draw(st.booleans()):
+            kw["weight_heads"] = draw(st.permutations(range(H)))[: draw(st.integers(1, H))]
+        kw["return_aux"] = crossattn.AuxRequest(
+            lse=draw(st.booleans()), entropy=draw(st.booleans()), key_mass=draw(st.booleans()),
+            top_k=draw(st.integers(0, 5)))
     q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, H, Lk, Dv, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64)
     return q, k, v, kw
+
+
+def differentiable_aux(aux):
+    """The differentiable statistics of an AuxOutput, -inf log-sum-exps zeroed."""
+    if aux is None:
+        return []
+    out = [aux.entropy, aux.key_mass]
+    if aux.lse is not None:
+        out.append(aux.lse.masked_fill(aux.lse == -math.inf, 0.0))
+    return [t for t in out if t is not None]
+
+
+def compare_aux(aux, ref_aux, dtype):
+    for name in ref_aux._fields:
+        a, b = getattr(aux, name), getattr(ref_aux, name)
+        if b is None:
+            assert a is None, name
+        elif name == "top_k_values":
+            assert_close(a, b, dtype, what=name)
+        elif name != "top_k_indices":  # indices of near-ties may differ in float32
+            if name == "lse":
+                assert torch.equal(a == -math.inf, b == -math.inf)
+                a, b = a.masked_fill(b == -math.inf, 0.0), b.masked_fill(b == -math.inf, 0.0)
+            assert_close(a, b, dtype, what=name)
 
 
 @SETTINGS
@@ -62,8 +107,12 @@ def test_random_problems_match_reference(problem, dtype):
     q64, k64, v64, kw = problem
     q, k, v = (t.to(dtype).requires_grad_(True) for t in (q64, k64, v64))
     ins64 = [t.detach().to(dtype).double().requires_grad_(True) for t in (q64, k64, v64)]
+    if "attn_bias" in kw:
+        bias = kw["attn_bias"].to(dtype).requires_grad_(True)
+        kw = dict(kw, attn_bias=bias)
+        bias64 = bias.detach().double().requires_grad_(True)
     torch.manual_seed(0)
-    out, w = crossattn.cross_attention(q, k, v, backend="torch", **kw)
+    out, w, *aux = crossattn.cross_attention(q, k, v, backend="torch", **kw)
     torch.manual_seed(0)
     seed = crossattn._philox.draw_dropout_seed() if kw.get("dropout_p") else None
     ref_kw = dict(kw)
@@ -71,20 +120,30 @@ def test_random_problems_match_reference(problem, dtype):
         # Block selection is a discrete decision taken in the input's precision (near-ties
         # may go either way in float32 vs float64; test_pruning checks selection itself):
         # compare the attention given the same selection.
-        sel_kw = {n: x for n, x in kw.items() if n not in ("need_weights", "dropout_p", "prune")}
+        sel_kw = {n: x for n, x in kw.items() if n in ("key_padding_mask", "kv_lengths", "query_padding_mask",
+                                                        "scale", "temperature", "is_causal")}
         sel = crossattn.select_blocks(q, k, kw["prune"], **sel_kw)
         cfg = kw["prune"]
         ref_kw["prune"] = crossattn.BlockPruning(block_q=cfg.block_q, block_k=cfg.block_k, block_mask=sel)
-    ref_out, ref_w = attention_reference(*ins64, dropout_seed=seed, **ref_kw)
+    if "attn_bias" in kw:
+        ref_kw["attn_bias"] = bias64
+    ref_out, ref_w, *ref_aux = attention_reference(*ins64, dropout_seed=seed, **ref_kw)
     assert_close(out, ref_out, dtype, what="out")
     loss, ref_loss = out.double().sum(), ref_out.sum()
     if kw["need_weights"]:
         assert_close(w, ref_w, dtype, what="weights")
         loss = loss + (w.double() ** 2).sum()
         ref_loss = ref_loss + (ref_w ** 2).sum()
+    if aux:
+        compare_aux(aux[0], ref_aux[0], dtype)
+        loss = loss + sum((t.double() ** 2).sum() for t in differentiable_aux(aux[0]))
+        ref_loss = ref_loss + sum((t ** 2).sum() for t in differentiable_aux(ref_aux[0]))
     loss.backward()
     ref_loss.backward()
-    for a, b in zip((q, k, v), ins64):
+    pairs = list(zip((q, k, v), ins64))
+    if "attn_bias" in kw:
+        pairs.append((bias, bias64))
+    for a, b in pairs:
         assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * 10, what="grad")
 
 
@@ -93,6 +152,7 @@ def test_random_problems_match_reference(problem, dtype):
 def test_appending_padded_keys_changes_nothing(problem, extra):
     q, k, v, kw = problem
     kw = {n: x for n, x in kw.items() if n in ("query_padding_mask", "temperature", "scale")}
+    k, v = (crossattn.reference.repeat_kv(t, q.shape[1]) for t in (k, v))
     B, H, Lk = k.shape[0], k.shape[1], k.shape[2]
     out, w = crossattn.cross_attention(q, k, v, need_weights="full", **kw)
     junk_k = torch.full((B, H, extra, k.shape[3]), 1e3, dtype=k.dtype)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def _can_build_wheels_offline() -> bool:
             or importlib.util.find_spec("wheel") is not None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_build_wheels_offline(), reason="needs setuptools with bdist_wheel")
 def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
     subprocess.run(
@@ -64,8 +66,14 @@ def test_wheel_installs_only_crossattn_and_never_pins_torch(tmp_path):
     assert "crossattn/kernels/__init__.py" in names
     assert "crossattn/reference.py" in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
-    assert requires == ["Requires-Dist: torch>=2.4"]
+    core = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert core == ["Requires-Dist: torch>=2.11"]  # no Triton: CUDA torch brings it, the CPU needs an extra
+    assert "License-Expression: Apache-2.0" in meta
+    assert "crossattn/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    scripts = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for line in ("crossattn-bench = crossattn._cli:bench", "crossattn-train = crossattn.train:main",
+                 "crossattn-attention-map = crossattn.attention_map:main"):
+        assert line in scripts, scripts
     import torch
 
     if torch.version.cuda is None:  # no CUDA torch: the extension is skipped unless forced
@@ -109,6 +117,48 @@ def test_wheel_with_the_cuda_extension(tmp_path):
 
     if torch.version.cuda is None:
         assert "no CUDA device" in res.stdout and "built but does not load into this PyTorch" in res.stdout
+
+
+def _source_files() -> list[str]:
+    """The files of this source tree: git's list in a checkout, else (an unpacked sdist) a walk."""
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        files = [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+    else:
+        skip = {"__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks", "build", "dist"}
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts) and ".egg-info" not in str(p)
+                 and p.suffix not in (".pyc", ".so") and p.name != "PKG-INFO" and p.name != "setup.cfg"]
+    return sorted(set(files) | {"LICENSE", "MANIFEST.in", "crossattn/py.typed"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("build") is None, reason="needs the build package (crossattn[test])")
+def test_sdist_holds_everything_to_build_test_and_benchmark(tmp_path):
+    """The source release is the repository: CUDA sources, kernels, every test with its helpers,
+    benchmarks and their results, tools, LICENSE; nothing built, no local link."""
+    src = tmp_path / "src"
+    files = _source_files()
+    for f in files:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, src / f)
+    res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path / "dist")],
+                         cwd=src, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("crossattn-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+        pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
+    members = set(names)
+    expected = {f for f in files if f != ".gitignore"}
+    assert expected - members == set(), "missing from the sdist"
+    for needed in ("LICENSE", "README.md", "setup.py", "pyproject.toml", "tests/conftest.py",
+                   "tests/_kernel_compile.py", "benchmarks/test_attention.py", "tools/gpu_session.sh"):
+        assert needed in members, needed
+    assert any(n.startswith("csrc/") and n.endswith(".cu") for n in members)
+    assert not [n for n in members if "__pycache__" in n or n.endswith((".pyc", ".so"))]
+    assert not [n for n in members if n.startswith("crossattn/kernels/")]  # only kernels/, mapped at build time
+    assert "License-Expression: Apache-2.0" in pkg_info
 
 
 def test_demo_runs_and_agrees_with_the_reference():

@@ -263,10 +263,13 @@ def test_auto_uses_torch_on_cpu():
 
 
 @pytest.mark.slow
-def test_long_audio_memory_stays_bounded(tmp_path):
-    """Lk = 100 000 keys: the full fp32 score matrix would be 819 MB; we stay far below."""
+@pytest.mark.parametrize("statistics", [False, True])
+def test_long_audio_memory_stays_bounded(tmp_path, statistics):
+    """Lk = 100 000 keys: the full fp32 score matrix would be 819 MB; we stay far below, also
+    when training through the weight statistics (entropy, key mass, top-4, lse)."""
     script = textwrap.dedent("""
-        import json, resource, torch, crossattn
+        import json, resource, sys, torch, crossattn
+        stats = sys.argv[1] == "1"
         B, H, Lq, Lk, D = 1, 4, 512, 100_000, 16
         q = torch.randn(B, H, Lq, D, requires_grad=True)
         k = torch.randn(B, H, Lk, D, requires_grad=True)
@@ -275,8 +278,14 @@ def test_long_audio_memory_stays_bounded(tmp_path):
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * resource.getpagesize()
         base = rss()
-        out, _ = crossattn.cross_attention(q, k, v, backend="torch")
-        out.square().sum().backward()
+        if stats:
+            req = crossattn.AuxRequest(lse=True, entropy=True, key_mass=True, top_k=4)
+            out, _, a = crossattn.cross_attention(q, k, v, backend="torch", return_aux=req)
+            assert a.top_k_indices.shape == (B, H, Lq, 4)
+            (out.square().sum() + a.entropy.sum() + a.key_mass.square().sum() + a.lse.sum()).backward()
+        else:
+            out, _ = crossattn.cross_attention(q, k, v, backend="torch")
+            out.square().sum().backward()
         # VmHWM, not ru_maxrss: the latter carries the parent's peak over fork.
         with open("/proc/self/status") as f:
             peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
@@ -287,8 +296,8 @@ def test_long_audio_memory_stays_bounded(tmp_path):
     # measures live memory rather than glibc's cached heap.
     env = dict(os.environ, CROSSATTN_TORCH_CHUNK_MB="64", OMP_NUM_THREADS="2",
                MALLOC_MMAP_THRESHOLD_="65536")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script, "1" if statistics else "0"], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     stats = json.loads(res.stdout.strip().splitlines()[-1])
     assert stats["finite"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +28,17 @@ def _metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path):
+def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path, capsys):
     assert train.main(_common(tmp_path, "run", "--epochs", "2", "--diversity-weight", "0.01",
                               "--alignment-weight", "0.1")) == 0
     run = tmp_path / "run"
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    # Results on stdout, 4 decimals; the last line says where the files went.
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[-1] == f"wrote {run / 'checkpoint.pt'} and {run / 'metrics.jsonl'}"
+    for epoch, line in enumerate(out[:2], 1):
+        assert re.fullmatch(rf"epoch {epoch}/2 step {5 * epoch} loss=\d+\.\d{{4}} validation: "
+                            r"accuracy=\d\.\d{4} weighted_f1=\d\.\d{4}", line), line
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 0 and ckpt["step"] == 2 * 5  # 29 train items / 6
     assert not (run / "checkpoint.pt.tmp").exists()
     metrics = _metrics(run)
@@ -43,6 +51,9 @@ def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path):
     assert "test" in metrics[-1]
     png = tmp_path / "map.png"
     assert attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--index", "0", "--output", str(png)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and re.fullmatch(rf"predicted \w+ \(label \w+\); wrote {re.escape(str(png))} "
+                                              r"\(\d+ tokens x \d+ frames\)", printed[0]), printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # Any utterance: text + a 16-bit PCM wav.
     from crossattn.data import write_wav
@@ -62,11 +73,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     assert train.main(_common(tmp_path, "straight", *args)) == 0
     # Interrupted after 3 steps (mid-epoch), then resumed.
     assert train.main(_common(tmp_path, "resumed", *args, "--max-steps", "3", "--save-every", "1")) == 0
-    mid = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    mid = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (mid["epoch"], mid["batch_in_epoch"], mid["step"]) == (0, 3, 3)
     assert train.main(_common(tmp_path, "resumed", *args, "--resume")) == 0
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert b["step"] == a["step"] == 10
     for name, t in a["model"].items():
         torch.testing.assert_close(b["model"][name], t, rtol=0, atol=0, msg=name)
@@ -77,7 +88,7 @@ def test_config_file_and_argument_errors(tmp_path, capsys):
     cfg.write_text(json.dumps({"epochs": 1, "fusion": "concat", "max-steps": 2, "per_class": 6}))
     assert train.main(["--config", str(cfg), "--output", str(tmp_path / "c"), "--data-dir",
                        str(tmp_path / "data"), "--no-progress", "--d-model", "32"]) == 0
-    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
     assert state["args"]["fusion"] == "concat" and state["step"] == 2
     cfg.write_text(json.dumps({"epochz": 1}))
     with pytest.raises(SystemExit):
@@ -126,7 +137,7 @@ def test_training_under_torchrun_ddp(tmp_path):
            "-m", "crossattn.train", *_common(tmp_path, "ddp", "--epochs", "1", "--device", "cpu")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 3  # 29 items over 2 ranks, batches of 6
     assert len(_metrics(tmp_path / "ddp")) == 1
 
@@ -135,13 +146,13 @@ def test_fusion_experiment_script_runs(tmp_path):
     """The committed experiment's script, at smoke size: every variant trains and is reported."""
     import runpy
 
-    script = runpy.run_path(str(__import__("pathlib").Path(__file__).parent.parent / "benchmarks" / "fusion_experiment.py"),
+    script = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "fusion_experiment.py"),
                             run_name="fusion_experiment")
     out = tmp_path / "fx"
     assert script["main"](["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     assert set(results) == set(script["VARIANTS"])
-    for name, res in results.items():
+    for res in results.values():
         acc = res["summary"]["accuracy"][0]
         assert 0.0 <= acc <= 1.0 and len(res["runs"]) == 1
     table = out.with_suffix(".md").read_text()

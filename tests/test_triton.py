@@ -195,6 +195,7 @@ def test_bidirectional_one_launch_per_pass_matches_reference(dtype, monkeypatch)
         assert_close(a.grad, b.grad, dtype, tol=GRAD_TOL[dtype] * 10, what="grad")
 
 
+@pytest.mark.slow
 def test_opcheck():
     from crossattn.kernels.xattn import xattn_bwd, xattn_fwd
     from crossattn.kernels.xattn_select import compact
@@ -337,6 +338,7 @@ PRUNINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prune", PRUNINGS, ids=repr)
 @pytest.mark.parametrize("need_weights", [False, "full", "mean"])

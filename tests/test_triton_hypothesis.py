@@ -42,6 +42,7 @@ def problems(draw):
     return q, k, v, kw
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_random_problems_match_reference(problem):
@@ -113,6 +114,7 @@ def pruned_problems(draw):
     return q, k, v, kw
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pruned_problems())
 def test_random_pruned_problems_match_reference(problem):

@@ -38,6 +38,7 @@ SELECTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg, temperature", zip(SELECTIONS, [None, 0.6, "per-head"] * 2),
                          ids=[repr(c) for c in SELECTIONS])
 @pytest.mark.parametrize("padded", [False, True])
@@ -71,6 +72,7 @@ def test_selection_of_half_inputs_matches_reference():
     assert torch.equal(select_blocks_triton(q, k, cfg, scale=0.3).mask, want)
 
 
+@pytest.mark.slow
 def test_fixed_and_transposed_masks_convert_to_the_layout():
     from crossattn.kernels.xattn_select import compact, select_blocks_triton
 
@@ -91,6 +93,7 @@ def _pruned_run(q, k, v, cfg, **kw):
     return crossattn.cross_attention(q, k, v, prune=cfg, backend="triton", **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_blocks_larger_than_the_tiles(dtype):
     """Pruning blocks of 64 span several kernel tiles (32 under the interpreter) in both the

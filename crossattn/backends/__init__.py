@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+import torch
+
 from .._validation import AttentionProblem
-from .base import Backend
+from .base import Backend, ModuleBackend
 from .cuda_backend import CudaBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
@@ -38,8 +40,28 @@ def _check_name(value, source: str) -> str:
     return value
 
 
+@torch.compiler.assume_constant_result
+def _unavailable(name: str) -> str | None:
+    """``BACKENDS[name].unavailable()``, and the backend's module imported when it is usable.
+    Under ``torch.compile`` this runs once, in plain Python, at trace time: Dynamo cannot trace
+    ``importlib.util.find_spec`` (torch < 2.13) or ``importlib.import_module`` (a graph break
+    on the first call in a fresh process), and availability does not change within a process."""
+    backend = BACKENDS[name]
+    why = backend.unavailable()
+    if why is None and isinstance(backend, ModuleBackend):
+        backend._module()  # cached: the traced code then only reads the attribute
+    return why
+
+
+@torch.compiler.assume_constant_result
+def _from_environment() -> str:
+    return os.environ.get(ENV_VAR, "")
+
+
 def available_backends() -> dict:
-    """``{name: None if usable here, else the reason it is not}``."""
+    """``{name: None if usable here, else the reason it is not}``: None means the backend can
+    run in this process (for inputs it supports); a string says what is missing and how to get
+    it."""
     return {name: b.unavailable() for name, b in BACKENDS.items()}
 
 
@@ -47,12 +69,13 @@ def choose(problems: list[AttentionProblem], requested="auto") -> BackendChoice:
     """Pick the backend for ``problems`` (all directions of one call)."""
     name = _check_name(requested, "backend")
     source = f"backend={name!r}"
-    if name == "auto" and os.environ.get(ENV_VAR):
-        name = _check_name(os.environ[ENV_VAR], f"the environment variable {ENV_VAR}")
+    env = _from_environment()
+    if name == "auto" and env:
+        name = _check_name(env, f"the environment variable {ENV_VAR}")
         source = f"{ENV_VAR}={name!r} (from the environment)"
     if name != "auto":
         backend = BACKENDS[name]
-        why = backend.unavailable()
+        why = _unavailable(name)
         if why:
             raise RuntimeError(f"{source} is not available: {why}")
         for p in problems:
@@ -63,9 +86,16 @@ def choose(problems: list[AttentionProblem], requested="auto") -> BackendChoice:
     q = problems[0].q
     order = AUTO_ORDER_CUDA if q.device.type == "cuda" else ("torch",)
     rejected = {}
+    if q.device.type != "cuda":  # say why the kernel backends were not tried
+        for candidate in AUTO_ORDER_CUDA[:-1]:
+            why = f"auto uses the kernel backends for CUDA tensors only; the inputs are on {q.device}"
+            if candidate == "triton" and q.device.type == "cpu":
+                why += " (backend='triton' runs CPU tensors in the Triton interpreter, TRITON_INTERPRET=1: slow)"
+            unavailable = _unavailable(candidate)
+            rejected[candidate] = why + (f"; also unavailable here: {unavailable}" if unavailable else "")
     for candidate in order:
         backend = BACKENDS[candidate]
-        why = backend.unavailable() or next(
+        why = _unavailable(candidate) or next(
             (w for w in (backend.unsupported(p) for p in problems) if w), None
         )
         if why is None:

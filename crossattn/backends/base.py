@@ -8,7 +8,6 @@ import torch
 
 from .._validation import AttentionProblem
 
-
 # Options a backend may not serve yet: name -> how the problem uses it. A module backend lists
 # the ones it serves in its module's ``FEATURES``; any other one in use rejects the problem
 # (``auto`` moves on, ``choose_backend`` reports why) -- never a silent fallback or an

@@ -28,7 +28,8 @@ class TritonBackend(ModuleBackend):
     def unavailable(self) -> str | None:
         reasons = []
         if importlib.util.find_spec("triton") is None:
-            reasons.append("Triton is not installed (pip install triton; Linux only)")
+            reasons.append("Triton is not installed (a CUDA build of torch brings it; to run the kernels on a CPU: "
+                           "pip install 'crossattn[interpreter]')")
         if importlib.util.find_spec(self.module_name) is None:
             reasons.append(f"this build of crossattn has no Triton kernels ({self.module_name} is missing)")
         if not torch.cuda.is_available() and not interpreting():

@@ -6,19 +6,54 @@
     out = model(**inputs, output_attentions=True)   # weights from the fused kernel
 
 ``register`` installs an attention function and its mask function (transformers builds
-masks per implementation; without one the padding would be lost). The mask function is
-transformers' ``sdpa_mask`` (bool, True = attend). A mask that is padding alone (every query
-row alike) becomes the kernels' key padding mask; anything else -- causal self-attention,
-sliding windows, custom patterns -- runs an eager fallback here, so results always match
-``attn_implementation="eager"``.
+masks per implementation). The mask function is transformers' ``sdpa_mask`` (bool, True =
+attend), and it notes on each mask it builds the structure behind it -- padding alone, or
+causal plus padding -- so the kernels get a key padding mask and ``is_causal`` instead of
+reading a dense ``[B, 1, Lq, Lk]`` mask. Any other mask (sliding windows, packed sequences,
+a custom 4-D mask) goes to the kernels as an additive ``attn_bias``, as eager adds it;
+grouped-query heads go as they are, and T5's ``position_bias`` is an ``attn_bias`` too
+(differentiable: ``relative_attention_bias`` trains). Results match
+``attn_implementation="eager"``, including rows that see no key at all: eager gives them
+uniform weights and the mean of the values, and so does this integration (the kernels give
+zeros there; only those rows are patched, gradients reach the values, not the queries/keys).
+
+An argument this function does not understand is never ignored: the call goes to the
+model's own eager attention function, and the reason is logged once.
+
+Whisper: ``generate(return_token_timestamps=True)`` makes transformers switch the model to
+eager attention, so those timestamps never come from crossattn's kernels.
 """
 from __future__ import annotations
+
+import logging
+import sys
+from typing import NamedTuple
 
 import torch
 
 from ..functional import cross_attention
 
 DEFAULT_NAME = "crossattn"  # no "sdpa"/"flash" in it: transformers treats those specially
+logger = logging.getLogger(__name__)
+
+# Keyword arguments that change nothing in the attention math here: bookkeeping, or what the
+# mask already encodes (sliding windows, packed sequences).
+_HARMLESS = frozenset({
+    "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "use_cache", "return_dict", "cache_position", "position_ids", "cu_seq_lens_q",
+    "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "sliding_window", "layer_idx",
+    "past_key_values", "cache", "target_dtype",
+})
+_logged: set[str] = set()
+
+
+class MaskStructure(NamedTuple):
+    """What a mask built by :func:`crossattn_mask` is made of: ``key_padding`` bool ``[B, Lk]``
+    (True = padding) or None, and, for a causal mask, the offset ``c`` with key ``j`` visible
+    to query ``i`` iff ``j <= i + c`` (None for a bidirectional mask)."""
+
+    key_padding: torch.Tensor | None
+    causal_offset: int | None
 
 
 def register(name: str = DEFAULT_NAME) -> str:
@@ -26,65 +61,158 @@ def register(name: str = DEFAULT_NAME) -> str:
     if "sdpa" in name or "flash" in name:
         raise ValueError(f"name must not contain 'sdpa' or 'flash' (transformers special-cases them), got {name!r}")
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, crossattn_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, crossattn_mask)
     return name
 
 
-def key_padding_from_mask(attention_mask, q_len: int, k_len: int, is_causal: bool):
-    """``(key_padding_mask or None, None)`` when the kernels can serve the mask, else
-    ``(None, reason)``."""
-    if is_causal and q_len > 1:
-        return None, "causal attention"
-    if attention_mask is None:
-        return None, None
-    if attention_mask.dtype != torch.bool:
-        return None, f"a {attention_mask.dtype} attention mask"
-    if attention_mask.dim() != 4 or attention_mask.shape[-1] != k_len:
-        return None, f"an attention mask of shape {list(attention_mask.shape)}"
-    first = attention_mask[:, :1, :1, :]
-    if not bool((attention_mask == first).all()):
-        return None, "a mask that differs between queries (not padding alone)"
-    return ~first[:, 0, 0, :], None
+def crossattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """transformers' ``sdpa_mask``, with its structure attached as ``mask.crossattn_structure``
+    when it is padding alone or causal plus padding."""
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, **kwargs)
+    causal = mask_function is causal_mask_function
+    if mask is None or not (causal or mask_function is bidirectional_mask_function):
+        return mask
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
+        return mask  # a static cache's tensor offset: reading it would sync
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        padding = ~padding[:, kv_offset:kv_offset + kv_length].bool()
+    mask.crossattn_structure = MaskStructure(padding, q_offset - kv_offset if causal else None)
+    return mask
 
 
-def _eager(module, query, key, value, attention_mask, scaling, dropout, is_causal, want_weights):
-    """Plain attention for masks the kernels do not take (the textbook formula)."""
-    s = torch.matmul(query, key.transpose(-1, -2)) * scaling
+def _weights_requested(kwargs) -> bool:
+    """Whether the caller wants the weights: ``output_attentions`` reaches the attention
+    function in some models only; the others record the weights with output hooks, active
+    while transformers' output collector asks for some attentions."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers passes output_attentions down
+        return False
+    collecting = _active_collector.get()
+    return bool(collecting) and any("attentions" in key for key in collecting)
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.warning("crossattn: the model's eager attention serves this call: %s", reason)
+
+
+def _model_eager(module):
+    """The eager attention function of the model ``module`` belongs to, or None."""
+    for cls in type(module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def _eager_mask(attention_mask, query, key, causal):
+    """The additive mask an eager function takes (as transformers' ``eager_mask`` builds it)."""
     q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is None and is_causal and q_len > 1:
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            s = s.masked_fill(~attention_mask, torch.finfo(s.dtype).min)
-        else:
-            s = s + attention_mask
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    p_drop = torch.nn.functional.dropout(p, p=dropout, training=module.training)
-    out = torch.matmul(p_drop, value)
-    return out.transpose(1, 2).contiguous(), (p if want_weights else None)
+    if attention_mask is None and causal and q_len > 1:
+        # sdpa_mask skipped the mask for SDPA's is_causal, which is top-left aligned.
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+    return attention_mask
+
+
+def _empty_rows(structure: MaskStructure, q_len: int, k_len: int, device) -> torch.Tensor | None:
+    """Bool ``[B|1, 1, Lq]``: the query rows that see no key, or None when there are none
+    (computed from the structure: ``[B, Lk]`` work, not ``[B, Lq, Lk]``)."""
+    pad, offset = structure
+    if offset is None:
+        return None if pad is None else pad.all(-1)[:, None, None]
+    reach = torch.arange(q_len, device=device) + offset  # last visible key of each row
+    if pad is None:
+        return None if offset >= 0 else (reach < 0)[None, None]
+    seen = (~pad).cumsum(-1) > 0  # [B, Lk]: some valid key at or before j
+    sees = seen[:, reach.clamp(0, k_len - 1)] & (reach >= 0)
+    return ~sees[:, None]
 
 
 def crossattn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                 scaling: float | None = None, is_causal: bool | None = None,
-                                **kwargs):
+                                position_bias: torch.Tensor | None = None, **kwargs):
     """transformers attention function: ``query [B, H, Lq, D]``, ``key``/``value``
-    ``[B, Hkv, Lk, D]`` -> ``(out [B, Lq, H, D], weights [B, H, Lq, Lk] or None)``."""
-    want_weights = bool(kwargs.get("output_attentions", False))
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: the kernels take equal head counts
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+    ``[B, Hkv, Lk, D]`` -> ``(out [B, Lq, H, Dv], weights [B, H, Lq, Lk] or None)``."""
+    want_weights = _weights_requested(kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    key_padding, reason = key_padding_from_mask(attention_mask, query.shape[2], key.shape[2], causal)
+    unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None)
+    reason = None
+    if unknown:
+        reason = f"argument(s) {', '.join(map(repr, unknown))} not understood by crossattn"
+    elif attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        reason = f"an attention mask of type {type(attention_mask).__name__}"
     if reason is not None:
-        return _eager(module, query, key, value, attention_mask, scaling, dropout, causal, want_weights)
+        eager = _model_eager(module)
+        if eager is None:
+            raise NotImplementedError(
+                f"crossattn cannot serve this call ({reason}) and {type(module).__name__} has no "
+                "eager_attention_forward to fall back to: use attn_implementation='eager'")
+        _log_once(reason)
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
+        return eager(module, query, key, value, _eager_mask(attention_mask, query, key, causal),
+                     scaling=scaling, dropout=dropout, **kwargs)
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    key_padding, kernel_causal, bias, empty = None, False, position_bias, None
+    structure = getattr(attention_mask, "crossattn_structure", None)
+    if attention_mask is None:
+        if causal and q_len > 1:
+            if k_len > q_len:
+                # As the SDPA integration: an empty static cache's prefill, top-left aligned
+                # causality = the first q_len keys, bottom-right.
+                key, value = key[:, :, :q_len], value[:, :, :q_len]
+                bias = None if bias is None else bias[..., :q_len]
+                k_len = q_len
+            kernel_causal = True
+    elif structure is not None and attention_mask.shape[-2:] == (q_len, k_len) and (
+            structure.causal_offset in (None, k_len - q_len)):
+        key_padding, kernel_causal = structure.key_padding, structure.causal_offset is not None
+        empty = _empty_rows(structure, q_len, k_len, query.device)
+    else:
+        # Any other mask goes as an additive bias: a float mask as eager adds it, a bool one
+        # as 0 / -inf (rows it masks entirely are patched below, whatever the dtype).
+        mask_bias = attention_mask
+        if attention_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask_bias = torch.where(attention_mask, zero, -torch.inf)
+            empty = ~attention_mask.any(-1)
+        bias = mask_bias if bias is None else bias + mask_bias
+
     out, weights = cross_attention(
-        query, key, value, key_padding_mask=key_padding, scale=float(scaling),
-        dropout_p=float(dropout), need_weights="full" if want_weights else False,
+        query, key, value, key_padding_mask=key_padding, attn_bias=bias, is_causal=kernel_causal,
+        scale=None if scaling is None else float(scaling), dropout_p=float(dropout),
+        need_weights="full" if want_weights else False,
     )
+    if empty is not None:
+        # Eager gives rows that see no key uniform weights over all keys and the mean of all
+        # values; the kernels give zeros. Patch those rows only.
+        groups = query.shape[1] // value.shape[1]
+        mean_v = value.mean(2, keepdim=True).repeat_interleave(groups, dim=1)
+        out = torch.where(empty[..., None], mean_v.to(out.dtype), out)
+        if weights is not None:
+            weights = torch.where(empty[..., None], torch.full((), 1.0 / k_len, dtype=weights.dtype,
+                                                               device=weights.device), weights)
     return out.transpose(1, 2).contiguous(), weights

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._validation import _check_padding_mask, _check_values
 from ..functional import bidirectional_cross_attention, cross_attention
 
 __all__ = ["CrossModalAttention", "BidirectionalCrossAttention"]
@@ -30,14 +31,57 @@ def _check_divisible(width: int, heads: int, name: str):
         raise ValueError(f"{name} ({width}) must be divisible by num_heads ({heads})")
 
 
-def _hf_padding(mask: Tensor | None, name: str, batch: int, length: int) -> Tensor | None:
-    """A Hugging Face attention mask (1 = real token, 0 = padding) as a bool padding mask."""
+def _check_features(x, name: str, width: int, width_name: str, like: tuple | None = None) -> None:
+    """``x`` must be a batch-first ``[B, L, width]`` tensor; ``like = (other, other_name,
+    same_length)`` ties its batch size (and length) and device to another input."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor [B, L, {width_name}], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must be 3-D [B, L, {width_name}] (batch first; unsqueeze(0) an unbatched "
+            f"input), got {x.dim()}-D shape {list(x.shape)}"
+        )
+    if x.shape[-1] != width:
+        raise ValueError(
+            f"{name} must have {width_name} = {width} features [B, L, {width}], got shape {list(x.shape)}"
+        )
+    if like is not None:
+        other, other_name, same_length = like
+        n = 2 if same_length else 1
+        if x.shape[:n] != other.shape[:n]:
+            what = "batch size and length" if same_length else "batch size"
+            raise ValueError(
+                f"{name} must have the {what} of {other_name} {list(other.shape)}, "
+                f"got shape {list(x.shape)}"
+            )
+        if x.device != other.device:
+            raise ValueError(f"{name} must be on the device of {other_name} ({other.device}), got {x.device}")
+
+
+def _hf_padding(mask: Tensor | None, name: str, like: Tensor, like_name: str) -> Tensor | None:
+    """A Hugging Face attention mask (1 = real token, 0 = padding) ``[B, L]`` of the input
+    ``like`` as a bool padding mask (True = padding). Anything but 0 / 1 (an additive 0 / -inf
+    mask, say) is refused rather than misread."""
     if mask is None:
         return None
+    batch, length = like.shape[:2]
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a tensor [B, L] (1 = real token, 0 = padding), got {type(mask).__name__}")
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape [B, L] = [{batch}, {length}], got {list(mask.shape)}")
+        raise ValueError(
+            f"{name} must have shape [B, L] = [{batch}, {length}] (the batch and length of "
+            f"{like_name}), got {list(mask.shape)}"
+        )
+    if mask.device != like.device:
+        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {mask.device}")
+    if mask.dtype == torch.bool:
+        return ~mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or float tensor of 0s and 1s, got {mask.dtype}")
+    _check_values(mask, ((mask == 0) | (mask == 1)).all(), lambda: (
+        f"{name} must be a Hugging Face attention mask of 0s and 1s (1 = real token, 0 = "
+        f"padding), got other values; an additive mask (0 = attend, -inf = padding) is not "
+        f"one: pass ({name} == 0).long() instead"))
     return mask == 0
 
 
@@ -92,7 +136,21 @@ class CrossModalAttention(nn.Module):
     def forward(self, query: Tensor, context: Tensor, context_padding_mask: Tensor | None = None,
                 query_padding_mask: Tensor | None = None, need_weights=False,
                 value: Tensor | None = None):
-        value = context if value is None else value
+        _check_features(query, "query", self.embed_dim, "embed_dim")
+        _check_features(context, "context", self.kdim, "kdim", like=(query, "query", False))
+        if value is None:
+            if self.vdim != self.kdim:
+                raise ValueError(f"value must be given: vdim ({self.vdim}) differs from kdim ({self.kdim})")
+            value = context
+        else:
+            _check_features(value, "value", self.vdim, "vdim", like=(context, "context", True))
+        # Checked here so that errors name the caller's arguments, not the functional API's.
+        context_padding_mask = _check_padding_mask(
+            context_padding_mask, "context_padding_mask", context.shape[0], context.shape[1],
+            "context", context.device)
+        query_padding_mask = _check_padding_mask(
+            query_padding_mask, "query_padding_mask", query.shape[0], query.shape[1], "query",
+            query.device)
         H = self.num_heads
         q = _split_heads(self.q_proj(query), H)
         k = _split_heads(self.k_proj(context), H)
@@ -147,9 +205,11 @@ class BidirectionalCrossAttention(nn.Module):
 
     def forward(self, text: Tensor, audio: Tensor, text_mask: Tensor | None = None,
                 audio_mask: Tensor | None = None, need_weights=False):
+        _check_features(text, "text", self.d_model, "d_model")
+        _check_features(audio, "audio", self.d_model, "d_model", like=(text, "text", False))
         H = self.num_heads
-        text_pad = _hf_padding(text_mask, "text_mask", text.shape[0], text.shape[1])
-        audio_pad = _hf_padding(audio_mask, "audio_mask", audio.shape[0], audio.shape[1])
+        text_pad = _hf_padding(text_mask, "text_mask", text, "text")
+        audio_pad = _hf_padding(audio_mask, "audio_mask", audio, "audio")
         temperature = None
         if self.temperature is not None:
             t = self.temperature()

@@ -1,6 +1,8 @@
 """``torch.nn.MultiheadAttention`` served by crossattn, weights included."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,18 +12,32 @@ from ..functional import cross_attention
 __all__ = ["MultiheadAttention", "convert_multihead_attention"]
 
 
+def _check_mask_type(mask, name, other_type, other_name, check_other=True):
+    """torch's ``F._canonical_mask`` checks (error and deprecation warning, same words),
+    without its bool -> float copy of the mask: it runs on an empty slice of ``mask``."""
+    if mask is not None:
+        F._canonical_mask(mask=mask.flatten()[:0], mask_name=name, other_type=other_type,
+                          other_name=other_name, target_type=torch.float32, check_other=check_other)
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """A drop-in subclass of :class:`torch.nn.MultiheadAttention`: same constructor,
-    parameters, state dict and ``forward`` signature, computed by crossattn's fused kernels
+    parameters, state dict, ``forward`` signature and errors (torch's shape checks, in torch's
+    order, with torch's exception types and messages), computed by crossattn's fused kernels
     -- ``need_weights=True`` included, which torch serves with its slow unfused path.
 
-    Served: ``need_weights`` True/False, ``average_attn_weights`` both ways, a bool or float
-    (0 / -inf) ``key_padding_mask``, ``batch_first`` both ways, ``kdim``/``vdim``,
-    ``bias=False``, unbatched inputs, dropout in training. Anything else (a general
-    ``attn_mask``, ``is_causal``, ``add_bias_kv``, ``add_zero_attn``) falls back to torch's own
-    implementation. Two differences, on purpose: a query whose keys are all padded gets
-    zeros (output and weights) where torch returns NaN; in training, the returned weights are
-    the pre-dropout probabilities (torch returns them after dropout).
+    Served by the kernels: ``need_weights`` and ``average_attn_weights`` both ways, bool or
+    float ``key_padding_mask`` and ``attn_mask`` (2-D ``[L, S]`` and 3-D ``[N * H, L, S]``),
+    ``is_causal``, ``batch_first`` both ways, ``kdim``/``vdim``, ``bias=False``, unbatched
+    inputs, dropout in training. torch's own implementation serves ``add_bias_kv``,
+    ``add_zero_attn``, NestedTensor inputs and a float mask whose dtype is not the query's.
+    Two differences, on purpose: a query whose keys are all masked gets zeros (output and
+    weights) where torch returns NaN; in training, the returned weights are the pre-dropout
+    probabilities (torch returns them after dropout).
+
+    ``is_causal=True`` is, as in torch, a hint that ``attn_mask`` is the causal mask: for a
+    square mask the kernels apply causality themselves (skipping the blocks above the
+    diagonal) instead of reading the mask.
 
     Extra keyword ``backend`` ("auto", "torch", "triton", "cuda") selects the crossattn
     backend; ``fallback_reason(...)`` says why a call would go to torch.
@@ -34,25 +50,20 @@ class MultiheadAttention(nn.MultiheadAttention):
     def fallback_reason(self, query: Tensor, key: Tensor, value: Tensor,
                         key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
                         is_causal: bool = False) -> str | None:
-        """Why ``forward`` would use torch's implementation for these arguments, or None."""
-        if attn_mask is not None:
-            return "attn_mask is not supported by the kernels"
-        if is_causal:
-            return "is_causal is not supported by the kernels"
+        """Why ``forward`` would use torch's implementation for these arguments, or None.
+        (Arguments torch rejects are no reason: ``forward`` raises torch's error for them.)"""
+        if not all(isinstance(t, Tensor) for t in (query, key, value)) or not all(
+                m is None or isinstance(m, Tensor) for m in (key_padding_mask, attn_mask)):
+            return "arguments that are not tensors (torch raises its own errors)"
+        if any(t.is_nested for t in (query, key, value)):
+            return "NestedTensor inputs (torch's native fast path serves them)"
         if self.bias_k is not None or self.bias_v is not None:
             return "add_bias_kv is not supported by the kernels"
         if self.add_zero_attn:
             return "add_zero_attn is not supported by the kernels"
-        if query.dim() not in (2, 3):
-            return f"query must be 2-D or 3-D, got {query.dim()}-D"
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            if not key_padding_mask.is_floating_point():
-                return f"key_padding_mask of dtype {key_padding_mask.dtype}"
-            # A float mask is additive: only 0 / -inf (a padding mask) maps to the kernels.
-            if not torch.compiler.is_compiling() and not bool(
-                ((key_padding_mask == 0) | (key_padding_mask == float("-inf"))).all()
-            ):
-                return "a float key_padding_mask with values other than 0 and -inf"
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.is_floating_point() and mask.dtype != query.dtype:
+                return f"a float {name} of dtype {mask.dtype} with a {query.dtype} query"
         return None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -63,44 +74,120 @@ class MultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
-        unbatched = query.dim() == 2
-        if unbatched:
+        # From here on: torch's checks in the order of nn.MultiheadAttention.forward and
+        # F.multi_head_attention_forward, then the kernels instead of its attention.
+        _check_mask_type(key_padding_mask, "key_padding_mask", F._none_or_dtype(attn_mask), "attn_mask")
+        _check_mask_type(attn_mask, "attn_mask", None, "", check_other=False)
+        batch_first = self.batch_first and query.dim() == 3
+        if batch_first:  # as torch does it, keeping `query is key` (the packed projection)
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        if not is_batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # Sequence-first [L, B, E] from here, as in F.multi_head_attention_forward.
-        Lq, B, E = query.shape
-        H = self.num_heads
-        if self._qkv_same_embed_dim:
-            wq, wk, wv = self.in_proj_weight.chunk(3)
+        tgt_len, bsz, embed_dim = query.shape
+        src_len = key.shape[0]
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. "
+                "You may use the Transformer module method "
+                "`generate_square_subsequent_mask` to create this mask."
+            )
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # torch hands the hint to SDPA and never reads (or checks) the mask
+        if embed_dim != self.embed_dim:
+            raise AssertionError(
+                f"was expecting embedding dimension of {self.embed_dim}, but got {embed_dim}")
+        if not self._qkv_same_embed_dim:
+            if key.shape[:2] != value.shape[:2]:
+                raise AssertionError(
+                    f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
+            b_q = b_k = b_v = None
+            if self.in_proj_bias is not None:
+                b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+            q, k, v = F._in_projection(query, key, value, self.q_proj_weight, self.k_proj_weight,
+                                       self.v_proj_weight, b_q, b_k, b_v)
         else:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.chunk(3)
+            if key.shape != value.shape:
+                raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+            q, k, v = F._in_projection_packed(query, key, value, self.in_proj_weight, self.in_proj_bias)
+        H = self.num_heads
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                if attn_mask.shape != (tgt_len, src_len):
+                    raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, "
+                                       f"but should be {(tgt_len, src_len)}.")
+            elif attn_mask.dim() == 3:
+                if attn_mask.shape != (bsz * H, tgt_len, src_len):
+                    raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, "
+                                       f"but should be {(bsz * H, tgt_len, src_len)}.")
+            else:
+                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
 
-        def heads(x, w, b):
-            return F.linear(x, w, b).view(x.shape[0], B, H, E // H).permute(1, 2, 0, 3)
+        def heads(x):  # [L, B, E] -> [B, H, L, E / H], a view; torch's view first (its error)
+            x = x.view(x.shape[0], bsz * H, embed_dim // H)
+            return x.view(x.shape[0], bsz, H, embed_dim // H).permute(1, 2, 0, 3)
 
-        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-            key_padding_mask = key_padding_mask == float("-inf")
+        q, k, v = heads(q), heads(k), heads(v)
+        if key_padding_mask is not None:  # F._check_key_padding_mask, minus its graph break
+            if key_padding_mask.shape[0] != bsz:
+                raise AssertionError(
+                    f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+            if key_padding_mask.shape[1] != src_len:
+                raise AssertionError(
+                    f"Expected key_padded_mask.shape[1] to be {src_len}, but got {key_padding_mask.shape[1]}")
+        bias, padding, causal = self._masks(attn_mask, key_padding_mask, is_causal, query,
+                                            bsz, tgt_len, src_len)
         mode = ("mean" if average_attn_weights else "full") if need_weights else False
         out, weights = cross_attention(
-            heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv),
-            key_padding_mask=key_padding_mask,
+            q, k, v, key_padding_mask=padding, attn_bias=bias, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=mode, backend=getattr(self, "backend", "auto"),
         )
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(Lq, B, E), self.out_proj.weight,
-                       self.out_proj.bias)
-        if unbatched:
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim),
+                       self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, -1)
+        if not is_batched:
             out = out.squeeze(1)
             weights = weights.squeeze(0) if weights is not None else None
-        elif self.batch_first:
-            out = out.transpose(0, 1)
+        elif batch_first:
+            out = out.transpose(1, 0)
         return out, weights
+
+    @staticmethod
+    def _masks(attn_mask, key_padding_mask, is_causal, query, bsz, tgt_len, src_len):
+        """torch's masks as the kernels take them: ``(attn_bias, key_padding_mask, is_causal)``.
+
+        A bool key padding mask stays bool (padded key blocks are skipped); float masks are
+        additive, as in torch, and go in the bias, broadcast rather than expanded."""
+        causal = bool(is_causal) and tgt_len == src_len
+        bias = None
+        if is_causal and not causal and attn_mask is None:
+            # torch dropped the mask for SDPA's is_causal, which is top-left aligned; the
+            # kernels' is_causal is bottom-right: the same only for a square mask.
+            attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).triu(1)
+        if attn_mask is not None and not causal:
+            if attn_mask.dtype == torch.bool:  # True = masked, as torch
+                bias = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(attn_mask, -math.inf)
+            else:
+                bias = attn_mask
+            if bias.dim() == 3:
+                bias = bias.reshape(bsz, -1, tgt_len, src_len)  # a view unless it cannot be
+        padding = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype == torch.bool:
+                padding = key_padding_mask
+            else:
+                kpm = key_padding_mask.view(bsz, 1, 1, src_len)
+                bias = kpm if bias is None else bias + kpm
+        return bias, padding, causal
 
 
 def convert_multihead_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
