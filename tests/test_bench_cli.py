@@ -17,7 +17,10 @@ TINY = ["--threads", "1", "--rounds", "2", "--round-time", "0.001", "--no-memory
 
 
 def _run_main(capsys, *argv):
-    rc = cli.main(list(argv))
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as exc:  # argparse and the shared device check exit directly
+        rc = exc.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -55,7 +58,7 @@ def test_quick_benchmark_writes_results_with_statistics_metadata_and_plots(tmp_p
     assert "crossattn[triton] weights=off" in data["skipped"] and not data["failed"]
     table = (tmp_path / "results.md").read_text()
     assert res.stdout == table  # the report on stdout, everything else on stderr
-    assert "## seed001" in table and "seed 001's one-direction" in table and "| fwd+bwd | eager |" in table
+    assert "## seed001" in table and "seed 001's one-direction" in table and "| seed001 | fwd+bwd | eager |" in table
     assert "sweep_A" not in table and "eager (seed 000)" not in table
     assert "No GPU here" in res.stderr and "wrote" in res.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["audio_sweep_fwd.png", "audio_sweep_fwd_bwd.png"]
@@ -73,6 +76,7 @@ def test_unknown_workload_is_one_line_listing_the_valid_names(capsys):
     (["--modes", "backward"], "--modes"),
     (["--device", "tpu"], "--device"),
     (["--rounds", "1"], "--rounds"),
+    (["--rounds", "many"], "--rounds"),
 ])
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, needle):
     rc, out, err = _run_main(capsys, *argv)

@@ -7,11 +7,11 @@ against eager PyTorch and the fast-attention peers, side by side in one process.
 
 The report (markdown) goes to stdout, progress to stderr; ``results.json``, ``results.md``
 and PNG plots (when matplotlib is installed) go to ``--output``. Exit status: 0, 1 when a
-benchmark case failed, 2 for bad arguments.
+benchmark case failed, 2 for bad arguments. ``python -m crossattn.bench`` skips the plots
+when matplotlib is missing; the ``crossattn-bench`` script asks for ``crossattn[bench]``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,7 +34,9 @@ def _log(msg: str):
 def _parse(argv):
     from .workloads import SUITES
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    from .._cli import ArgumentParser  # one-line argparse errors, exit 2
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="bench-out", help="folder for results.json, results.md and PNGs")
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="workload set (default: gpu on a CUDA device, quick otherwise)")
@@ -62,15 +64,9 @@ def _configure(args):
     from .impls import registry
     from .workloads import SUITES
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r}: expected cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device!r}: expected cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise UsageError(f"--device {args.device}: {why} (torch {torch.__version__}); use --device cpu")
+    from .._cli import check_device  # exits 2 with one line for an unusable device
+
+    device = check_device(PROG, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     if args.quick and args.suite not in (None, "quick"):
         raise UsageError(f"--quick contradicts --suite {args.suite}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .workloads import KINDS
+from .workloads import KINDS, Workload
 
 METHOD = (
     "Each (workload, mode) times its candidates interleaved: every round runs each candidate once, "
@@ -35,8 +35,14 @@ def _ratio(r: dict, key: str) -> str:
     return f"{v['ratio']:.2f}x [{v['ci_low']:.2f}, {v['ci_high']:.2f}]"
 
 
-def markdown_table(env: dict, peaks: dict, rows: list[dict], skipped: dict, failed: dict,
-                   workloads: list) -> str:
+def markdown_table(env: dict, peaks: dict, rows: list[dict], skipped: dict, failed: dict | None = None,
+                   workloads: list | None = None) -> str:
+    """The report; ``workloads`` defaults to those of the rows (``tools/merge_bench.py``)."""
+    failed = failed or {}
+    if workloads is None:
+        fields = Workload.__dataclass_fields__
+        seen = {r["workload"]: Workload(**{k: r[k] for k in fields if k in r}) for r in rows}
+        workloads = list(seen.values())
     dtype = rows[0]["dtype"] if rows else env.get("dtype", "?")
     lines = [
         f"# crossattn benchmark — {env['device']}",
@@ -56,13 +62,13 @@ def markdown_table(env: dict, peaks: dict, rows: list[dict], skipped: dict, fail
             continue
         eager = "" if w.kind == "core" else " `eager` is the seed's own code for this layer."
         lines += ["", f"## {w.name}", "", f"{w.title()}.{eager}", "",
-                  "| mode | implementation | median ms | IQR ms | runs | vs eager [95% CI] | vs SDPA [95% CI] "
-                  "| peak MiB | attn TFLOP/s | weights GB/s | note |",
-                  "|---|---|---:|---:|---:|---|---|---:|---:|---:|---|"]
+                  "| workload | mode | implementation | median ms | IQR ms | runs | vs eager [95% CI] "
+                  "| vs SDPA [95% CI] | peak MiB | attn TFLOP/s | weights GB/s | note |",
+                  "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---|"]
         for r in wrows:
             note = f"SDPA picked {r['sdpa_backend']}" if r.get("sdpa_backend") else ""
             lines.append(
-                f"| {r['mode']} | {r['impl']} | {r['latency_ms']:.3f} | {r['iqr_ms']:.3f} | {r['runs']} | "
+                f"| {w.name} | {r['mode']} | {r['impl']} | {r['latency_ms']:.3f} | {r['iqr_ms']:.3f} | {r['runs']} | "
                 f"{_ratio(r, 'vs_eager')} | {_ratio(r, 'vs_sdpa')} | {_fmt(r.get('peak_mem_mib'), '.1f')} | "
                 f"{r['attention_tflops']:.3f} | {_fmt(r.get('weights_gbps'), '.1f')} | {note} |")
     if any("[torch] prune" in r["impl"] for r in rows):
