@@ -1,11 +1,13 @@
-"""pytest-benchmark suite: the bidirectional layer and the attention core, forward and
+"""pytest-benchmark suite: the seed layers and the attention core, forward and
 forward+backward, with and without weights, dense and pruned, against eager and SDPA.
 
     python -m pytest benchmarks --benchmark-enable          # measure
     python -m pytest benchmarks                             # CI: one run each (smoke test)
 
-The timed function synchronises the device; ``extra_info`` carries the attention TFLOP/s,
-the weights bandwidth and (on a GPU) the peak memory above the inputs.
+For ratios with confidence intervals, interleaved in one process, use ``crossattn-bench``;
+this suite gives pytest-benchmark's per-case statistics. The timed function synchronises the
+device; ``extra_info`` carries the workload, dtype, device, versions and commit, the
+attention TFLOP/s and (on a GPU) the peak memory above the inputs.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import pytest
 import torch
 
 from crossattn.bench.impls import registry
-from crossattn.bench.measure import environment, sync
-from crossattn.bench.workloads import Workload, make_inputs
+from crossattn.bench.measure import Step, cuda_peak_mib, environment, sync
+from crossattn.bench.workloads import Workload
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -26,10 +28,11 @@ WORKLOADS = (
     [Workload("seed000_small", 2, 64, 400, 256, 4), Workload("core_small", 1, 256, 256, 256, 4, kind="core")]
 )
 IMPLS = {impl.name: impl for impl in registry(quick=not ON_GPU)}
-NAMES = ["eager (seed 000)", "sdpa"] + [
+NAMES = ["eager", "sdpa"] + [
     f"crossattn[{b}] {v}" for b in ("torch", "triton")
     for v in ("weights=off", "weights=mean", "weights=full", "prune keep=0.25")
 ]
+ENV = environment(DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -40,33 +43,18 @@ def test_attention(benchmark, workload, name, mode):
     reason = impl.why_not(workload, DEVICE, DTYPE)
     if reason:
         pytest.skip(reason)
-    train = mode == "fwd+bwd"
-    run = impl.build(workload, DEVICE, DTYPE)
-    sets = [make_inputs(workload, DEVICE, DTYPE, seed=s, requires_grad=train) for s in range(3)]
-    state = {"i": 0}
+    step = Step(impl, workload, DEVICE, DTYPE, mode)
 
-    def step():
-        inputs = sets[state["i"] % len(sets)]
-        state["i"] += 1
-        if train:
-            sum(o.float().mean() for o in run(inputs, True)).backward()
-        else:
-            with torch.no_grad():
-                run(inputs, False)
+    def timed():
+        step()
         sync(DEVICE)
 
-    step()  # warm-up (compilation, caches)
-    peak = None
-    if ON_GPU:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark(step)
-    info = {"device": environment(DEVICE)["device"], "dtype": str(DTYPE), **workload.describe(),
-            "peak_mem_mib": peak}
+    timed()  # warm-up (compilation, caches)
+    peak = cuda_peak_mib(step, DEVICE) if ON_GPU else None
+    benchmark(timed)
+    info = {k: ENV[k] for k in ("device", "torch", "triton", "commit")}
+    info.update(dtype=str(DTYPE)[6:], workload=workload.title(), peak_mem_mib=peak, **workload.describe())
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median:
-        seconds = stats.stats.median
-        info["attention_tflops"] = workload.attention_flops() * (3.5 if train else 1) / seconds / 1e12
+        info["attention_tflops"] = workload.attention_flops() * (3.5 if mode == "fwd+bwd" else 1) / stats.stats.median / 1e12
     benchmark.extra_info.update(info)

@@ -10,6 +10,17 @@ stacked along the rows (``[B, Hkv, G * rows, D]``) and multiply their shared key
 
 The chunk size follows ``CROSSATTN_TORCH_CHUNK_MB`` (default 128): the budget for the
 per-chunk temporaries of the forward and backward.
+
+Two faster paths serve the common cases, with the same semantics (issue 20: the torch
+backend must be at least as fast as the code users would otherwise write):
+
+* no weights, no statistics, no dropout, bias, causality or pruning, below float64: PyTorch's
+  own ``scaled_dot_product_attention`` (a fused kernel with its own backward), with rows that
+  attend to nothing patched to 0 afterwards;
+* weights ``"full"`` of every head (no statistics, no bias): the caller holds ``P`` anyway, so
+  the backward reuses it, with the dropout keep mask saved as bool, as eager autograd would,
+  instead of recomputing the logits: fused softmax and softmax-backward, the dropout scale
+  and the ``scale / temperature`` factor folded into the small tensors.
 """
 from __future__ import annotations
 
@@ -25,6 +36,9 @@ from ..reference import AuxOutput, compute_dtype, element_mask, select_blocks_re
 from .base import Backend
 
 _DEFAULT_CHUNK_MB = 128
+# Without returned weights, P is saved for the backward while it takes at most this many
+# chunk budgets (512 MiB by default); beyond that the backward recomputes it by chunks.
+_SAVED_P_CHUNKS = 4
 # Per score element: ~7 compute-dtype temporaries in backward (s, s+bias, p, dp, ds, masks)
 # plus the int64 Philox state (5 words) while a dropout mask is drawn.
 _TEMPS = 7
@@ -131,11 +145,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 mass += p.sum(2)
             if kk:
                 top_v[:, :, sl], top_i[:, :, sl] = _top_k(p, s, kk, q.dtype)
-            pd = p
             keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
-            if keep is not None:
-                pd = p * keep * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
-            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            pd = p if keep is None else p.masked_fill(keep.logical_not_(), 0.0)
+            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            out[:, :, sl] = o if keep is None else o * _dropout_scale(cfg.dropout_p)  # on the small side
             pw = p if cfg.weight_heads is None else p[:, list(cfg.weight_heads)]
             if cfg.need_weights == "full":
                 weights[:, :, sl] = pw
@@ -175,13 +188,15 @@ class _ChunkedAttention(torch.autograd.Function):
             logp = c.s - m_all[:, :, sl] - lnl_all[:, :, sl]  # -inf where not attended / empty row
             p = torch.exp(logp)
             do = d_out[:, :, sl].to(ct)
-            dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
-            pd = p
             keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
             if keep is not None:
-                keep_scaled = keep.to(ct) * (0.0 if cfg.dropout_p >= 1.0 else 1.0 / (1.0 - cfg.dropout_p))
-                dp = dp * keep_scaled
-                pd = p * keep_scaled
+                do = do * _dropout_scale(cfg.dropout_p)  # the 1/(1-p) of dP and dV, on the small side
+            dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
+            pd = p
+            if keep is not None:
+                drop = keep.logical_not_()
+                dp.masked_fill_(drop, 0.0)
+                pd = p.masked_fill(drop, 0.0)
             if want_dw:
                 dw = d_weights[:, :, sl] if cfg.need_weights == "full" else d_weights[:, None, sl] / len(heads)
                 dp[:, heads] += dw.to(ct)
@@ -189,7 +204,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 dp = dp + d_mass[:, :, None, :].to(ct)
             if use[1]:  # d entropy / d P_ij = -(log P_ij + 1); the 1 cancels in the softmax
                 dp = dp - d_ent[:, :, sl, None].to(ct) * torch.where(p > 0, logp, 0.0)
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # d loss / d logits
+            ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
             if use[0]:  # d lse / d logits = P
                 ds = ds + p * d_lse[:, :, sl, None].to(ct)
             dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
@@ -238,13 +253,189 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
+# Philox counters per dropout-mask piece: its int64 temporaries stay in
+# cache (about 0.5 MiB each), several times faster than one pass over the whole chunk.
+_PHILOX_PIECE = 65536
+
+
 def _keep(seed, dropout_p, batch, heads, rows, lk, direction, device):
     if dropout_p <= 0.0:
         return None
-    return dropout_keep_mask(
-        seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-        direction=direction, device=device,
-    )
+    step = max(1, _PHILOX_PIECE // max(1, batch * heads * -(-lk // 4)))
+    if device.type != "cpu" or step >= len(rows):
+        return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
+                                 direction=direction, device=device)
+    keep = torch.empty(batch, heads, len(rows), lk, dtype=torch.bool, device=device)
+    for r0 in range(0, len(rows), step):
+        keep[:, :, r0:r0 + step] = dropout_keep_mask(
+            seed, dropout_p, batch=batch, heads=heads, rows=rows[r0:r0 + step], cols=lk,
+            direction=direction, device=device)
+    return keep
+
+
+def _dropout_scale(dropout_p: float) -> float:
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
+def _coef(cfg, temperature, ct):
+    """``scale / temperature``: a float, or ``[1, H, 1, 1]`` for a tensor temperature."""
+    return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
+
+
+class _SavedPAttention(torch.autograd.Function):
+    """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
+
+    ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
+    the caller holds anyway -- and, with dropout, the keep mask as floats already scaled by
+    ``1/(1-p)``: nothing is recomputed, and the saved state (8 bytes per score in float32)
+    stays below eager autograd's (scores, mask and dropped-out copy). In float32/float64
+    ``P`` is computed whole; half inputs are computed in float32 by row chunks (their ``P``
+    is stored in the input dtype, as eager would)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
+        B, H, Lq, _ = q.shape
+        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        ct = compute_dtype(q.dtype)
+        qs = q.to(ct) * _coef(cfg, temperature, ct)  # logits = qs @ k^T
+        kt, vc = k.to(ct).transpose(-1, -2), v.to(ct)
+        rows = max(Lq, 1) if ct == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        whole = rows >= Lq and Lq > 0 and ct == q.dtype
+        weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
+        scaled_keep = None
+        if cfg.dropout_p > 0 and not whole:
+            scaled_keep = torch.empty(B, H, Lq, Lk, dtype=ct, device=q.device)
+        f = _dropout_scale(cfg.dropout_p)
+        out = q.new_empty(B, H, Lq, Dv)
+        for r0 in range(0, Lq, rows):
+            sl = slice(r0, min(Lq, r0 + rows))
+            r = torch.arange(sl.start, sl.stop, device=q.device)
+            s = _ungrouped(_grouped(qs[:, :, sl], Hkv) @ kt, H)
+            mask = element_mask(
+                B, Lq, Lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
+                block_q=cfg.block_q, block_k=cfg.block_k, rows=r, is_causal=cfg.is_causal, device=q.device,
+            )
+            if mask is not None:
+                s.masked_fill_(~mask, -math.inf)
+            p = torch.softmax(s, dim=-1)
+            del s
+            if mask is not None:
+                p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
+            if whole:
+                weights = p
+            else:
+                weights[:, :, sl] = p
+            keep = _keep(seed, cfg.dropout_p, B, H, r, Lk, cfg.direction, q.device)
+            if keep is not None:
+                # Floats, not bool: multiplying by a bool tensor converts it on every use.
+                keep = torch.where(keep, torch.full((), f, dtype=ct, device=q.device),
+                                   torch.zeros((), dtype=ct, device=q.device))
+                if whole:
+                    scaled_keep = keep
+                else:
+                    scaled_keep[:, :, sl] = keep
+            pd = p if keep is None else p * keep
+            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+        ctx.save_for_backward(qs, k, v, temperature, weights, scaled_keep)
+        ctx.cfg, ctx.q_dtype = cfg, q.dtype
+        ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
+        if cfg.need_weights == "full":
+            return out, weights
+        return out, weights.mean(1) if cfg.need_weights == "mean" else q.new_empty(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_weights):
+        qs, k, v, temperature, weights, scaled_keep = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, H, Lq, _ = qs.shape
+        Hkv, Lk = k.shape[1], k.shape[2]
+        ct = qs.dtype
+        kc, vt = k.to(ct), v.to(ct).transpose(-1, -2)
+        dq = torch.empty_like(qs)  # before the scale / temperature factor
+        dk = torch.zeros(k.shape, dtype=ct, device=k.device)
+        dv = torch.zeros(v.shape, dtype=ct, device=v.device)
+        rows = max(Lq, 1) if ct == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        for r0 in range(0, Lq, rows):
+            sl = slice(r0, min(Lq, r0 + rows))
+            p = weights[:, :, sl].to(ct)
+            keep = None if scaled_keep is None else scaled_keep[:, :, sl]
+            if d_out is None:
+                dp = torch.zeros_like(p)
+            else:
+                do = d_out[:, :, sl].to(ct)
+                dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
+                pd = p if keep is None else p * keep
+                dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
+                del pd
+                if keep is not None:
+                    dp *= keep
+            if d_weights is not None and cfg.need_weights == "full":
+                dp += d_weights[:, :, sl].to(ct)
+            elif d_weights is not None and cfg.need_weights == "mean":
+                dp += d_weights[:, None, sl].to(ct) / H
+            ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
+            del dp, p
+            ds = _grouped(ds, Hkv)
+            dq[:, :, sl] = _ungrouped(ds @ kc, H)
+            dk += ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
+        d_temp = None
+        if temperature is not None and ctx.needs_input_grad[3]:
+            # logits = q.k * scale / T: sum_j dS_ij * S_ij = qs_i . (dS @ k)_i, so
+            # dL/dT_h = -(1/T_h) * sum_{b,i} qs_i . dq_raw_i
+            dt = -(qs * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
+            d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
+        dq = dq * _coef(cfg, temperature, ct)
+        return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
+
+
+def _saves_p(p: AttentionProblem) -> bool:
+    """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and the dropout
+    mask fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
+    if p.aux is not None or p.attn_bias is not None or p.weight_heads is not None:
+        return False
+    if p.need_weights == "full":
+        return True
+    B, H, Lq, Lk, _, _ = p.dims
+    per_score = p.q.element_size() + (compute_dtype(p.q.dtype).itemsize if p.dropout_p > 0 else 0)
+    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
+
+
+# SDPA's enable_gqa came with torch 2.5; older torch serves grouped heads on the chunked path.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa_serves(p: AttentionProblem) -> bool:
+    """Where SDPA computes exactly what the contract asks (float64 keeps the exact path)."""
+    B, H, Lq, Lk, _, _ = p.dims
+    return (p.need_weights is None and p.aux is None and p.dropout_p == 0.0 and p.pruning is None
+            and p.attn_bias is None and not p.is_causal and p.q.dtype != torch.float64
+            and min(B, H, Lq, Lk) > 0 and (p.kv_heads == H or _SDPA_GQA))
+
+
+def _sdpa_attention(p: AttentionProblem) -> torch.Tensor:
+    B, H, Lq, Lk, _, _ = p.dims
+    q, scale = p.q, p.scale
+    if isinstance(p.temperature, torch.Tensor):  # per-head factor on q; autograd reaches T
+        q = q * (p.scale / p.temperature.to(compute_dtype(q.dtype))).reshape(1, -1, 1, 1).to(q.dtype)
+        scale = 1.0
+    elif p.temperature is not None:
+        scale = p.scale / p.temperature
+    key_valid, query_valid = p.key_valid(), p.query_valid()
+    mask = row_ok = None
+    if key_valid is not None:
+        # A batch with no valid key attends to all of them here (no NaN, no NaN gradient);
+        # its rows are zeroed below, so their output and gradients are exactly 0.
+        has_key = key_valid.any(-1)
+        mask = (key_valid | ~has_key[:, None])[:, None, None, :]
+        row_ok = has_key[:, None, None, None]
+    if query_valid is not None:
+        qv = query_valid[:, None, :, None]
+        row_ok = qv if row_ok is None else row_ok & qv
+    gqa = {"enable_gqa": True} if p.kv_heads != H else {}
+    out = torch.nn.functional.scaled_dot_product_attention(q, p.k, p.v, attn_mask=mask, scale=scale, **gqa)
+    return out if row_ok is None else out.masked_fill(~row_ok, 0.0)
 
 
 class TorchBackend(Backend):
@@ -258,6 +449,8 @@ class TorchBackend(Backend):
 
     def attention(self, problem: AttentionProblem):
         p = problem
+        if _sdpa_serves(p):
+            return _sdpa_attention(p), None, None
         key_valid, query_valid = p.key_valid(), p.query_valid()
         block_mask, block_q, block_k = None, 0, 0
         if p.pruning is not None:
@@ -270,6 +463,10 @@ class TorchBackend(Backend):
         scale = p.scale if temp is not None or p.temperature is None else p.scale / p.temperature
         cfg = _Config(scale, block_q, block_k, p.dropout_p, p.direction, p.need_weights, p.weight_heads,
                       p.is_causal, p.aux)
+        if _saves_p(p):
+            out, weights = _SavedPAttention.apply(
+                p.q, p.k, p.v, temp, key_valid, query_valid, block_mask, p.dropout_seed, cfg)
+            return out, (weights if p.need_weights else None), None
         out, weights, lse, ent, mass, top_v, top_i = _ChunkedAttention.apply(
             p.q, p.k, p.v, temp, p.attn_bias, key_valid, query_valid, block_mask, p.dropout_seed, cfg,
         )

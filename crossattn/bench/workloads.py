@@ -1,4 +1,4 @@
-"""Benchmark workloads: bidirectional text<->audio layers and single-direction attention cores."""
+"""Benchmark workloads: the seeds' layers and single-direction attention cores."""
 from __future__ import annotations
 
 import math
@@ -6,12 +6,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+# What each kind of workload runs; the report prints it so a row says what it measures.
+KINDS = {
+    "layer": "seed 000's bidirectional text<->audio layer: six projections, attention both ways, "
+             "residual + one shared LayerNorm, dropout 0.1 on the weights in training",
+    "layer1": "seed 001's one-direction CrossModalAttention: text queries attend to image patches, "
+              "q/k/v and output projections, dropout 0.1 on the weights in training",
+    "core": "the attention alone on q [B, H, T, D], k/v [B, H, A, D]",
+}
+
 
 @dataclass(frozen=True)
 class Workload:
-    """``kind="layer"``: the seed's bidirectional layer on features text ``[B, T, E]`` and audio
-    ``[B, A, E]`` (projections, attention both ways, residual + LayerNorm).
-    ``kind="core"``: attention alone on ``q [B, H, T, D]``, ``k``/``v`` ``[B, H, A, D]``."""
+    """``T`` query-side (text) length, ``A`` key-side (audio / image) length, ``E`` model width."""
 
     name: str
     B: int
@@ -27,25 +34,35 @@ class Workload:
     def D(self) -> int:
         return self.E // self.H
 
+    @property
+    def directions(self) -> int:
+        return 2 if self.kind == "layer" else 1
+
     def attention_flops(self) -> float:
         """Forward FLOPs of the attention matmuls (QK^T and PV), both directions for layers."""
-        per_direction = 4.0 * self.B * self.H * self.T * self.A * self.D
-        return per_direction * (2 if self.kind == "layer" else 1)
+        return 4.0 * self.B * self.H * self.T * self.A * self.D * self.directions
 
     def describe(self) -> dict:
         return dict(asdict(self), D=self.D)
+
+    def title(self) -> str:
+        pad = ", ragged padding (lengths 30-100 %)" if self.ragged else ""
+        return f"B={self.B} T={self.T} A={self.A} E={self.E} H={self.H} D={self.D}{pad}; {KINDS[self.kind]}"
 
 
 @dataclass
 class Inputs:
     """One set of inputs for a workload (several sets rotate between timed runs)."""
 
-    text: torch.Tensor  # [B, T, E] (layer) or q [B, H, T, D] (core)
-    audio: torch.Tensor  # [B, A, E] (layer) or k [B, H, A, D] (core)
+    text: torch.Tensor  # [B, T, E] (layers) or q [B, H, T, D] (core)
+    audio: torch.Tensor  # [B, A, E] (layers) or k [B, H, A, D] (core)
     value: torch.Tensor | None = None  # v for cores
     text_mask: torch.Tensor | None = None  # HF style, 1 = real
     audio_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.text, self.audio, self.value) if t is not None]
 
 
 def make_inputs(w: Workload, device, dtype, seed: int = 0, requires_grad: bool = False) -> Inputs:
@@ -54,7 +71,7 @@ def make_inputs(w: Workload, device, dtype, seed: int = 0, requires_grad: bool =
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-    if w.kind == "layer":
+    if w.kind in ("layer", "layer1"):
         inputs = Inputs(randn(w.B, w.T, w.E), randn(w.B, w.A, w.E))
     else:
         inputs = Inputs(randn(w.B, w.H, w.T, w.D), randn(w.B, w.H, w.A, w.D), randn(w.B, w.H, w.A, w.D))
@@ -69,10 +86,11 @@ def make_inputs(w: Workload, device, dtype, seed: int = 0, requires_grad: bool =
 
 
 def gpu_workloads() -> list[Workload]:
-    sweep = [Workload(f"sweep_A{a}", 4, 128, a, 768, 8, group="audio_sweep") for a in (250, 500, 1000, 2000, 4000, 8000, 16000)]
+    sweep = [Workload(f"audio_sweep_{a}", 4, 128, a, 768, 8, group="audio_sweep")
+             for a in (250, 500, 1000, 2000, 4000, 8000, 16000)]
     return [
         Workload("seed000", 4, 512, 1000, 768, 8),
-        Workload("seed001", 4, 20, 196, 256, 8),
+        Workload("seed001", 4, 20, 196, 256, 8, kind="layer1"),
         Workload("short_inference", 1, 32, 300, 768, 8),
         Workload("long_audio", 2, 128, 16000, 768, 8),
         Workload("compute_bound", 2, 8192, 8192, 2048, 16, kind="core"),
@@ -82,13 +100,25 @@ def gpu_workloads() -> list[Workload]:
 
 
 def quick_workloads() -> list[Workload]:
-    """CPU-sized: the whole quick run stays under two minutes on two cores."""
-    sweep = [Workload(f"sweep_A{a}", 2, 32, a, 256, 4, group="audio_sweep") for a in (100, 200, 400, 800)]
+    """CPU-sized: the whole quick run stays around two minutes on two cores."""
+    sweep = [Workload(f"audio_sweep_{a}", 2, 32, a, 256, 4, group="audio_sweep") for a in (100, 200, 400, 800)]
     return [
         Workload("seed000_small", 2, 64, 400, 256, 4),
-        Workload("seed001", 4, 20, 196, 256, 8),
+        Workload("seed001", 4, 20, 196, 256, 8, kind="layer1"),
         Workload("short_inference_small", 1, 32, 300, 256, 4),
         Workload("ragged_small", 2, 64, 400, 256, 4, ragged=True),
         Workload("core_small", 1, 256, 256, 256, 4, kind="core"),
         *sweep,
     ]
+
+
+def cpu_workloads() -> list[Workload]:
+    """Where the CPU path stands (issue 20): the seed layer at B=2, T=256, A=1000 and the seed's
+    full shape B=4, T=512, A=1000 (run with ``--dtype bfloat16`` too)."""
+    return [
+        Workload("seed000_B2_T256", 2, 256, 1000, 768, 8),
+        Workload("seed000", 4, 512, 1000, 768, 8),
+    ]
+
+
+SUITES = {"quick": quick_workloads, "cpu": cpu_workloads, "gpu": gpu_workloads}

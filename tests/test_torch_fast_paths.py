@@ -1,0 +1,84 @@
+"""The torch backend's fast paths (SDPA without weights, saved P) compute what the chunked
+recomputing path and the float64 reference compute, including their edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crossattn
+from crossattn.backends import torch_backend as tb
+from conftest import TOL, make_qkv, reference
+
+
+def _grads(out, w, q, k, v, extra=()):
+    loss = out.square().sum() + (0 if w is None else (w * w).sum())
+    return torch.autograd.grad(loss, (q, k, v, *extra))
+
+
+def test_sdpa_path_zeroes_empty_and_padded_rows_without_nan(monkeypatch):
+    calls = []
+    real = tb._sdpa_attention
+    monkeypatch.setattr(tb, "_sdpa_attention", lambda p: calls.append(1) or real(p))
+    q, k, v = make_qkv(3, 2, 6, 9, 8, requires_grad=True)
+    kpm = torch.zeros(3, 9, dtype=torch.bool)
+    kpm[1] = True  # batch 1 has no valid key
+    kpm[2, 4:] = True
+    qpm = torch.zeros(3, 6, dtype=torch.bool)
+    qpm[0, 5] = True
+    temp = torch.tensor([0.7, 1.3], requires_grad=True)
+    out, w = crossattn.cross_attention(q, k, v, key_padding_mask=kpm, query_padding_mask=qpm,
+                                       temperature=temp, backend="torch")
+    assert calls and w is None
+    ref, _ = reference(q, k, v, key_padding_mask=kpm, query_padding_mask=qpm, temperature=temp.detach().double())
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    assert (out[1] == 0).all() and (out[0, :, 5] == 0).all()
+    gq, gk, gv, gt = _grads(out, None, q, k, v, (temp,))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv, gt))
+    assert (gq[1] == 0).all() and (gk[1] == 0).all() and (gv[1] == 0).all() and (gq[0, :, 5] == 0).all()
+
+
+def test_sdpa_path_grouped_query_heads_match_the_reference():
+    q, _, _ = make_qkv(2, 4, 5, 7, 8)
+    _, k, v = make_qkv(2, 2, 5, 7, 8, seed=1)
+    out, _ = crossattn.cross_attention(q, k, v, backend="torch")
+    ref, _ = reference(q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("need_weights", [None, "mean", "full"])
+def test_saved_p_path_equals_the_recomputing_path(monkeypatch, need_weights):
+    """Dropout, padding and a learnable temperature: same outputs, weights and gradients
+    whether P is saved or recomputed by the chunked path."""
+    q, k, v = make_qkv(2, 3, 11, 13, 8, dtype=torch.float64, requires_grad=True)
+    temp = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 13, dtype=torch.bool)
+    kpm[1, 5:] = True
+    kw = dict(key_padding_mask=kpm, temperature=temp, dropout_p=0.3, need_weights=need_weights or False,
+              backend="torch")
+    results, chosen = [], []
+    real = tb._saves_p
+    for force in (None, False):
+        monkeypatch.setattr(tb, "_saves_p", lambda p, f=force: chosen.append(real(p) if f is None else f) or chosen[-1])
+        torch.manual_seed(3)
+        out, w = crossattn.cross_attention(q, k, v, **kw)
+        results.append([out, w, *_grads(out, w, q, k, v, (temp,))])
+    assert chosen == [True, False]
+    for a, b in zip(*results):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_saved_p_is_chosen_by_size(monkeypatch):
+    q, k, v = make_qkv(1, 2, 4, 6, 8)
+    from crossattn._validation import AttentionProblem
+
+    def problem(need_weights, dropout_p=0.1):
+        return AttentionProblem(q, k, v, None, None, None, 8**-0.5, None, dropout_p, need_weights, None)
+
+    assert tb._saves_p(problem("full")) and tb._saves_p(problem(None)) and tb._saves_p(problem("mean"))
+    monkeypatch.setenv("CROSSATTN_TORCH_CHUNK_MB", "0.000001")  # P no longer fits: recompute
+    assert tb._saves_p(problem("full")) and not tb._saves_p(problem(None)) and not tb._saves_p(problem("mean"))
+    assert tb._sdpa_serves(problem(None, 0.0)) and not tb._sdpa_serves(problem(None))
+    assert not tb._sdpa_serves(problem("full", 0.0))
