@@ -168,10 +168,14 @@ class TextAudioEmotionModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, text_input, audio_input, metadata: Mapping | None = None) -> dict:
-        text_raw, text_mask = encode_text(self.text_encoder, text_input)
-        audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
-        text = self.text_proj(text_raw)
-        audio = self.audio_proj(audio_raw)
+        # A unimodal control does not run the other encoder (its output would be unused).
+        text = text_mask = audio = audio_mask = None
+        if self.fusion != "audio_only":
+            text_raw, text_mask = encode_text(self.text_encoder, text_input)
+            text = self.text_proj(text_raw)
+        if self.fusion != "text_only":
+            audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
+            audio = self.audio_proj(audio_raw)
         w_ta = w_at = None
         pooled = []
         if self.fusion == "bidirectional":
@@ -191,7 +195,7 @@ class TextAudioEmotionModel(nn.Module):
         if self.fusion != "text_only":
             pooled.append(masked_mean(audio, audio_mask))
         fused = torch.cat(pooled, dim=-1)
-        meta = self.metadata(metadata, fused.shape[0], fused.device)
+        meta = self.metadata(metadata, fused.shape[0], fused.device)  # after the encoders: B known
         gate = torch.sigmoid(self.gate(torch.cat([fused, meta], dim=-1)))
         per_feature = gate if self.gate_kind == "feature" else gate[:, self._stream_of]
         h = per_feature * fused + self.residual(meta)
