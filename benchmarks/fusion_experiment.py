@@ -252,8 +252,10 @@ def analyse(results, items, test):
     for who, a, b, claimed, subset in CLAIMS:
         if a not in results or b not in results:
             continue
-        diff, lo, hi = paired_bootstrap(correctness(results, a, items, test, subset),
-                                        correctness(results, b, items, test, subset))
+        ca, cb = correctness(results, a, items, test, subset), correctness(results, b, items, test, subset)
+        if ca.shape[1] == 0:  # no such test item (tiny runs)
+            continue
+        diff, lo, hi = paired_bootstrap(ca, cb)
         rows.append(dict(who=who, a=a, b=b, subset=subset or "all", claimed=claimed, diff=diff, lo=lo, hi=hi,
                          verdict=verdict(diff, lo, hi, claimed)))
     return rows
@@ -308,7 +310,8 @@ def markdown(saved) -> str:
     hct = saved.get("hctdmg")
     if hct:
         lines += ["## HCT-DMG's modality gate", "",
-                  f"Primary modality chosen after training, per seed: {', '.join(hct['primary'])}; gate "
+                  "Primary modality chosen after training, per seed: "
+                  f"{', '.join(p.replace('vision', 'speaker') for p in hct['primary'])}; gate "
                   f"probabilities (text, audio, speaker) per seed: "
                   + "; ".join("(" + ", ".join(f"{x:.2f}" for x in w) + ")" for w in hct["weights"]) + ".", ""]
     al = saved.get("alignment")
@@ -335,7 +338,8 @@ def summarise(results, items, test):
         acc = [(np.array(r["predictions"]) == labels) for r in res["runs"]]
         out[name] = {"accuracy": float(np.mean([a.mean() for a in acc])),
                      "accuracy_sd": float(np.std([a.mean() for a in acc], ddof=1)) if len(acc) > 1 else 0.0,
-                     "by_condition": {c: float(np.mean([a[cond == c].mean() for a in acc])) for c in CONDITIONS}}
+                     "by_condition": {c: float(np.mean([a[cond == c].mean() for a in acc])) if (cond == c).any()
+                                      else math.nan for c in CONDITIONS}}
     return out
 
 
@@ -348,7 +352,8 @@ def gate_table(results, items, test):
         if name in ("text only", "audio only"):
             continue
         g = np.array([r["gates"] for r in res["runs"]])  # [seeds, items, 2]
-        table[name] = {s: {c: float(np.nanmean(g[:, cond == c, k])) for c in CONDITIONS}
+        table[name] = {s: {c: float(np.nanmean(g[:, cond == c, k])) if (cond == c).any() else math.nan
+                           for c in CONDITIONS}
                        for k, s in enumerate(("text", "audio"))}
     return table
 
@@ -376,7 +381,7 @@ def figure(model, items, test, tokenizer, path):
 
     model.eval()
     model.need_weights = "mean"
-    i = next(i for i in test if items.cond[i] == "incongruent")
+    i = next((i for i in test if items.cond[i] == "incongruent"), test[0])
     with torch.no_grad():
         out = model(*items.emotion_batch([i], tokenizer)[0])
     tokens = tokenizer.tokens(items.text[i])
