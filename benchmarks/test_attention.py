@@ -56,5 +56,6 @@ def test_attention(benchmark, workload, name, mode):
     info.update(dtype=str(DTYPE)[6:], workload=workload.title(), peak_mem_mib=peak, **workload.describe())
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median:
-        info["attention_tflops"] = workload.attention_flops() * (3.5 if mode == "fwd+bwd" else 1) / stats.stats.median / 1e12
+        flops = workload.attention_flops() * (3.5 if mode == "fwd+bwd" else 1)
+        info["attention_tflops"] = flops / stats.stats.median / 1e12
     benchmark.extra_info.update(info)

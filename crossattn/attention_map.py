@@ -17,23 +17,44 @@ import torch
 from ._cli import ArgumentParser, existing_file, require_extra
 
 
-def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, title: str, path) -> None:
-    """``weights [T, A]`` -> PNG: tokens on the y axis, time on the x axis."""
+def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, title: str, path, *,
+           word_spans: list | None = None, offset: float = 0.0) -> None:
+    """``weights [T, A]`` -> PNG: tokens on the y axis, time on the x axis.
+
+    The colour is each weight divided by the uniform level ``1/A`` on a fixed log2 scale
+    (x1/8 .. x8, white = uniform), so a near-uniform map looks white instead of showing noise
+    as structure. ``word_spans`` (per token ``(start_s, end_s)`` or None, e.g. from
+    :func:`crossattn.models.alignment.token_spans`) draws the word boundaries of the corpus on
+    the time axis and outlines each token's own word; ``offset`` is the first frame's start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     T, A = weights.shape
+    ratio = torch.log2((weights.double() * A).clamp(min=2.0 ** -8))
     fig, ax = plt.subplots(figsize=(min(16, 3 + A * 0.08), 1.5 + 0.35 * T))
-    im = ax.imshow(weights.numpy(), aspect="auto", origin="upper", cmap="magma", interpolation="nearest",
-                   extent=(0, A * seconds_per_frame, T - 0.5, -0.5))
+    x0, x1 = offset, offset + A * seconds_per_frame
+    im = ax.imshow(ratio.numpy(), aspect="auto", origin="upper", cmap="RdBu_r", vmin=-3, vmax=3,
+                   interpolation="nearest", extent=(x0, x1, T - 0.5, -0.5))
+    if word_spans is not None:
+        bounds = sorted({t for s in word_spans if s is not None for t in s})
+        for t in bounds:
+            ax.axvline(t, color="0.3", lw=0.6, ls=":")
+        for i, s in enumerate(word_spans):
+            if s is not None:
+                ax.add_patch(Rectangle((s[0], i - 0.5), s[1] - s[0], 1.0, fill=False, ec="green", lw=1.4))
+    ax.set_xlim(x0, x1)
     ax.set_yticks(range(T))
     ax.set_yticklabels(tokens)
-    ax.set_xlabel("audio time (s)")
+    ax.set_xlabel("audio time (s)" + ("; green box: the token's own word, dotted: word boundaries"
+                                      if word_spans is not None else ""))
     ax.set_ylabel("text token")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="attention weight (head mean)")
+    bar = fig.colorbar(im, ax=ax, ticks=[-3, -2, -1, 0, 1, 2, 3])
+    bar.ax.set_yticklabels(["x1/8", "x1/4", "x1/2", "x1 = uniform", "x2", "x4", "x8"])
+    bar.set_label(f"weight / uniform (1/{A}), head mean")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -249,9 +249,8 @@ def forward(model, batch, args, device):
         return model(move(text_input), move(audio_input), move(metadata)), labels.to(device)
     feats, pads, labels = batch
     feats, pads = [f.to(device) for f in feats], [p.to(device) for p in pads]
-    if args.model == "hctdmg":
-        return model(*feats, *pads), labels.to(device)
-    return model(feats, pads), labels.to(device)
+    names = ("text", "audio", "vision")[: len(feats)]
+    return model(*feats, **{f"{m}_padding_mask": p for m, p in zip(names, pads)}), labels.to(device)
 
 
 def loss_fn(model, outputs, labels, args):

@@ -12,7 +12,7 @@ import torch
 
 from crossattn.data import (
     AlignedPickleDataset, EmotionCollator, FeatureCollator, MELDDataset, SyntheticEmotionCorpus,
-    espeak_available, read_wav, write_wav,
+    espeak_available, iemocap_metrics, mmsa_regression_metrics, read_wav, write_wav,
 )
 from crossattn.models import EMOTIONS, WordTokenizer
 
@@ -38,7 +38,8 @@ def test_synthetic_corpus_is_deterministic_and_cached(tmp_path, engine):
     other = SyntheticEmotionCorpus(tmp_path / "a", per_class=3, seed=5, engine=engine)
     assert other.dir != a.dir and other.samples != a.samples
     item = a[0]
-    assert set(item) == {"text", "waveform", "label", "text_emotion", "congruent", "metadata"}
+    assert set(item) == {"text", "waveform", "label", "text_emotion", "voice_emotion", "congruent", "condition",
+                         "words", "metadata"}
     assert item["waveform"].dtype == torch.float32 and item["waveform"].numel() > 8000
     assert item["waveform"].abs().max() <= 1.0 and item["waveform"].abs().max() > 0.01
     assert set(item["metadata"]) == {"age", "gender", "timbre"}
@@ -65,6 +66,38 @@ def test_incongruent_fraction(tmp_path):
     assert all(s["text_emotion"] != EMOTIONS[s["label"]] for s in every.samples)
     with pytest.raises(ValueError, match="incongruent_fraction"):
         SyntheticEmotionCorpus(tmp_path, incongruent_fraction=1.5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_conditions_place_the_emotion_and_words_are_timed(tmp_path, engine):
+    emos = ("neutral", "happy", "sad", "angry")
+    c = SyntheticEmotionCorpus(tmp_path, per_class=8, seed=0, engine=engine, emotions=emos,
+                               conditions={"words": 1, "voice": 1, "congruent": 1, "incongruent": 1})
+    assert len(c) == 32 and {s["condition"] for s in c.samples} == {"words", "voice", "congruent", "incongruent"}
+    for s in c.samples:
+        label, te, ve = EMOTIONS[s["label"]], s["text_emotion"], s["voice_emotion"]
+        assert label in emos
+        expected = {"words": (label, "neutral"), "voice": ("neutral", label), "congruent": (label, label)}
+        if s["condition"] == "incongruent":  # the voice's emotion wins; the words carry another one
+            assert ve == label != te and "neutral" not in (te, ve)
+        else:
+            assert (te, ve) == expected[s["condition"]]
+    item = c[0]
+    spoken = [w.strip(",.!?") for w in item["text"].split()]
+    assert [w[0] for w in item["words"]] == spoken
+    seconds = item["waveform"].numel() / 16000
+    starts, ends = [w[1] for w in item["words"]], [w[2] for w in item["words"]]
+    assert all(a < b for a, b in zip(starts, ends)) and all(e <= s for e, s in zip(ends, starts[1:]))
+    assert ends[-1] <= seconds + 1e-3
+    # voiced inside the words, silent in the pauses between them
+    x = item["waveform"]
+    gap = x[int(ends[0] * 16000) + 8: int(starts[1] * 16000) - 8]
+    word = x[int(starts[1] * 16000): int(ends[1] * 16000)]
+    assert gap.abs().max() < 1e-3 < word.abs().max()
+    with pytest.raises(ValueError, match="conditions must map names"):
+        SyntheticEmotionCorpus(tmp_path, emotions=emos, conditions={"both": 1})
+    with pytest.raises(ValueError, match="need 'neutral' in emotions"):
+        SyntheticEmotionCorpus(tmp_path, emotions=("happy", "sad"), conditions={"words": 1})
 
 
 def test_split_is_stratified_and_disjoint(tmp_path):
@@ -116,6 +149,29 @@ def test_meld_loader(tmp_path):
         MELDDataset(csv_path, audio, missing_audio="error")
 
 
+def test_meld_splits_read_their_own_audio_folders(tmp_path):
+    """MELD.Raw reuses dia/utt names across splits: each split must read its own clips."""
+    root = tmp_path / "MELD.Raw"
+    for split, folder, length in (("train", "train_splits", 8000), ("dev", "dev_splits_complete", 9000),
+                                  ("test", "output_repeated_splits_test", 10000)):
+        (root / folder).mkdir(parents=True)
+        with open(root / f"{split}_sent_emo.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"])
+            w.writerow([1, f"{split} line", "Monica", "joy", 0, 0])
+        write_wav(root / folder / "dia0_utt0.wav", np.full(length, 0.1, np.float32), 16000)
+    sizes = {s: MELDDataset.from_root(root, s)[0]["waveform"].numel() for s in ("train", "dev", "test")}
+    assert sizes == {"train": 8000, "dev": 9000, "test": 10000}
+    assert MELDDataset.from_root(root, "dev")[0]["text"] == "dev line"
+    with pytest.raises(ValueError, match="split must be one of"):
+        MELDDataset.from_root(root, "valid")
+    (root / "dev_splits_complete" / "dia0_utt0.wav").rename(root / "dia0_utt0.wav")
+    import shutil
+    shutil.rmtree(root / "dev_splits_complete")
+    with pytest.raises(FileNotFoundError, match="no audio folder for MELD's 'dev' split"):
+        MELDDataset.from_root(root, "dev")
+
+
 def test_meld_loader_rejects_bad_files(tmp_path):
     csv_path, audio = _write_meld(tmp_path, [("Hi", "boredom", 0, 0)])
     with pytest.raises(ValueError, match="unknown emotion 'boredom'"):
@@ -145,7 +201,14 @@ def test_mult_pickle_loader(tmp_path):
     torch.testing.assert_close(reg[4]["label"], torch.tensor([1.5]))
     assert np.isfinite(reg[1]["features"][1]).all()
     assert AlignedPickleDataset(path, "train", "acc7").labels.tolist() == [0, 3, 3, 3, 5, 6]
-    assert AlignedPickleDataset(path, "train", "acc2").labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # scores -2.6 -0.4 0.0 0.4 1.5 3.2: non-0 convention drops the 0; has-0 counts it as non-negative
+    non0 = AlignedPickleDataset(path, "train", "acc2")
+    assert non0.labels.tolist() == [0, 0, 1, 1, 1] and non0.index.tolist() == [0, 1, 3, 4, 5]
+    assert len(non0) == 5 and non0[2]["features"][0].shape == (6, 5)
+    np.testing.assert_array_equal(non0[2]["features"][0], data["train"]["text"][3])
+    assert AlignedPickleDataset(path, "train", "acc2_has0").labels.tolist() == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="target='emotions' needs MulT IEMOCAP labels"):
+        AlignedPickleDataset(path, "train", "emotions")
     assert len(AlignedPickleDataset(path, "valid")) == 2
     with pytest.raises(ValueError, match="classification_labels"):
         AlignedPickleDataset(path, "train", "classification")
@@ -171,6 +234,61 @@ def test_mmsa_pickle_loader_with_lengths(tmp_path):
         p2 = tmp_path / "x.pkl"
         p2.write_bytes(pickle.dumps({"train": split}))
         AlignedPickleDataset(p2, "valid")
+
+
+def test_mult_iemocap_labels_are_four_one_vs_rest_emotions(tmp_path):
+    rng = np.random.default_rng(2)
+    present = np.array([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]])
+    split = _mult_split(rng, 4)
+    split["labels"] = np.stack([1 - present, present], -1).astype(np.float32)  # [N, 4, 2] one-hot
+    path = tmp_path / "iemocap_data.pkl"
+    path.write_bytes(pickle.dumps({"train": split, "valid": split, "test": split}))
+    ds = AlignedPickleDataset(path, "test", "emotions")
+    assert ds.labels.tolist() == present.tolist() and ds[1]["label"].tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="four one-vs-rest emotions; use target='emotions'"):
+        AlignedPickleDataset(path, "test", "regression")
+    logits = torch.zeros(4, 4, 2)
+    logits[..., 1] = torch.tensor(present, dtype=torch.float32) * 2 - 1  # all right ...
+    logits[3, 0, 1] = 1.0  # ... but one: neutral wrongly present in item 3
+    m = iemocap_metrics(logits, ds.labels)
+    assert m["happy_acc"] == 1.0 and m["neutral_acc"] == 0.75
+    # neutral: truth [1,0,0,0], pred [1,0,0,1] -> F1(present) 2/3 (1 item), F1(absent) 4/5 (3 items)
+    assert m["neutral_f1"] == pytest.approx((2 / 3 * 1 + 0.8 * 3) / 4)
+    assert iemocap_metrics(logits.view(4, 8), ds.labels) == m
+
+
+def test_mmsa_text_mask_and_metrics(tmp_path):
+    rng = np.random.default_rng(3)
+    split = _mult_split(rng, 3)
+    split["regression_labels"] = split.pop("labels").reshape(3)
+    ids = np.zeros((3, 3, 6), np.int64)
+    ids[:, 1] = (np.arange(6)[None] < np.array([[6], [2], [4]])).astype(np.int64)  # BERT attention mask
+    split["text_bert"] = ids
+    path = tmp_path / "mmsa_aligned.pkl"
+    path.write_bytes(pickle.dumps({"train": split, "valid": split, "test": split}))
+    ds = AlignedPickleDataset(path, "test")
+    assert [ds[i]["features"][0].shape[0] for i in range(3)] == [6, 2, 4]
+    ids[1, 1, 5] = 1  # a hole in the mask
+    path.write_bytes(pickle.dumps({"test": {**split, "text_bert": ids}}))
+    with pytest.raises(ValueError, match="not a prefix"):
+        AlignedPickleDataset(path, "test")
+
+    truth = np.array([-2.6, -0.4, 0.0, 0.4, 1.5, 3.0])
+    pred = np.array([-1.0, 0.2, -0.1, 0.6, 2.4, 2.5])
+    m = mmsa_regression_metrics(torch.tensor(pred), torch.tensor(truth))
+    assert m["Has0_acc_2"] == pytest.approx(4 / 6)  # item 1 (+0.2 vs -0.4) and item 2 (-0.1 vs 0.0) wrong
+    assert m["Non0_acc_2"] == pytest.approx(4 / 5)  # item 2 left out
+    # rounded half to even: pred [-1, 0, -0, 1, 2, 2] vs truth [-3, -0, 0, 0, 2, 3] (1.5 -> 2, 2.5 -> 2)
+    assert m["Mult_acc_7"] == pytest.approx(3 / 6)
+    assert m["Mult_acc_5"] == pytest.approx(4 / 6)  # truth clipped to [-2, 2]: [-2, -0, 0, 0, 2, 2]
+    assert m["MAE"] == pytest.approx(np.abs(pred - truth).mean())
+    assert m["Corr"] == pytest.approx(np.corrcoef(pred, truth)[0, 1])
+    # Has0 F1 (weighted): truth classes {neg: 2, nonneg: 4}; pred neg = items 0, 2
+    f_neg = 2 * 0.5 * 0.5 / 1.0
+    f_pos = 2 * 0.75 * 0.75 / 1.5
+    assert m["Has0_F1_score"] == pytest.approx((2 * f_neg + 4 * f_pos) / 6)
+    with pytest.raises(ValueError, match="same number"):
+        mmsa_regression_metrics(torch.zeros(3), torch.zeros(4))
 
 
 def test_emotion_collator(tmp_path):

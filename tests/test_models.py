@@ -42,9 +42,10 @@ def test_emotion_model_forward_backward(fusion, need_weights):
     B, T = text["input_ids"].shape
     A = out["audio_features"].shape[1]
     assert out["logits"].shape == (B, len(EMOTIONS))
-    assert out["gate"].shape == (B, 64) and ((out["gate"] > 0) & (out["gate"] < 1)).all()
     parts = {"bidirectional": 4, "text_to_audio": 3, "audio_to_text": 3, "concat": 2}[fusion]
     assert out["fused_features"].shape == (B, parts * 64)
+    assert out["gate"].shape == (B, parts * 64) and ((out["gate"] > 0) & (out["gate"] < 1)).all()
+    assert set(out["modality_gate"]) == {"text", "audio"}
     want_ta = fusion in ("bidirectional", "text_to_audio") and need_weights is not None
     want_at = fusion in ("bidirectional", "audio_to_text") and need_weights is not None
     shape = {"mean": (B,), "full": (B, 4)}.get(need_weights, ())
@@ -59,6 +60,59 @@ def test_emotion_model_forward_backward(fusion, need_weights):
     out["logits"].sum().backward()
     assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert model.audio_encoder.convs[0].weight.grad.abs().sum() > 0
+
+
+OTHER = ["stop it right now", "I am so happy about the party", "the news made me cry"]
+
+
+@pytest.mark.parametrize("gate", ["feature", "modality"])
+def test_closed_gate_removes_the_gated_signal(gate):
+    torch.manual_seed(0)
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK, fusion="concat", gate=gate).eval()
+    text, audio = batch()
+    other_text, other_audio = batch(texts=OTHER, seed=1)
+
+    def logits(t, a):
+        return model(t, a)["logits"]
+
+    base = logits(text, audio)
+    assert not torch.allclose(base, logits(text, other_audio), atol=1e-6)
+    assert not torch.allclose(base, logits(other_text, audio), atol=1e-6)
+    with torch.no_grad():  # close the audio stream's gate, open the text stream's
+        model.gate.weight.zero_()
+        if gate == "feature":
+            model.gate.bias.copy_(torch.cat([torch.full((64,), 10.0), torch.full((64,), -1e4)]))
+        else:
+            model.gate.bias.copy_(torch.tensor([10.0, -1e4]))
+    out = model(text, audio)
+    assert (out["modality_gate"]["audio"] == 0).all() and (out["modality_gate"]["text"] > 0.99).all()
+    closed = out["logits"]
+    torch.testing.assert_close(logits(text, other_audio), closed, rtol=0, atol=0)  # audio no longer counts
+    assert not torch.allclose(logits(other_text, audio), closed, atol=1e-6)  # text still does
+
+
+def test_closed_gates_leave_only_the_metadata_residual():
+    torch.manual_seed(0)
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK, fusion="bidirectional").eval()
+    with torch.no_grad():
+        model.gate.weight.zero_()
+        model.gate.bias.fill_(-1e4)
+    meta = {"age": torch.tensor([30.0, 40.0, 61.0])}
+    a, b = model(*batch(), meta)["logits"], model(*batch(texts=OTHER, seed=1), meta)["logits"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, model(*batch(), {"age": torch.tensor([80.0, 20.0, 5.0])})["logits"])
+
+
+@pytest.mark.parametrize("fusion,ignored", [("text_only", "audio"), ("audio_only", "text")])
+def test_unimodal_controls_ignore_the_other_modality(fusion, ignored):
+    torch.manual_seed(0)
+    model = TextAudioEmotionModel.tiny(tokenizer=TOK, fusion=fusion).eval()
+    text, audio = batch()
+    other_text, other_audio = batch(texts=OTHER, seed=1)
+    out = model(text, audio)
+    assert set(out["modality_gate"]) == {fusion.split("_")[0]}
+    changed = model(text, other_audio) if ignored == "audio" else model(other_text, audio)
+    torch.testing.assert_close(changed["logits"], out["logits"], rtol=0, atol=0)
 
 
 def test_attention_rows_are_distributions_over_valid_frames():
@@ -174,38 +228,84 @@ def hct_inputs(seed=0):
     return t, a, v, a_pad
 
 
-def test_hctdmg_forward_backward_and_gating():
+def _count_calls(model):
+    """Forward-hook counters per hierarchy (stage 1 + stage 2 crossmodal transformers)."""
+    calls = {m: 0 for m in ("text", "audio", "vision")}
+    for m in calls:
+        for stage in (model.stage1, model.stage2):
+            for cmt in stage[m]:
+                cmt.register_forward_hook(lambda *_, m=m: calls.__setitem__(m, calls[m] + 1))
+    return calls
+
+
+def test_hctdmg_runs_only_the_chosen_hierarchy():
     torch.manual_seed(0)
-    model = HCTDMG(30, 20, 10, num_outputs=1, d_model=16, num_heads=2, layers=1)
+    model = HCTDMG(30, 20, 10, num_outputs=7, d_model=16, num_heads=2, layers=1).eval()
     t, a, v, a_pad = hct_inputs()
-    out = model(t, a, v, audio_mask=a_pad)
-    assert out["output"].shape == (3, 1)
-    torch.testing.assert_close(out["modality_weights"].sum(), torch.tensor(1.0))
-    out["output"].sum().backward()
-    assert model.gate_logits.grad is not None and model.gate_logits.grad.abs().sum() > 0
-    with torch.no_grad():
-        model.gate_logits.copy_(torch.tensor([0.0, 3.0, 0.0]))
-    assert model.primary == "audio"
-    hard = HCTDMG(30, 20, 10, 7, d_model=16, num_heads=2, layers=1, gating="hard").eval()
-    with torch.no_grad():
-        hard.gate_logits.copy_(torch.tensor([0.0, 0.0, 2.0]))
-    out = hard(t, a, v, audio_mask=a_pad)
-    torch.testing.assert_close(out["pooled"], hard._hierarchy("vision", {m: hard.proj[m](x, p) for m, x, p in
-                                                                         zip(("text", "audio", "vision"), (t, a, v), (None, a_pad, None))},
-                                                                 dict(text=None, audio=a_pad, vision=None)))
+    calls = _count_calls(model)
+    outputs = {}
+    for i, m in enumerate(("text", "audio", "vision")):
+        with torch.no_grad():
+            model.gate_logits.copy_(torch.nn.functional.one_hot(torch.tensor(i), 3) * 4.0)
+        before = dict(calls)
+        out = model(t, a, v, audio_padding_mask=a_pad)
+        assert out["primary"] == m == model.primary and out["primary_index"] == i
+        # the chosen hierarchy's four crossmodal transformers ran, no other
+        assert {k: calls[k] - before[k] for k in calls} == {k: 4 * (k == m) for k in calls}
+        outputs[m] = out["output"]
+    assert not torch.allclose(outputs["text"], outputs["audio"])  # the choice changes the computation
+    # forcing a hierarchy (fixed-hierarchy ablation) overrides the gate
+    before = dict(calls)
+    model(t, a, v, audio_padding_mask=a_pad, primary="vision")
+    assert calls["vision"] - before["vision"] == 4 and calls["audio"] == before["audio"]
+    counts = model.parameter_count()
+    assert counts["per_step"] < counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("gating", HCTDMG.GATINGS)
+def test_hctdmg_training_choice_is_hard_and_trains_the_gate(gating):
+    torch.manual_seed(0)
+    model = HCTDMG(30, 20, 10, num_outputs=1, d_model=16, num_heads=2, layers=1, gating=gating)
+    t, a, v, a_pad = hct_inputs()
+    calls = _count_calls(model)
+    chosen = set()
+    for _step in range(6 if gating == "gumbel" else 1):
+        before = dict(calls)
+        out = model(t, a, v, audio_padding_mask=a_pad)
+        ran = [k for k in calls if calls[k] > before[k]]
+        assert ran == [out["primary"]] and calls[ran[0]] - before[ran[0]] == 4  # one hierarchy, also in training
+        chosen.add(out["primary"])
+        torch.testing.assert_close(out["modality_weights"].sum(), torch.tensor(1.0))
+        model.zero_grad()
+        out["output"].pow(2).sum().backward()
+        assert model.gate_logits.grad is not None and model.gate_logits.grad.abs().sum() > 0
+        idle = [p for m in calls if m != out["primary"] for p in model.stage1[m].parameters()]
+        assert all(p.grad is None for p in idle)
+    if gating == "gumbel":
+        assert len(chosen) > 1  # sampled: equal logits pick different primaries
+    else:
+        assert chosen == {"text"}  # argmax of equal logits: the first
 
 
 def test_hctdmg_padding_invariance_and_errors():
     model = HCTDMG(30, 20, 10, 2, d_model=16, num_heads=2, layers=1).eval()
     t, a, v, a_pad = hct_inputs()
-    full = model(t, a, v, audio_mask=a_pad)["output"]
+    full = model(t, a, v, audio_padding_mask=a_pad)["output"]
     # The GRU reads left to right, so trailing padding does not reach valid steps.
     alone = model(t[1:2], a[1:2, :6], v[1:2])["output"]
     torch.testing.assert_close(alone[0], full[1], atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="audio_mask must be a bool padding mask"):
-        model(t, a, v, audio_mask=a_pad.long())
+    with pytest.raises(TypeError, match="audio_padding_mask must be a bool tensor"):
+        model(t, a, v, audio_padding_mask=a_pad.long())
+    with pytest.raises(ValueError, match=r"audio_padding_mask must have shape \[3, 9\]"):
+        model(t, a, v, audio_padding_mask=a_pad[:, :5])
+    with pytest.raises(ValueError, match=r"vision must be a float tensor \[B, L_vision, 10\]"):
+        model(t, a, v[..., :4])
+    with pytest.raises(ValueError, match="vision: HCTDMG needs three modalities"):
+        model(t, a, None)
+    with pytest.raises(ValueError, match="primary must be one of"):
+        model(t, a, v, primary="smell")
     with pytest.raises(ValueError, match="gating must be"):
-        HCTDMG(1, 1, 1, 1, gating="both")
+        HCTDMG(1, 1, 1, 1, gating="soft")
 
 
 # --------------------------------------------------------------------------- fusion baselines
@@ -214,15 +314,17 @@ def test_fusion_baselines(kind):
     torch.manual_seed(0)
     model = FusionBaseline(kind, (30, 20, 10), num_classes=3, d_model=16, num_heads=2)
     t, a, v, a_pad = hct_inputs()
-    out = model([t, a, v], [None, a_pad, None])
+    out = model(t, a, v, audio_padding_mask=a_pad)
     assert out["logits"].shape == (3, 3) and out["prediction"].shape == (3,)
     loss = model.loss(out, torch.tensor([0, 1, 2]))
     loss.backward()
     assert all(p.grad is not None for p in model.encoders[1].parameters() if p.requires_grad)
     model.eval()
-    alone = model([t[1:2], a[1:2, :6], v[1:2]])
-    torch.testing.assert_close(alone["logits"][0], model([t, a, v], [None, a_pad, None])["logits"][1],
+    alone = model(t[1:2], a[1:2, :6], v[1:2])
+    torch.testing.assert_close(alone["logits"][0], model(t, a, v, audio_padding_mask=a_pad)["logits"][1],
                                atol=1e-5, rtol=1e-4)
+    two = FusionBaseline(kind, (30, 20), num_classes=3, d_model=16, num_heads=2)
+    assert two(t, a, audio_padding_mask=a_pad)["logits"].shape == (3, 3)
 
 
 def test_late_fusion_is_a_majority_vote():
@@ -238,7 +340,7 @@ def test_late_fusion_is_a_majority_vote():
             return self.logits.expand(h.shape[0], -1)
 
     model.heads = torch.nn.ModuleList(Const(f) for f in fixed)
-    out = model([torch.randn(2, 3, 4)] * 3)
+    out = model(*[torch.randn(2, 3, 4)] * 3)
     # Two modalities vote class 1 (weakly), one votes class 0 (confidently): the vote wins
     # although class 0 has the highest mean probability.
     assert out["prediction"].tolist() == [1, 1]
@@ -248,10 +350,15 @@ def test_late_fusion_is_a_majority_vote():
 def test_fusion_baseline_errors():
     with pytest.raises(ValueError, match="kind must be one of"):
         FusionBaseline("middle", (4, 4), 2)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="one input width per modality"):
         FusionBaseline("early", (4,), 2)
-    with pytest.raises(ValueError, match="expected 2 modalities"):
-        FusionBaseline("early", (4, 4), 2, d_model=8, num_heads=2)([torch.zeros(1, 2, 4)])
+    two = FusionBaseline("early", (4, 4), 2, d_model=8, num_heads=2)
+    with pytest.raises(ValueError, match="vision: this model was built for 2 modalities"):
+        two(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="audio has batch size 2, but text has 1"):
+        two(torch.zeros(1, 2, 4), torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="text_padding_mask must be a bool tensor"):
+        two(torch.zeros(1, 2, 4), torch.zeros(1, 3, 4), text_padding_mask=torch.zeros(1, 2))
 
 
 def test_from_pretrained_local_paths(tmp_path, monkeypatch):

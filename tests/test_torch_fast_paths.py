@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import crossattn
-from crossattn.backends import torch_backend as tb
 from conftest import TOL, make_qkv, reference
+from crossattn.backends import torch_backend as tb
 
 
 def _grads(out, w, q, k, v, extra=()):

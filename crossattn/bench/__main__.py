@@ -32,9 +32,8 @@ def _log(msg: str):
 
 
 def _parse(argv):
-    from .workloads import SUITES
-
     from .._cli import ArgumentParser  # one-line argparse errors, exit 2
+    from .workloads import SUITES
 
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="bench-out", help="folder for results.json, results.md and PNGs")
@@ -61,10 +60,9 @@ def _parse(argv):
 
 def _configure(args):
     """Validated device, dtype, suite, workloads, implementations and modes."""
+    from .._cli import check_device  # exits 2 with one line for an unusable device
     from .impls import registry
     from .workloads import SUITES
-
-    from .._cli import check_device  # exits 2 with one line for an unusable device
 
     device = check_device(PROG, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -209,7 +207,8 @@ def main(argv=None) -> int:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": env, "peaks": peaks, "workloads": [dict(w.describe(), title=w.title()) for w in workloads],
+    payload = {"environment": env, "peaks": peaks,
+               "workloads": [dict(w.describe(), title=w.title()) for w in workloads],
                "rows": rows, "skipped": skipped, "failed": failed}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     table = markdown_table(env, peaks, rows, skipped, failed, workloads)

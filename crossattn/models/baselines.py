@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from crossattn.nn import MultiheadAttention, convert_multihead_attention
 
+from ._inputs import check_modalities
 from .encoders import masked_mean
 
 __all__ = ["FusionBaseline", "ModalityTransformer"]
@@ -43,7 +44,7 @@ class ModalityTransformer(nn.Module):
 
 class FusionBaseline(nn.Module):
     """``FusionBaseline(kind, dims, num_classes)``: a :class:`ModalityTransformer` per modality
-    (input widths ``dims``), then
+    (input widths ``dims`` = (text, audio[, vision])), then
 
     * ``"late"``: a classifier per modality; prediction = majority vote of their argmaxes
       (ties: the highest mean probability); ``logits`` = log of the mean probabilities;
@@ -52,9 +53,11 @@ class FusionBaseline(nn.Module):
     * ``"attention"``: the pooled states as one token per modality -> multi-head
       self-attention (crossattn's ``MultiheadAttention``) -> mean -> MLP.
 
-    ``forward(inputs: sequence of [B, L_m, dims[m]], pads=None: sequence of bool [B, L_m] or
-    None, True = padding)`` returns a dict with ``logits [B, C]`` and ``prediction [B]`` (plus
-    ``modality_logits`` for late fusion and ``modality_attention [B, M, M]`` for attention).
+    ``forward(text, audio, vision=None, *, text_padding_mask=None, audio_padding_mask=None,
+    vision_padding_mask=None)`` (features ``[B, L_m, dims[m]]``, bool masks ``[B, L_m]``, True =
+    padding; ``vision`` only when built with three widths) returns a dict with ``logits
+    [B, C]`` and ``prediction [B]`` (plus ``modality_logits`` for late fusion and
+    ``modality_attention [B, M, M]`` for attention).
     All transformers' attention runs on crossattn's kernels (converted in place).
     """
 
@@ -65,8 +68,10 @@ class FusionBaseline(nn.Module):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        if len(dims) < 2:
-            raise ValueError(f"dims needs one input width per modality (at least 2), got {list(dims)}")
+        if len(dims) not in (2, 3):
+            raise ValueError(f"dims needs one input width per modality, (text, audio) or (text, audio, "
+                             f"vision), got {list(dims)}")
+        self.dims = tuple(int(d) for d in dims)
         self.kind, self.num_classes = kind, num_classes
         self.encoders = nn.ModuleList(ModalityTransformer(d, d_model, num_heads, layers, dropout) for d in dims)
         if kind == "late":
@@ -79,11 +84,13 @@ class FusionBaseline(nn.Module):
                                       nn.Linear(d_model, num_classes))
         convert_multihead_attention(self)
 
-    def forward(self, inputs: Sequence[Tensor], pads: Sequence[Tensor | None] | None = None) -> dict:
-        if len(inputs) != len(self.encoders):
-            raise ValueError(f"expected {len(self.encoders)} modalities, got {len(inputs)}")
-        pads = [None] * len(inputs) if pads is None else list(pads)
-        pooled = [enc(x, p) for enc, x, p in zip(self.encoders, inputs, pads)]
+    def forward(self, text: Tensor, audio: Tensor, vision: Tensor | None = None, *,
+                text_padding_mask: Tensor | None = None, audio_padding_mask: Tensor | None = None,
+                vision_padding_mask: Tensor | None = None) -> dict:
+        x, pad = check_modalities(self.dims, dict(text=text, audio=audio, vision=vision),
+                                  dict(text=text_padding_mask, audio=audio_padding_mask,
+                                       vision=vision_padding_mask))
+        pooled = [enc(x[m], pad[m]) for enc, m in zip(self.encoders, x)]
         if self.kind == "late":
             per = torch.stack([head(h) for head, h in zip(self.heads, pooled)], 1)  # [B, M, C]
             probs = per.softmax(-1)

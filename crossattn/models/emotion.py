@@ -20,7 +20,15 @@ __all__ = ["EMOTIONS", "MetadataEncoder", "TextAudioEmotionModel", "alignment_lo
            "attention_entropy", "diversity_loss"]
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fear", "surprise", "disgust")
-FUSIONS = ("bidirectional", "text_to_audio", "audio_to_text", "concat")
+FUSIONS = ("bidirectional", "text_to_audio", "audio_to_text", "concat", "text_only", "audio_only")
+GATES = ("feature", "modality")
+# The pooled parts of H_fused per fusion, each tagged with the stream (query side) it belongs to.
+_PARTS = {
+    "bidirectional": ("text", "audio", "text", "audio"),  # T_att, A_att, T_raw, A_raw
+    "text_to_audio": ("text", "text", "audio"),  # T_att, T_raw, A_raw
+    "audio_to_text": ("audio", "text", "audio"),  # A_att, T_raw, A_raw
+    "concat": ("text", "audio"), "text_only": ("text",), "audio_only": ("audio",),
+}
 
 
 class MetadataEncoder(nn.Module):
@@ -72,13 +80,23 @@ class TextAudioEmotionModel(nn.Module):
 
     ``fusion`` picks the interaction: ``"bidirectional"`` (one fused call, both directions),
     ``"text_to_audio"`` / ``"audio_to_text"`` (one direction) or ``"concat"`` (no attention),
-    so the seed's ablations run on the same model. The fused vector is the masked mean of
-    ``[T_att, A_att, T_raw, A_raw]`` (those that exist), concatenated with the metadata
-    embedding, projected to ``hidden``; then ``h = sigmoid(W_g h + b_g) * h + h`` and an MLP.
+    ``"concat"`` (no attention), or one modality (``"text_only"`` / ``"audio_only"``: the
+    unimodal controls), so the seed's ablations run on the same model.
+
+    ``H_fused`` is the masked mean of ``[T_att, A_att, T_raw, A_raw]`` (those that exist).
+    Gated fusion: ``H_final = g * H_fused + H_residual`` with ``g = sigmoid(W_g [H_fused, m] +
+    b_g)`` (``m`` the speaker-metadata embedding) and ``H_residual = W_r m``: the residual is
+    a separate path that carries no modality features, so a closed gate removes the gated
+    signal instead of halving it. ``gate="feature"`` gates every feature; ``gate="modality"``
+    gives one weight per stream per example (text stream: ``T_att``, ``T_raw``; audio
+    stream: ``A_att``, ``A_raw``; an attended stream also holds the other modality's values).
+    An MLP on ``H_final`` gives the logits.
 
     ``forward(text_input, audio_input, metadata=None)`` returns a dict: ``logits [B, C]``,
     ``text_to_audio_attention`` ``[B, T, A]`` ("mean") / ``[B, H, T, A]`` ("full") or None,
-    ``audio_to_text_attention`` likewise ``[B, A, T]``, ``fused_features``, ``gate``, and, for
+    ``audio_to_text_attention`` likewise ``[B, A, T]``, ``fused_features``, ``gate`` (``[B,
+    P*d]`` or ``[B, streams]``), ``modality_gate`` (``{"text": [B], "audio": [B]}``: the mean
+    gate over each stream's features), and, for
     the regularisers, ``text_features``, ``audio_features``, ``text_mask``, ``audio_mask``.
     """
 
@@ -86,10 +104,12 @@ class TextAudioEmotionModel(nn.Module):
                  num_heads: int = 8, num_classes: int = len(EMOTIONS), hidden: int = 256,
                  dropout: float = 0.1, fusion: str = "bidirectional", need_weights="mean",
                  learnable_temperature: bool = False, prune=None, timbre_dim: int = 8,
-                 metadata_dim: int = 32, backend: str = "auto", tokenizer=None):
+                 metadata_dim: int = 32, backend: str = "auto", tokenizer=None, gate: str = "feature"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if need_weights not in (None, False, "mean", "full"):
             raise ValueError(f"need_weights must be None, 'mean' or 'full', got {need_weights!r}")
         self.text_encoder, self.audio_encoder = text_encoder, audio_encoder
@@ -105,12 +125,17 @@ class TextAudioEmotionModel(nn.Module):
         elif fusion in ("text_to_audio", "audio_to_text"):
             self.cross = CrossModalAttention(d_model, num_heads, **attn)
             self.cross_norm = nn.LayerNorm(d_model)
-        parts = {"bidirectional": 4, "text_to_audio": 3, "audio_to_text": 3, "concat": 2}[fusion]
+        self.gate_kind, self.d_model = gate, d_model
+        parts = _PARTS[fusion]
+        self.streams = tuple(dict.fromkeys(parts))  # in order of first appearance
+        width = len(parts) * d_model
         self.metadata = MetadataEncoder(timbre_dim, metadata_dim)
-        self.fuse = nn.Sequential(nn.Linear(parts * d_model + metadata_dim, hidden), nn.GELU(),
-                                  nn.Dropout(dropout))
-        self.gate = nn.Linear(hidden, hidden)
-        self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+        self.gate = nn.Linear(width + metadata_dim, width if gate == "feature" else len(self.streams))
+        self.residual = nn.Linear(metadata_dim, width)
+        # Feature index -> stream index, to broadcast a per-stream gate over its parts' features.
+        self.register_buffer("_stream_of", torch.tensor([self.streams.index(p) for p in parts for _ in
+                                                         range(d_model)]), persistent=False)
+        self.classifier = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
                                         nn.Linear(hidden, num_classes))
 
     # ------------------------------------------------------------------ constructors
@@ -143,10 +168,14 @@ class TextAudioEmotionModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, text_input, audio_input, metadata: Mapping | None = None) -> dict:
-        text_raw, text_mask = encode_text(self.text_encoder, text_input)
-        audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
-        text = self.text_proj(text_raw)
-        audio = self.audio_proj(audio_raw)
+        # A unimodal control does not run the other encoder (its output would be unused).
+        text = text_mask = audio = audio_mask = None
+        if self.fusion != "audio_only":
+            text_raw, text_mask = encode_text(self.text_encoder, text_input)
+            text = self.text_proj(text_raw)
+        if self.fusion != "text_only":
+            audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
+            audio = self.audio_proj(audio_raw)
         w_ta = w_at = None
         pooled = []
         if self.fusion == "bidirectional":
@@ -161,15 +190,20 @@ class TextAudioEmotionModel(nn.Module):
             att, w_at = self.cross(audio, text, context_padding_mask=text_mask == 0,
                                    query_padding_mask=audio_mask == 0, need_weights=self.need_weights)
             pooled = [masked_mean(self.cross_norm(audio + att), audio_mask)]
-        pooled += [masked_mean(text, text_mask), masked_mean(audio, audio_mask)]
+        if self.fusion != "audio_only":
+            pooled.append(masked_mean(text, text_mask))
+        if self.fusion != "text_only":
+            pooled.append(masked_mean(audio, audio_mask))
         fused = torch.cat(pooled, dim=-1)
-        meta = self.metadata(metadata, fused.shape[0], fused.device)
-        h = self.fuse(torch.cat([fused, meta], dim=-1))
-        gate = torch.sigmoid(self.gate(h))
-        h = gate * h + h
+        meta = self.metadata(metadata, fused.shape[0], fused.device)  # after the encoders: B known
+        gate = torch.sigmoid(self.gate(torch.cat([fused, meta], dim=-1)))
+        per_feature = gate if self.gate_kind == "feature" else gate[:, self._stream_of]
+        h = per_feature * fused + self.residual(meta)
+        modality_gate = {s: per_feature[:, self._stream_of == i].mean(-1) for i, s in enumerate(self.streams)}
         return {
             "logits": self.classifier(h), "text_to_audio_attention": w_ta,
             "audio_to_text_attention": w_at, "fused_features": fused, "gate": gate,
+            "modality_gate": modality_gate,
             "text_features": text, "audio_features": audio, "text_mask": text_mask,
             "audio_mask": audio_mask,
         }

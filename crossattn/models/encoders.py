@@ -89,10 +89,14 @@ class LogMelEncoder(nn.Module):
         return torch.clamp((samples - self.n_fft) // self.hop + 1, min=1)
 
     def forward(self, input_values: Tensor, attention_mask: Tensor | None = None):
-        x = self.log_mel(input_values).transpose(1, 2)  # [B, n_mels, frames]
-        lengths = None
-        if attention_mask is not None:
-            lengths = self.stft_frames(attention_mask.sum(-1))
+        lengths = None if attention_mask is None else self.stft_frames(attention_mask.sum(-1))
+        return self.encode_log_mel(self.log_mel(input_values), lengths)
+
+    def encode_log_mel(self, log_mel: Tensor, lengths: Tensor | None = None):
+        """The learned layers on precomputed ``log_mel [B, frames, n_mels]`` (``lengths [B]``:
+        valid frames, or None): the STFT is parameter-free, so a fixed corpus can compute it
+        once (``encode_audio`` takes ``{"log_mel", "log_mel_lengths"}``)."""
+        x = log_mel.transpose(1, 2)  # [B, n_mels, frames]
         for conv in self.convs:
             if lengths is not None:  # padded frames are zeros, as beyond an unpadded end
                 x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
@@ -245,9 +249,15 @@ def encode_text(encoder: nn.Module, text_input) -> tuple[Tensor, Tensor]:
 
 def encode_audio(encoder: nn.Module, audio_input) -> tuple[Tensor, Tensor]:
     """``audio_input``: a dict with ``input_values [B, S]`` and optionally ``attention_mask
-    [B, S]`` (1 = real sample), or the waveform tensor itself."""
+    [B, S]`` (1 = real sample), or the waveform tensor itself; for a :class:`LogMelEncoder`
+    also ``{"log_mel": [B, frames, n_mels], "log_mel_lengths": [B] or absent}``."""
     if isinstance(audio_input, Tensor):
         audio_input = {"input_values": audio_input}
+    if isinstance(audio_input, Mapping) and "log_mel" in audio_input and isinstance(encoder, LogMelEncoder):
+        feats, frame_mask = encoder.encode_log_mel(audio_input["log_mel"], audio_input.get("log_mel_lengths"))
+        if frame_mask is None:
+            frame_mask = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
+        return feats, frame_mask
     if not isinstance(audio_input, Mapping) or "input_values" not in audio_input:
         raise TypeError("audio_input must be a waveform [B, S] or a dict with input_values [B, S] "
                         f"and attention_mask [B, S], got {type(audio_input).__name__}")

@@ -10,11 +10,10 @@ from torch import Tensor, nn
 
 from crossattn.nn import CrossModalAttention
 
+from ._inputs import MODALITIES, check_modalities
 from .encoders import masked_mean
 
 __all__ = ["CrossmodalTransformer", "HCTDMG"]
-
-MODALITIES = ("text", "audio", "vision")
 
 
 class CrossmodalTransformer(nn.Module):
@@ -58,35 +57,45 @@ class _Projection(nn.Module):
 
 
 class HCTDMG(nn.Module):
-    """Hierarchical Crossmodal Transformer with Dynamic Modality Gating.
+    """Hierarchical Crossmodal Transformer with Dynamic Modality Gating (seed 002).
 
     1. Feature projection per modality: Conv1d + GRU.
-    2. Dynamic modality gating: a trainable logit per modality; ``softmax`` gives each
-       modality's probability of being the primary one. Every hierarchy (each modality as
-       primary) is computed and the outputs are mixed by those probabilities, so the gate
-       trains by gradient (``gating="soft"``); ``gating="hard"`` in eval uses the argmax
-       hierarchy only.
+    2. Dynamic modality gating: a trainable logit per modality (``gate_logits``; softmax =
+       each modality's probability of being primary). Each forward picks ONE primary modality
+       for the whole batch and computes that hierarchy only. Training: ``gating="gumbel"``
+       samples the choice (Gumbel-max, temperature ``tau``), ``"straight_through"`` takes the
+       argmax; both pass gradients to the logits by the straight-through estimator (the
+       forward multiplies by 1, the backward sees the softmax). Evaluation: the argmax.
     3. Stage 1: the two auxiliary modalities enhance each other (crossmodal transformers).
        Stage 2: each enhanced auxiliary augments the primary modality.
     4. Weighted concatenation of the two augmented primaries (trainable weights), a
        self-attention transformer layer, masked mean pooling and the output head
        (``num_outputs`` = 1 for regression, C logits for classification).
 
-    ``forward(text [B, Lt, text_dim], audio [B, La, audio_dim], vision [B, Lv, vision_dim],
-    text_mask=None, audio_mask=None, vision_mask=None)`` (masks bool, True = padding) returns
-    a dict: ``output`` (also under ``logits``) ``[B, num_outputs]``, ``modality_weights [3]``, ``primary`` (name of the
-    currently most probable primary modality).
+    Every hierarchy has its own crossmodal transformers; only the chosen one runs, so a step
+    costs (and trains) a third of them: :meth:`parameter_count` reports both numbers.
+
+    ``forward(text, audio, vision, *, text_padding_mask=None, audio_padding_mask=None,
+    vision_padding_mask=None, primary=None)`` (features ``[B, L_m, dim_m]``, bool masks, True =
+    padding; ``primary`` forces a hierarchy by name, e.g. for a fixed-hierarchy ablation)
+    returns a dict: ``output`` (also under ``logits``) ``[B, num_outputs]``,
+    ``modality_weights [3]`` (softmax of the gate logits), ``primary`` (name of the modality
+    used), ``primary_index``, ``pooled``.
     """
+
+    GATINGS = ("gumbel", "straight_through")
 
     def __init__(self, text_dim: int, audio_dim: int, vision_dim: int, num_outputs: int, *,
                  d_model: int = 40, num_heads: int = 4, layers: int = 2, dropout: float = 0.1,
-                 gating: str = "soft", backend: str = "auto"):
+                 gating: str = "gumbel", tau: float = 1.0, backend: str = "auto"):
         super().__init__()
-        if gating not in ("soft", "hard"):
-            raise ValueError(f"gating must be 'soft' or 'hard', got {gating!r}")
-        self.gating = gating
-        self.proj = nn.ModuleDict({m: _Projection(d, d_model)
-                                   for m, d in zip(MODALITIES, (text_dim, audio_dim, vision_dim))})
+        if gating not in self.GATINGS:
+            raise ValueError(f"gating must be one of {self.GATINGS}, got {gating!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.gating, self.tau = gating, float(tau)
+        self.dims = (int(text_dim), int(audio_dim), int(vision_dim))
+        self.proj = nn.ModuleDict({m: _Projection(d, d_model) for m, d in zip(MODALITIES, self.dims)})
         self.gate_logits = nn.Parameter(torch.zeros(len(MODALITIES)))
 
         def cmt():
@@ -103,7 +112,32 @@ class HCTDMG(nn.Module):
 
     @property
     def primary(self) -> str:
+        """The modality evaluation uses (argmax of the gate logits)."""
         return MODALITIES[int(self.gate_logits.argmax())]
+
+    def parameter_count(self) -> dict:
+        """``total`` parameters and ``per_step``: those one forward uses (one hierarchy)."""
+        total = sum(p.numel() for p in self.parameters())
+        idle = sum(p.numel() for m in MODALITIES[1:] for s in (self.stage1, self.stage2)
+                   for p in s[m].parameters())
+        return {"total": total, "per_step": total - idle}
+
+    def _choose(self, primary: str | None) -> tuple[int, Tensor]:
+        """(index of the primary modality, its straight-through weight: 1 in value)."""
+        probs = torch.softmax(self.gate_logits, 0)
+        if primary is not None:
+            if primary not in MODALITIES:
+                raise ValueError(f"primary must be one of {MODALITIES} or None, got {primary!r}")
+            return MODALITIES.index(primary), torch.ones((), device=probs.device)
+        if not self.training:
+            return int(self.gate_logits.argmax()), torch.ones((), device=probs.device)
+        if self.gating == "gumbel":
+            g = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-10, 1 - 1e-7)))
+            soft = torch.softmax((self.gate_logits + g) / self.tau, 0)
+        else:
+            soft = probs
+        i = int(soft.argmax())
+        return i, 1.0 + soft[i] - soft[i].detach()
 
     def _hierarchy(self, p: str, x: dict, pad: dict) -> Tensor:
         a, b = (m for m in MODALITIES if m != p)
@@ -118,23 +152,18 @@ class HCTDMG(nn.Module):
         h = self.self_attn(h, src_key_padding_mask=pad[p])
         return masked_mean(h, None if pad[p] is None else ~pad[p])
 
-    def forward(self, text: Tensor, audio: Tensor, vision: Tensor, text_mask: Tensor | None = None,
-                audio_mask: Tensor | None = None, vision_mask: Tensor | None = None) -> dict:
-        inputs = dict(text=text, audio=audio, vision=vision)
-        pad = dict(text=text_mask, audio=audio_mask, vision=vision_mask)
-        for m, t in inputs.items():
-            if t.dim() != 3 or t.shape[0] != text.shape[0]:
-                raise ValueError(f"{m} must be [B, L, {m}_dim] with B={text.shape[0]}, got {list(t.shape)}")
-            if pad[m] is not None and (pad[m].dtype != torch.bool or tuple(pad[m].shape) != tuple(t.shape[:2])):
-                raise ValueError(f"{m}_mask must be a bool padding mask [B, L] = {list(t.shape[:2])} "
-                                 f"(True = padding), got {pad[m].dtype} {list(pad[m].shape)}")
+    def forward(self, text: Tensor, audio: Tensor, vision: Tensor, *, text_padding_mask: Tensor | None = None,
+                audio_padding_mask: Tensor | None = None, vision_padding_mask: Tensor | None = None,
+                primary: str | None = None) -> dict:
+        if vision is None:
+            raise ValueError("vision: HCTDMG needs three modalities, got vision=None")
+        inputs, pad = check_modalities(self.dims, dict(text=text, audio=audio, vision=vision),
+                                       dict(text=text_padding_mask, audio=audio_padding_mask,
+                                            vision=vision_padding_mask))
         x = {m: self.proj[m](t, pad[m]) for m, t in inputs.items()}
-        probs = torch.softmax(self.gate_logits, 0)
-        if self.gating == "hard" and not self.training:
-            pooled = self._hierarchy(self.primary, x, pad)
-        else:
-            pooled = sum(probs[i] * self._hierarchy(p, x, pad) for i, p in enumerate(MODALITIES))
+        i, weight = self._choose(primary)
+        pooled = weight * self._hierarchy(MODALITIES[i], x, pad)
         out = self.head(pooled)
         # "logits" names the same tensor for classification heads (the training CLI reads it).
-        return {"output": out, "logits": out, "modality_weights": probs, "primary": self.primary,
-                "pooled": pooled}
+        return {"output": out, "logits": out, "modality_weights": torch.softmax(self.gate_logits, 0),
+                "primary": MODALITIES[i], "primary_index": i, "pooled": pooled}
