@@ -26,8 +26,9 @@ Usage::
     out = ca_whisper.generate(model, input_features, attention_mask=feature_mask)
     out["sequences"], out["token_timestamps"]                       # [B, L] each, seconds
 
-    # or with sequences generated elsewhere, and a prompt of 4 tokens:
-    ts = ca_whisper.token_timestamps(model, input_features, sequences, num_input_ids=4)
+    # or for the decoder's whole input (prompt of 4 tokens + generated ones), e.g.
+    # model.generate(..., return_dict_in_generate=True).sequences:
+    ts = ca_whisper.token_timestamps(model, input_features, sequences, num_input_ids=4)  # [B, L]
 
 The teacher-forced pass switches ``model.config._attn_implementation`` for its duration
 (as transformers' own timestamp path does, but restored after): do not run the same model
@@ -123,8 +124,8 @@ def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tenso
         model: a ``WhisperForConditionalGeneration`` or ``WhisperModel``.
         input_features: ``[B, num_mel_bins, M]`` log-mel features (one window: ``M = 2 *
             config.max_source_positions``).
-        sequences: int ``[B, L]``: the prompt (``num_input_ids`` tokens) and generated tokens,
-            as ``generate`` returns them.
+        sequences: int ``[B, L]``: the decoder's input, prompt (``num_input_ids`` tokens) and
+            generated tokens (``generate(..., return_dict_in_generate=True).sequences``).
         num_input_ids: the prompt length (decoder start, language, task... tokens): those get
             time 0 and stay out of the alignment.
         attention_mask: the feature mask ``[B, M]`` (1 = real audio) the processor returns;
