@@ -183,6 +183,9 @@ def test_bad_inputs_and_missing_heads():
         cw.token_timestamps(model, x, torch.ones(3, 4, dtype=torch.long), num_input_ids=1)
     with pytest.raises(ValueError, match="input_features"):
         cw.generate(model, x[..., :40])
+    with pytest.raises(ValueError, match="encoder_outputs"):
+        cw.token_timestamps(model, x, torch.ones(2, 4, dtype=torch.long), num_input_ids=1,
+                            encoder_outputs=torch.zeros(2, 29, 32))
     with pytest.raises(ValueError, match="return_token_timestamps"):
         cw.generate(model, x, return_token_timestamps=True)
     del model.generation_config.alignment_heads

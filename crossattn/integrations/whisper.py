@@ -107,8 +107,9 @@ def _num_frames(attention_mask, batch: int, mel_frames: int) -> list[int] | None
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, mel_frames):
+        got = getattr(attention_mask, "shape", type(attention_mask).__name__)
         raise ValueError(f"attention_mask must be a tensor [B, M] = [{batch}, {mel_frames}] (the feature "
-                         f"mask, 1 = real frame), got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+                         f"mask, 1 = real frame), got {got}")
     return [int(n) // 2 for n in attention_mask.sum(-1).tolist()]
 
 
@@ -116,7 +117,8 @@ def _num_frames(attention_mask, batch: int, mel_frames: int) -> list[int] | None
 def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tensor, *, num_input_ids: int,
                      attention_mask: torch.Tensor | None = None, alignment_heads=None,
                      time_precision: float = 0.02, median_filter_width: int | None = None,
-                     top_k: int | None = None, backend: str = "auto") -> torch.Tensor:
+                     top_k: int | None = None, backend: str = "auto",
+                     encoder_outputs: torch.Tensor | None = None) -> torch.Tensor:
     """Token timestamps ``[B, L]`` float32 (seconds) of ``sequences`` from the crossattn
     weights of the alignment heads, as transformers' ``return_token_timestamps=True`` gives.
 
@@ -136,6 +138,8 @@ def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tenso
         top_k: None to align from the heads' weights (``[B, h, T, F]``); an int in 1..16 to align
             from their top-k statistics alone (no weight matrix: an approximation of the above).
         backend: the crossattn backend of the alignment heads' attention.
+        encoder_outputs: the encoder's ``last_hidden_state`` ``[B, F, E]`` for ``input_features``
+            when already computed (the encoder is not run again).
     """
     if not hasattr(model, "get_encoder") or not hasattr(getattr(model, "config", None), "decoder_layers"):
         raise TypeError(f"model must be a Hugging Face Whisper model, got {type(model).__name__}")
@@ -159,6 +163,11 @@ def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tenso
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= _MAX_TOP_K):
         raise ValueError(f"top_k must be None or an int in [1, {_MAX_TOP_K}], got {top_k!r}")
     num_frames = _num_frames(attention_mask, B, input_features.shape[-1])
+    frames_out = input_features.shape[-1] // 2
+    if encoder_outputs is not None and (not isinstance(encoder_outputs, torch.Tensor)
+                                        or encoder_outputs.shape != (B, frames_out, config.d_model)):
+        raise ValueError(f"encoder_outputs must be a tensor [B, F, E] = [{B}, {frames_out}, {config.d_model}], "
+                         f"got {getattr(encoder_outputs, 'shape', type(encoder_outputs).__name__)}")
     width = config.median_filter_width if median_filter_width is None else median_filter_width
 
     timestamps = torch.zeros(B, L, dtype=torch.float32, device=sequences.device)
@@ -177,7 +186,9 @@ def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tenso
     token = _capture.set(capture)
     try:
         config._attn_implementation = ALIGNMENT_NAME
-        encoded = model.get_encoder()(input_features).last_hidden_state
+        encoded = encoder_outputs
+        if encoded is None:
+            encoded = model.get_encoder()(input_features).last_hidden_state
         model.get_decoder()(input_ids=sequences[:, :-1], encoder_hidden_states=encoded, use_cache=False)
     finally:
         config._attn_implementation = previous
@@ -243,12 +254,16 @@ def generate(model, input_features: torch.Tensor, *, attention_mask: torch.Tenso
 
     recorder = _PromptLength()
     processors = list(generate_kwargs.pop("logits_processor", None) or []) + [recorder]
+    with torch.no_grad():  # one encoder pass serves generation and the alignment pass
+        encoded = model.get_encoder()(input_features)
     out = model.generate(input_features, attention_mask=attention_mask, return_dict_in_generate=True,
-                         logits_processor=LogitsProcessorList(processors), **generate_kwargs)
+                         encoder_outputs=encoded, logits_processor=LogitsProcessorList(processors),
+                         **generate_kwargs)
     full = out["sequences"]  # [B, P + N]: the decoder's inputs, prompt included
     prompt = recorder.length if recorder.length is not None else full.shape[-1]
     times = token_timestamps(model, input_features, full, num_input_ids=prompt, attention_mask=attention_mask,
-                             time_precision=time_precision, top_k=top_k, backend=backend)
+                             time_precision=time_precision, top_k=top_k, backend=backend,
+                             encoder_outputs=encoded.last_hidden_state)
     return _as_transformers_returns(full[:, prompt:], times[:, prompt:], model.generation_config)
 
 
