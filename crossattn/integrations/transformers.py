@@ -21,7 +21,9 @@ An argument this function does not understand is never ignored: the call goes to
 model's own eager attention function, and the reason is logged once.
 
 Whisper: ``generate(return_token_timestamps=True)`` makes transformers switch the model to
-eager attention, so those timestamps never come from crossattn's kernels.
+eager attention, so those timestamps never come from crossattn's kernels; use
+``crossattn.integrations.whisper.generate`` / ``token_timestamps`` for the same timestamps from
+the alignment heads' weights alone.
 """
 from __future__ import annotations
 
