@@ -201,15 +201,15 @@ def token_timestamps(model, input_features: torch.Tensor, sequences: torch.Tenso
     for b in range(B):
         frames = F if num_frames is None else min(num_frames[b], F)
         if top_k:
-            vals = torch.stack([pick(l, h, capture["found"][layers[l].encoder_attn][0])[b] for l, h in pairs])
-            idx = torch.stack([pick(l, h, capture["found"][layers[l].encoder_attn][1])[b] for l, h in pairs])
+            vals = torch.stack([pick(li, h, capture["found"][layers[li].encoder_attn][0])[b] for li, h in pairs])
+            idx = torch.stack([pick(li, h, capture["found"][layers[li].encoder_attn][1])[b] for li, h in pairs])
             # Keys past the item's frames do not exist for it: drop them before aligning.
             keep = idx < frames
             path = alignment.align_top_k(vals[:, num_input_ids:] * keep[:, num_input_ids:],
                                          idx[:, num_input_ids:].masked_fill(~keep[:, num_input_ids:], -1),
                                          frames, median_width=width)
         else:
-            w = torch.stack([pick(l, h, capture["found"][layers[l].encoder_attn])[b] for l, h in pairs])
+            w = torch.stack([pick(li, h, capture["found"][layers[li].encoder_attn])[b] for li, h in pairs])
             path = alignment.align(w[:, num_input_ids:], num_frames=frames, median_width=width)
         starts = (path.starts.double() * time_precision).float().to(sequences.device)
         timestamps[b, num_input_ids:L - 1] = starts
