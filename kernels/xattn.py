@@ -48,6 +48,13 @@ class _Config:
     num_warps: int
     num_stages: int
 
+    @property
+    def maxnreg(self) -> int:
+        """All the registers a block of this size may have (64 K per SM, 255 per thread at most).
+        Given explicitly because otherwise ptxas caps itself for occupancy (168 registers at 4
+        warps, 128 at 8 on sm_86) and spills there: a spill costs more than the lost block."""
+        return min(255, 65536 // (32 * self.num_warps))
+
 
 # (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class, chosen
 # from the compile survey (tests/_kernel_compile.py; table in benchmarks/README.md): ptxas's
@@ -60,8 +67,8 @@ class _Config:
 # (FMA "ieee" dots, no tensor cores) with its operands in registers: only 16-row tiles fit.
 # Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class).
 _CONFIGS = {
-    ("fwd", 2): {64: (64, 32, 8, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 2)},
-    ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
+    ("fwd", 2): {64: (64, 32, 8, 2), 128: (32, 32, 4, 2), 256: (64, 32, 8, 2)},
+    ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
     ("bwd", 2): {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
     ("bwd", 4): {64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
@@ -217,7 +224,7 @@ def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_
                    HAS_BIAS=any(b is not None for b in attn_bias)),
         drop=(seed, thr, drop_scale), dropout=dropout,
         tiles=dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), PREC=_precision(q[0].dtype),
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg),
         block_dv=_block_dim(DV),
     )
 
@@ -272,7 +279,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
             _xattn_fwd_combine_kernel[_grid(*grid)](
                 *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
                    v[i].shape[3]) for i in ends],
-                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
+                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
             )
     ws = [qq.new_empty(0) for qq in q]
     if weights:

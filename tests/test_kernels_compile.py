@@ -31,6 +31,21 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 # 3.6 and 3.9: fp16/bf16 72 B in the forward on sm_90 (64 x 32, 8 warps; none on sm_86), fp32
 # 3.8 KB in dQ on sm_90 (16 x 16, 8 warps; 312 B on sm_86). A regression past these fails.
 D256_SPILL_BUDGET = {"float16": 72, "bfloat16": 72, "float32": 3768}
+# Triton 3.6 (fixed by 3.9, which needs 166 registers for the same kernel): fp32 dQ at D = 128
+# with every option on reaches 255 registers and spills 8 B per thread at 16 x 16 with 8 warps;
+# every other tile surveyed spills more (16 x 32: 316 B, 32 x 16: 1.4 KB, 4 warps: 1.4 KB,
+# 16 warps: 716 B). The only exception to zero below D = 256; a regression past it fails.
+OLD_TRITON_SPILL_BUDGET = {("bwd_dq_dw", "float32", 128): 8, ("bwd_dq_mean", "float32", 128): 8}
+
+
+def _budget(r: dict) -> int:
+    if r["d"] > 128:
+        return D256_SPILL_BUDGET[r["dtype"]]
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8):
+        return OLD_TRITON_SPILL_BUDGET.get((r["kernel"], r["dtype"], r["d"]), 0)
+    return 0
 
 
 def run_survey(*args) -> list[dict]:
@@ -51,8 +66,7 @@ def check(results: list[dict]) -> None:
             "bwd_dq_dw", "bwd_dq_mean", "pool", "select", "blocks_compact"} <= kernels, kernels
     too_big = [r for r in results if r["arch"] in (86, 89) and r["shared"] > SHARED_LIMIT]
     assert not too_big, f"over {SHARED_LIMIT} bytes of shared memory per block on sm_86/89: {too_big}"
-    spills = [r for r in results
-              if max(r["spill_stores"], r["spill_loads"]) > (D256_SPILL_BUDGET[r["dtype"]] if r["d"] > 128 else 0)]
+    spills = [r for r in results if max(r["spill_stores"], r["spill_loads"]) > _budget(r)]
     assert not spills, "register spills: " + "; ".join(
         f"sm_{r['arch']} {r['dtype']} D={r['d']} {r['kernel']} ({r['features']}): {r['spill_stores']} B stored, "
         f"{r['regs']} regs" for r in spills)
