@@ -233,16 +233,18 @@ def _meld(args):
         sets = [MELDDataset.from_root(args.meld_root, s) for s in ("train", "dev", "test")]
     else:
         sets = [MELDDataset(args.meld_csv, args.meld_audio),
-                MELDDataset(args.meld_valid_csv, args.meld_valid_audio) if args.meld_valid_csv else None, None]
+                MELDDataset(args.meld_valid_csv, getattr(args, "meld_valid_audio", None) or args.meld_audio)
+                if args.meld_valid_csv else None, None]
     for name, ds in zip(("train", "dev", "test"), sets):
         if ds is None:
             continue
+        reasons = ", ".join(f"{n} {why}" for why, n in ds.skip_reasons.items() if n)
+        if len(ds) == 0:
+            raise ValueError(f"the MELD {name} split has no utterance with readable audio in {ds.audio_dir} "
+                             f"({reasons or 'empty CSV'})")
         if ds.skipped:
-            reasons = ", ".join(f"{n} {why}" for why, n in ds.skip_reasons.items() if n)
             print(f"crossattn-train: MELD {name}: skipped {ds.skipped} of {ds.skipped + len(ds)} utterances "
                   f"({reasons})", file=sys.stderr)
-        if len(ds) == 0:
-            raise ValueError(f"the MELD {name} split has no utterance with readable audio in {ds.audio_dir}")
     return sets
 
 

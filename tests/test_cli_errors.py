@@ -77,6 +77,9 @@ def test_train_target_must_fit_the_data_and_the_model(tmp_path, capsys):
            "--meld-root, or --meld-csv with --meld-audio (not both)")
     _fails(train.main, ["--data", "meld", "--meld-root", str(tmp_path / "none"), *out], capsys,
            "--meld-root", "not a directory")
+    (tmp_path / "m.csv").write_text("Utterance,Emotion,Dialogue_ID,Utterance_ID\nhi,joy,0,0\n")  # no clip at all
+    _fails(train.main, [*meld, "--no-progress", "--output", str(tmp_path / "meld")], capsys,
+           "cannot load the meld data", "the MELD train split has no utterance with readable audio", "(1 missing)")
     assert not (tmp_path / "run").exists()
 
 
