@@ -8,6 +8,8 @@ bootstrap interval that resamples both the seeds and the test items.
 
     nice -n 10 python benchmarks/fusion_experiment.py            # the committed results
     python benchmarks/fusion_experiment.py --from-json           # rewrite the .md from the .json
+    python benchmarks/fusion_experiment.py --supplement --variants HCT-DMG "HCT, fixed primary: text"
+        # a further run on the same corpus and split, reported in its own section of the .md
 """
 from __future__ import annotations
 
@@ -35,10 +37,21 @@ VARIANTS = {
     "bidirectional attention": ("emotion", dict(fusion="bidirectional")),
     "bidirectional, per-modality gate": ("emotion", dict(fusion="bidirectional", gate="modality")),
     "HCT-DMG": ("hctdmg", {}),
+    # seed 002's ablation: the same model with its hierarchy fixed (no gating); "vision" is the
+    # speaker stream here
+    "HCT, fixed primary: text": ("hctdmg", dict(primary="text")),
+    "HCT, fixed primary: audio": ("hctdmg", dict(primary="audio")),
+    "HCT, fixed primary: speaker": ("hctdmg", dict(primary="vision")),
+    # the gate spreads the steps over three hierarchies with their own weights: each trains on
+    # about a third of them; this gives the one evaluated as many steps as a fixed hierarchy gets
+    "HCT-DMG, 3x the epochs": ("hctdmg", dict(epoch_factor=3)),
     "late fusion (majority vote)": ("late", {}),
     "early fusion (concatenation)": ("early", {}),
     "multi-head attention fusion": ("attention", {}),
 }
+# Run with --supplement, not by default: the main run stays under 20 minutes on 2 cores.
+SUPPLEMENTARY = ("HCT, fixed primary: text", "HCT, fixed primary: audio", "HCT, fixed primary: speaker",
+                 "HCT-DMG, 3x the epochs")
 SEED000 = ("text only", "audio only", "concat (no attention)", "text->audio attention", "audio->text attention",
            "bidirectional attention", "bidirectional, per-modality gate")
 
@@ -126,7 +139,10 @@ def run_variant(name, seed, items, split, tokenizer, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     def batch(idx):
-        return items.emotion_batch(idx, tokenizer) if family == "emotion" else items.feature_batch(idx)
+        if family == "emotion":
+            return items.emotion_batch(idx, tokenizer)
+        args_, kw = items.feature_batch(idx)
+        return args_, {**kw, **({"primary": options["primary"]} if "primary" in options else {})}
 
     def predict(idx, extra=False):
         model.eval()
@@ -151,7 +167,7 @@ def run_variant(name, seed, items, split, tokenizer, args) -> dict:
 
     g = torch.Generator().manual_seed(seed)
     best, record, start = -1.0, None, time.time()
-    for epoch in range(args.epochs):
+    for epoch in range(args.epochs * options.get("epoch_factor", 1)):
         order = torch.tensor(train)[torch.randperm(len(train), generator=g)].tolist()
         for k in range(0, len(order), args.batch_size):
             idx = order[k:k + args.batch_size]
@@ -174,7 +190,7 @@ def run_variant(name, seed, items, split, tokenizer, args) -> dict:
     model.eval()
     if family == "hctdmg":
         record["gate_weights"] = torch.softmax(model.gate_logits.detach(), 0).tolist()
-        record["primary"] = model.primary
+        record["primary"] = options.get("primary", model.primary)
     record["parameters"] = (model.parameter_count() if family == "hctdmg"
                             else {"total": sum(p.numel() for p in model.parameters())})
     return record, model
@@ -240,6 +256,13 @@ CLAIMS = [
     ("seed 002 (beats other fusions)", "HCT-DMG", "early fusion (concatenation)", None, None),
     ("seed 002 (robust to incongruity)", "HCT-DMG", "multi-head attention fusion", None, "incongruent"),
     ("seed 002 (robust to incongruity)", "HCT-DMG", "early fusion (concatenation)", None, "incongruent"),
+    ("seed 002 (dynamic gating beats a fixed hierarchy)", "HCT-DMG", "HCT, fixed primary: text", None, None),
+    ("seed 002 (dynamic gating beats a fixed hierarchy)", "HCT-DMG", "HCT, fixed primary: audio", None, None),
+    ("seed 002 (dynamic gating beats a fixed hierarchy)", "HCT-DMG", "HCT, fixed primary: speaker", None, None),
+    ("seed 002 (dynamic gating beats a fixed hierarchy)", "HCT-DMG, 3x the epochs", "HCT, fixed primary: text",
+     None, None),
+    ("seed 002 (dynamic gating beats a fixed hierarchy)", "HCT-DMG, 3x the epochs", "HCT, fixed primary: audio",
+     None, None),
     ("seed 003", "early fusion (concatenation)", "late fusion (majority vote)", 5.64, None),
     ("seed 003", "multi-head attention fusion", "early fusion (concatenation)", 0.52, None),
     ("design check: fusion needs both modalities", "bidirectional attention", "text only", None, None),
@@ -283,11 +306,7 @@ def markdown(saved) -> str:
         "| variant | parameters | accuracy (mean over seeds) | " + " | ".join(conds) + " |",
         "|---|---|---|" + "---|" * len(conds),
     ]
-    for name, s in summary.items():
-        cells = [f"{100 * s['by_condition'][c]:.1f}" for c in conds]
-        params = results[name]["runs"][0]["parameters"]
-        p = f"{params['total'] / 1e3:.0f}k" + (f" ({params['per_step'] / 1e3:.0f}k per step)" if "per_step" in params else "")
-        lines.append(f"| {name} | {p} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_sd']:.1f} | " + " | ".join(cells) + " |")
+    lines += _variant_rows(results, summary)
     lines += ["", "± is the standard deviation over seeds; condition columns are accuracies (%) on that part "
               "of the test set.", "", "## The seeds' claims", "",
               "| claim by | comparison | test items | claimed (points) | measured (points) [95 % CI] | conclusion |",
@@ -339,7 +358,49 @@ def markdown(saved) -> str:
                          f"{a['diff']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}] |")
         lines += ["", f"Heat map of one test item: `{saved.get('figure', '')}` (weights / uniform on a fixed scale, "
                   "word boundaries from the corpus).", ""]
+    for sup in saved.get("supplements", []):
+        lines += _supplement_markdown(sup, saved)
     return "\n".join(lines)
+
+
+def _variant_rows(results, summary):
+    rows = []
+    for name, s in summary.items():
+        params = results[name]["runs"][0]["parameters"]
+        p = f"{params['total'] / 1e3:.0f}k" + (f" ({params['per_step'] / 1e3:.0f}k per step)" if "per_step" in params else "")
+        rows.append(f"| {name} | {p} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_sd']:.1f} | "
+                    + " | ".join(f"{100 * s['by_condition'][c]:.1f}" for c in CONDITIONS) + " |")
+    return rows
+
+
+def _supplement_markdown(sup, saved):
+    """A later run on the same corpus and split (``--supplement``): its own table and claims,
+    compared only among its own runs."""
+    again = [n for n in sup["reproduced"]]
+    lines = [f"## Added run: {', '.join(n for n in sup['results'] if n not in again)}", "",
+             f"Same corpus and split as above (the stored predictions score exactly as stored against this run's "
+             f"test labels), same settings, {len(saved['config']['seeds'])} seeds, {sup['seconds'] / 60:.1f} min "
+             f"wall clock, torch {sup['torch']}. Reproduce: `python benchmarks/fusion_experiment.py --supplement "
+             f"--variants {' '.join(repr(n) for n in sup['results'])}`."]
+    for name in again:
+        same = sum(sup["reproduced"][name])
+        ref = sup.get("stored_accuracy", {}).get(name, saved["summary"].get(name, {}).get("accuracy", math.nan))
+        lines[-1] += (f" {name} was re-run alongside: {same} of {len(sup['reproduced'][name])} seeds gave the "
+                      f"stored test predictions; accuracy {100 * sup['summary'][name]['accuracy']:.1f} here against "
+                      f"{100 * ref:.1f} before.")
+        if same < len(sup["reproduced"][name]):
+            lines[-1] += (" Not reproduced (the code or its numerics differ between the runs), so the re-run differs "
+                          "as a run with other seeds would; the comparisons below use this run's models only.")
+    lines += ["", "| variant | parameters | accuracy (mean over seeds) | " + " | ".join(CONDITIONS) + " |",
+              "|---|---|---|" + "---|" * len(CONDITIONS), *_variant_rows(sup["results"], sup["summary"]), "",
+              "| claim by | comparison | test items | claimed | measured (points) [95 % CI] | conclusion |",
+              "|---|---|---|---|---|---|"]
+    for r in sup["claims"]:
+        lines.append(f"| {r['who']} | {r['a']} − {r['b']} | {r['subset']} | better | "
+                     f"{r['diff']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['verdict']} |")
+    if sup.get("note"):
+        lines += ["", sup["note"]]
+    return lines + [""]
 
 
 def summarise(results, items, test):
@@ -416,6 +477,32 @@ def _task(task):
     return record
 
 
+def _supplement(prior, results, corpus, items, test, seconds, out, note) -> int:
+    """Adds ``results`` to the stored run ``prior`` as a supplement, after checking that this
+    is the same corpus and split: every stored prediction scores as stored against today's
+    labels and conditions. Re-run variants say whether they reproduced their predictions."""
+    check = summarise(prior["results"], items, test) if len(test) == prior["n_test"] else None
+    if corpus.engine != prior["engine"] or check is None or any(
+            abs(check[n]["accuracy"] - s["accuracy"]) > 1e-9
+            or any(abs(check[n]["by_condition"][c] - v) > 1e-9 for c, v in s["by_condition"].items() if v == v)
+            for n, s in prior["summary"].items()):
+        print(f"--supplement: not the stored run's corpus and split ({corpus.engine}, {len(test)} test items; "
+              f"stored: {prior['engine']}, {prior['n_test']}); nothing written", file=sys.stderr)
+        return 1
+    stored = {**{n: r for sup in prior.get("supplements", []) for n, r in sup["results"].items()},
+              **prior["results"]}  # the main run first, then the latest supplement
+    reproduced = {n: [new["predictions"] == old["predictions"] for new, old in zip(r["runs"], stored[n]["runs"])]
+                  for n, r in results.items() if n in stored}
+    stored_accuracy = {n: summarise({n: stored[n]}, items, test)[n]["accuracy"] for n in reproduced}
+    prior.setdefault("supplements", []).append({
+        "results": results, "summary": summarise(results, items, test), "claims": analyse(results, items, test),
+        "reproduced": reproduced, "stored_accuracy": stored_accuracy, "seconds": seconds,
+        "torch": torch.__version__, "note": note})
+    out.with_suffix(".json").write_text(json.dumps(prior))
+    out.with_suffix(".md").write_text(markdown(prior))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -427,7 +514,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   default=[v for v in VARIANTS if v not in SUPPLEMENTARY])
     p.add_argument("--engine", choices=("auto", "espeak", "builtin"), default="auto")
     p.add_argument("--data-dir", default=None, help="corpus cache (default: a temporary directory)")
     p.add_argument("--no-figure", action="store_true")
@@ -436,11 +524,22 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (forked processes)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--from-json", action="store_true", help="rewrite <out>.md from <out>.json, no training")
+    p.add_argument("--supplement", action="store_true",
+                   help="run --variants on the stored run's corpus and split (same settings) and add them to "
+                        "<out>.json/.md as a section of their own; a variant already stored is re-run for comparison")
+    p.add_argument("--note", default="", help="--supplement: a paragraph for its section")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.from_json:
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
         return 0
+    prior = None
+    if args.supplement:
+        prior = json.loads(out.with_suffix(".json").read_text())
+        for k in ("per_class", "epochs", "batch_size", "lr", "width", "engine", "seeds"):
+            if prior["config"][k] != getattr(args, k):
+                p.error(f"--supplement: --{k.replace('_', '-')} {getattr(args, k)} differs from the stored run's "
+                        f"{prior['config'][k]}")
     from crossattn.models import WordTokenizer
 
     torch.set_num_threads(args.threads)
@@ -465,7 +564,10 @@ def main(argv=None) -> int:
         accs = [float((torch.tensor(r["predictions"]) == items.labels[test]).double().mean())
                 for r in results[name]["runs"]]
         print(f"{name}: accuracy {np.mean(accs):.3f} ({time.time() - start:.0f} s)", file=sys.stderr)
-    saved = {"config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "from_json", "progress")},
+    if prior is not None:
+        return _supplement(prior, results, corpus, items, test, time.time() - start, out, args.note)
+    saved = {"config": {k: v for k, v in vars(args).items()
+                        if k not in ("data_dir", "out", "from_json", "progress", "supplement", "note")},
              "torch": torch.__version__,
              "engine": corpus.engine, "n_items": len(corpus), "n_test": len(test),
              "results": results, "summary": summarise(results, items, test),

@@ -5,11 +5,15 @@ attention of a trained emotion model, for one utterance, as a PNG.
     crossattn-attention-map --checkpoint ... --text "I am so happy" --wav hello.wav --output map.png
 
 ``--index`` takes the utterance from the run's own data (test split of the synthetic corpus);
-``--text`` + ``--wav`` take any utterance (16-bit PCM wav).
+``--text`` + ``--wav`` take any utterance (16-bit PCM wav). Word boundaries are drawn on the
+time axis from the corpus's word timings (``--index``) or from ``--words``: a JSON list of
+``[word, start_s, end_s]`` (the synthetic corpus's format, e.g. from a forced aligner).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -60,6 +64,25 @@ def render(weights: torch.Tensor, tokens: list[str], seconds_per_frame: float, t
     plt.close(fig)
 
 
+def read_words(path) -> list:
+    """``[[word, start_s, end_s], ...]`` from a JSON file; ValueError saying what is wrong."""
+    try:
+        words = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read it ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(words, list) or not words:
+        got = "an empty list" if words == [] else f"a JSON {type(words).__name__}"
+        raise ValueError(f"expected a non-empty JSON list of [word, start_s, end_s], got {got}")
+    for i, w in enumerate(words):
+        ok = (isinstance(w, list) and len(w) == 3 and isinstance(w[0], str)
+              and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in w[1:]))
+        if not ok or not 0 <= w[1] <= w[2]:
+            raise ValueError(f"entry {i} must be [word, start_s, end_s] with 0 <= start_s <= end_s, got {w!r}")
+    return words
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(prog="crossattn-attention-map", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a crossattn-train run (emotion model)")
@@ -67,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--index", type=int, help="utterance of the run's test (or validation) split")
     p.add_argument("--text")
     p.add_argument("--wav")
+    p.add_argument("--words", help="JSON list of [word, start_s, end_s]: word boundaries to draw (default: the "
+                                   "corpus's own timings with --index, where it has them)")
     args = p.parse_args(argv)
     if (args.index is None) == (args.text is None):
         p.error("give either --index, or --text with --wav")
@@ -74,12 +99,20 @@ def main(argv=None) -> int:
         p.error("--text needs --wav")
     existing_file(p.prog, "--checkpoint", args.checkpoint)
     existing_file(p.prog, "--wav", args.wav)
+    existing_file(p.prog, "--words", args.words)
+    words = None
+    if args.words:
+        try:
+            words = read_words(args.words)
+        except ValueError as exc:
+            p.error(f"--words {args.words}: {exc}")
     if not Path(args.output).resolve().parent.is_dir():
         p.error(f"--output {args.output}: its directory does not exist")
     require_extra(p.prog, "models")
 
     from crossattn.data import EmotionCollator, read_wav
     from crossattn.models import EMOTIONS
+    from crossattn.models.alignment import frame_geometry, token_spans
     from crossattn.train import build_data, build_model, load_checkpoint
 
     state = load_checkpoint(args.checkpoint, p.prog)
@@ -99,6 +132,7 @@ def main(argv=None) -> int:
         if not 0 <= args.index < len(split):
             p.error(f"--index must be in [0, {len(split)}), got {args.index}")
         item = split[args.index]
+        words = words or item.get("words")
     else:
         try:
             waveform = read_wav(args.wav, 16000)
@@ -113,13 +147,20 @@ def main(argv=None) -> int:
     tokens = (tokenizer.tokens(item["text"]) if hasattr(tokenizer, "tokens")
               else tokenizer.convert_ids_to_tokens(text_input["input_ids"][0]))
     w = w[: len(tokens), :frames].float()
-    seconds = audio_input["attention_mask"][0].sum().item() / 16000
+    geometry = frame_geometry(model.audio_encoder)
+    if geometry is None:  # an encoder of unknown stride: spread the frames over the audio
+        per_frame, offset = audio_input["attention_mask"][0].sum().item() / 16000 / max(frames, 1), 0.0
+    else:  # the time axis starts at the left edge of frame 0's cell
+        per_frame, offset = geometry[0], geometry[1] - geometry[0] / 2
+    spans = token_spans(tokens, words) if words else None
     label = int(out["logits"].argmax(-1))
     pred = EMOTIONS[label] if state["num_outputs"] == len(EMOTIONS) else str(label)
     truth = EMOTIONS[item["label"]] if item.get("label", -1) >= 0 else "?"
-    render(w, tokens, seconds / max(frames, 1), f"\"{item['text']}\" — predicted {pred}, label {truth}",
-           args.output)
-    print(f"predicted {pred} (label {truth}); wrote {Path(args.output)} ({len(tokens)} tokens x {frames} frames)")
+    render(w, tokens, per_frame, f"\"{item['text']}\" — predicted {pred}, label {truth}", args.output,
+           word_spans=spans, offset=offset)
+    timed = "" if spans is None else f"; {sum(s is not None for s in spans)} tokens placed on their words"
+    print(f"predicted {pred} (label {truth}); wrote {Path(args.output)} ({len(tokens)} tokens x {frames} frames"
+          f"{timed})")
     return 0
 
 

@@ -3,11 +3,13 @@
     crossattn-train --output runs/seed000                       # seed 000 model, synthetic corpus
     crossattn-train --model early --epochs 5 --output runs/early  # a fusion baseline
     crossattn-train --data mmsa --pickle mosi.pkl --model hctdmg --target acc7 --output runs/hct
+    crossattn-train --data meld --meld-root MELD.Raw --output runs/meld   # MELD's train/dev/test
     crossattn-train --config run.json --resume                   # flags in JSON; continue a run
     torchrun --nproc-per-node 2 -m crossattn.train --output runs/ddp
 
-Each epoch ends with an evaluation (accuracy, weighted F1, confusion matrix; MAE and
-correlation for regression) appended to ``metrics.jsonl``. ``checkpoint.pt`` is rewritten
+Each epoch ends with an evaluation (accuracy, weighted F1, confusion matrix; for regression
+MMSA's metrics: Has0/Non0 acc-2 and F1, acc-5, acc-7, MAE, correlation; for IEMOCAP's four
+emotions MulT's per-emotion accuracy and F1) appended to ``metrics.jsonl``. ``checkpoint.pt`` is rewritten
 atomically at every epoch end and every ``--save-every`` steps; ``--resume`` continues from
 it at the exact batch (the epoch's order is a function of the seed and the epoch).
 """
@@ -28,6 +30,8 @@ from torch.utils.data import DataLoader, Subset
 from ._cli import ArgumentParser, check_device, existing_file, fail, require_extra
 
 MODELS = ("emotion", "hctdmg", "late", "early", "attention")
+# crossattn.data.mmsa.TARGETS, spelt out so that --help works without numpy (a test keeps them equal)
+TARGETS = ("regression", "acc2", "acc2_has0", "acc7", "classification", "emotions")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -44,12 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-class", type=int, default=40, help="synthetic utterances per emotion")
     d.add_argument("--incongruent-fraction", type=float, default=0.2)
     d.add_argument("--engine", choices=("auto", "espeak", "builtin"), default="auto")
-    d.add_argument("--meld-csv", help="MELD train CSV")
+    d.add_argument("--meld-root", help="extracted MELD.Raw: {train,dev,test}_sent_emo.csv, each split with its "
+                                       "own folder of diaX_uttY.wav clips")
+    d.add_argument("--meld-csv", help="MELD train CSV (instead of --meld-root)")
+    d.add_argument("--meld-audio", help="directory of the train CSV's diaX_uttY.wav files")
     d.add_argument("--meld-valid-csv", help="MELD dev CSV (default: 15%% of the train CSV)")
-    d.add_argument("--meld-audio", help="directory of diaX_uttY.wav files")
+    d.add_argument("--meld-valid-audio", help="the dev CSV's own clip folder (MELD reuses names across splits)")
     d.add_argument("--pickle", help="MulT/MMSA aligned pickle")
-    d.add_argument("--target", choices=("acc7", "acc2", "regression", "classification"), default="acc7",
-                   help="label of the pickle data")
+    d.add_argument("--target", choices=TARGETS,
+                   help="what to predict. mmsa: regression (MMSA metrics), acc2 (score > 0, zeros left out), "
+                        "acc2_has0 (score >= 0), acc7 (default), classification (the pickle's "
+                        "classification_labels), emotions (MulT IEMOCAP's four one-vs-rest labels); "
+                        "synthetic and meld: classification (the emotion classes; the only one)")
     d.add_argument("--max-seconds", type=float, default=8.0, help="crop audio to this length")
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=MODELS, default="emotion")
@@ -99,8 +109,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.output:
         parser.error("--output is required (on the command line or in --config)")
-    if args.data == "meld" and not (args.meld_csv and args.meld_audio):
-        parser.error("--data meld needs --meld-csv and --meld-audio")
+    if args.data == "meld" and not (bool(args.meld_root) ^ bool(args.meld_csv and args.meld_audio)):
+        parser.error("--data meld needs --meld-root, or --meld-csv with --meld-audio (not both)")
+    if args.meld_valid_csv and not args.meld_valid_audio:
+        parser.error("--meld-valid-csv needs --meld-valid-audio: each MELD split has its own clips under the same "
+                     "diaX_uttY names")
+    if args.target is None:
+        args.target = "acc7" if args.data == "mmsa" else "classification"
+    if args.data != "mmsa" and args.target != "classification":
+        parser.error(f"--target {args.target}: the {args.data} data has emotion classes only; use --target "
+                     "classification (the default)")
+    if args.model == "late" and args.target in ("regression", "emotions"):
+        parser.error(f"--target {args.target}: late fusion is a majority vote over one set of classes; use "
+                     "--model early, attention or hctdmg")
     if args.data == "mmsa" and not args.pickle:
         parser.error("--data mmsa needs --pickle")
     if args.model == "emotion" and args.data == "mmsa":
@@ -113,8 +134,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option, path in (("--pickle", args.pickle), ("--meld-csv", args.meld_csv),
                          ("--meld-valid-csv", args.meld_valid_csv)):
         existing_file(parser.prog, option, path if args.data != "synthetic" else None)
-    if args.data == "meld" and not Path(args.meld_audio).is_dir():
-        parser.error(f"--meld-audio {args.meld_audio}: not a directory")
+    if args.data == "meld":
+        for option in ("--meld-root", "--meld-audio", "--meld-valid-audio"):
+            path = getattr(args, option[2:].replace("-", "_"))
+            if path is not None and not Path(path).is_dir():
+                parser.error(f"{option} {path}: not a directory")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"--output {args.output}: exists and is not a directory")
     check_device(parser.prog, args.device)
@@ -163,14 +187,18 @@ class _Mapped(torch.utils.data.Dataset):
 
 def build_data(args):
     """(train, validation, test-or-None datasets, num_outputs, extra) for the arguments."""
-    from crossattn.data import AlignedPickleDataset, MELDDataset, SyntheticEmotionCorpus
+    from crossattn.data import AlignedPickleDataset, SyntheticEmotionCorpus
     from crossattn.models import EMOTIONS
 
     if args.data == "mmsa":
         sets = [AlignedPickleDataset(args.pickle, s, args.target) for s in ("train", "valid", "test")]
         labels = sets[0].labels
-        n_out = 1 if args.target == "regression" else int(max(int(labels.max()) + 1,
-                                                               {"acc2": 2, "acc7": 7}.get(args.target, 0)))
+        if args.target == "regression":
+            n_out = 1
+        elif args.target == "emotions":
+            n_out = 2 * labels.shape[1]  # present/absent logits per emotion, as MulT
+        else:
+            n_out = int(max(int(labels.max()) + 1, {"acc2": 2, "acc2_has0": 2, "acc7": 7}.get(args.target, 0)))
         return (*sets, n_out, {"dims": sets[0].dims, "texts": None})
     if args.data == "synthetic":
         corpus = SyntheticEmotionCorpus(args.data_dir, per_class=args.per_class, seed=args.seed,
@@ -180,21 +208,44 @@ def build_data(args):
         train, val, test = Subset(corpus, train_idx), Subset(corpus, val_idx), Subset(corpus, test_idx)
         texts = [corpus.samples[i]["text"] for i in train_idx]
     else:
-        full = MELDDataset(args.meld_csv, args.meld_audio)
-        if args.meld_valid_csv:
-            train, val = full, MELDDataset(args.meld_valid_csv, args.meld_audio)
-        else:
+        full, val, test = _meld(args)
+        if val is None:
             g = torch.Generator().manual_seed(args.seed)
             order = torch.randperm(len(full), generator=g).tolist()
             cut = max(1, int(0.85 * len(full)))
             train, val = Subset(full, order[:cut]), Subset(full, order[cut:])
-        test = None
-        texts = [full.rows[i]["text"] for i in range(len(full))]
+        else:
+            train = full
+        texts = full.texts()
     if args.model in ("late", "early", "attention"):
         train, val = _Mapped(train, text_audio_features), _Mapped(val, text_audio_features)
         test = _Mapped(test, text_audio_features) if test is not None else None
         return train, val, test, len(EMOTIONS), {"dims": (64, 160), "texts": texts}
     return train, val, test, len(EMOTIONS), {"dims": None, "texts": texts}
+
+
+def _meld(args):
+    """(train, dev or None, test or None) MELDDatasets; utterances without readable audio are
+    skipped, and said so on stderr."""
+    from crossattn.data import MELDDataset
+
+    if getattr(args, "meld_root", None):  # checkpoints of older runs lack the newer options
+        sets = [MELDDataset.from_root(args.meld_root, s) for s in ("train", "dev", "test")]
+    else:
+        sets = [MELDDataset(args.meld_csv, args.meld_audio),
+                MELDDataset(args.meld_valid_csv, getattr(args, "meld_valid_audio", None) or args.meld_audio)
+                if args.meld_valid_csv else None, None]
+    for name, ds in zip(("train", "dev", "test"), sets):
+        if ds is None:
+            continue
+        reasons = ", ".join(f"{n} {why}" for why, n in ds.skip_reasons.items() if n)
+        if len(ds) == 0:
+            raise ValueError(f"the MELD {name} split has no utterance with readable audio in {ds.audio_dir} "
+                             f"({reasons or 'empty CSV'})")
+        if ds.skipped:
+            print(f"crossattn-train: MELD {name}: skipped {ds.skipped} of {ds.skipped + len(ds)} utterances "
+                  f"({reasons})", file=sys.stderr)
+    return sets
 
 
 # --------------------------------------------------------------------------- model
@@ -253,10 +304,17 @@ def forward(model, batch, args, device):
     return model(*feats, **{f"{m}_padding_mask": p for m, p in zip(names, pads)}), labels.to(device)
 
 
+def _output(outputs: dict):
+    """The prediction tensor: ``output`` (regression heads) or ``logits``."""
+    return outputs["output"] if "output" in outputs else outputs["logits"]
+
+
 def loss_fn(model, outputs, labels, args):
     core = getattr(model, "module", model)
-    if args.target == "regression" and args.data == "mmsa":
-        loss = nn.functional.l1_loss(outputs["logits"], labels.float())
+    if args.target == "regression":
+        loss = nn.functional.l1_loss(_output(outputs), labels.float())
+    elif args.target == "emotions":  # MulT's IEMOCAP loss: one present/absent decision per emotion
+        loss = nn.functional.cross_entropy(outputs["logits"].reshape(-1, 2), labels.reshape(-1))
     elif hasattr(core, "loss"):
         loss = core.loss(outputs, labels)
     else:
@@ -284,14 +342,6 @@ def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classe
             "confusion_matrix": cm.tolist(), "n": int(support.sum())}
 
 
-def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    pred, target = pred.flatten().double(), target.flatten().double()
-    corr = torch.corrcoef(torch.stack([pred, target]))[0, 1] if pred.numel() > 1 else torch.tensor(float("nan"))
-    nz = target != 0
-    acc2 = float(((pred[nz] > 0) == (target[nz] > 0)).double().mean()) if nz.any() else float("nan")
-    return {"mae": float((pred - target).abs().mean()), "corr": float(corr), "acc2": acc2, "n": pred.numel()}
-
-
 def evaluate(model, dataset, args, tokenizer, num_outputs, device) -> dict:
     # Evaluation must not move the training RNG (DataLoader draws a seed from it), so that a
     # run interrupted and resumed trains exactly as one that was not.
@@ -303,16 +353,25 @@ def _evaluate(model, dataset, args, tokenizer, num_outputs, device) -> dict:
     model.eval()
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator(args, tokenizer))
     preds, labels = [], []
+    raw = args.target in ("regression", "emotions")
     for batch in loader:
         out, y = forward(model, batch, args, device)
-        preds.append(out.get("prediction", out["logits"].argmax(-1)) if num_outputs > 1 else out["logits"])
+        preds.append(_output(out) if raw else out.get("prediction", out["logits"].argmax(-1)))
         labels.append(y)
     model.train()
     if not preds:
         return {"n": 0}
     p, y = torch.cat(preds).cpu(), torch.cat(labels).cpu()
-    if num_outputs == 1:
-        return regression_metrics(p, y)
+    if args.target == "regression":
+        from crossattn.data import mmsa_regression_metrics
+
+        return {**mmsa_regression_metrics(p, y), "n": len(y)}
+    if args.target == "emotions":
+        from crossattn.data import iemocap_metrics
+
+        m = iemocap_metrics(p, y)
+        return {**m, "accuracy": sum(v for k, v in m.items() if k.endswith("_acc")) / 4,
+                "weighted_f1": sum(v for k, v in m.items() if k.endswith("_f1")) / 4, "n": len(y)}
     metrics = classification_metrics(p, y, num_outputs)
     plain = dataset.base if isinstance(dataset, _Mapped) else dataset
     base = plain.dataset if isinstance(plain, Subset) else None
@@ -451,7 +510,8 @@ def main(argv=None) -> int:
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             v = metrics["validation"]
-            summary = " ".join(f"{k}={v[k]:.4f}" for k in ("accuracy", "weighted_f1", "mae", "corr") if k in v)
+            summary = " ".join(f"{k}={v[k]:.4f}" for k in ("accuracy", "weighted_f1", "Non0_acc_2", "Has0_acc_2",
+                                                            "MAE", "Corr") if k in v)
             loss_text = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
             # Results go to stdout (one line per epoch); progress bars and notes to stderr.
             print(f"epoch {epoch + 1}/{args.epochs} step {step} loss={loss_text} validation: {summary}", flush=True)

@@ -279,7 +279,8 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
             _xattn_fwd_combine_kernel[_grid(*grid)](
                 *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
                    v[i].shape[3]) for i in ends],
-                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+                nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
+                maxnreg=cfg.maxnreg,
             )
     ws = [qq.new_empty(0) for qq in q]
     if weights:

@@ -52,6 +52,37 @@ def test_train_bad_arguments_and_missing_files(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing written before the arguments are known good
 
 
+def test_train_target_must_fit_the_data_and_the_model(tmp_path, capsys):
+    """--target offers what some data set can give; a combination the data or the model cannot
+    do is one line, exit 2, before anything is loaded or written."""
+    from crossattn.data import mmsa
+
+    assert train.TARGETS == mmsa.TARGETS  # the CLI's copy (no numpy at --help time) is the loader's list
+    out = ["--output", str(tmp_path / "run")]
+    for target in ("regression", "acc7", "acc2", "emotions"):
+        _fails(train.main, ["--target", target, *out], capsys, f"--target {target}: the synthetic data has "
+               "emotion classes only", "--target classification")
+    meld = ["--data", "meld", "--meld-csv", str(tmp_path / "m.csv"), "--meld-audio", str(tmp_path)]
+    _fails(train.main, [*meld, "--target", "regression", *out], capsys, "the meld data has emotion classes only")
+    pkl = tmp_path / "x.pkl"
+    pkl.write_bytes(b"")
+    for target in ("regression", "emotions"):
+        _fails(train.main, ["--data", "mmsa", "--pickle", str(pkl), "--model", "late", "--target", target, *out],
+               capsys, f"--target {target}: late fusion is a majority vote", "--model early, attention or hctdmg")
+    _fails(train.main, ["--target", "acc5", *out], capsys, "--target", "invalid choice: 'acc5'")
+    (tmp_path / "m.csv").write_text("x")
+    _fails(train.main, [*meld, "--meld-valid-csv", str(tmp_path / "m.csv"), *out], capsys,
+           "--meld-valid-csv needs --meld-valid-audio")
+    _fails(train.main, [*meld, "--meld-root", str(tmp_path), *out], capsys,
+           "--meld-root, or --meld-csv with --meld-audio (not both)")
+    _fails(train.main, ["--data", "meld", "--meld-root", str(tmp_path / "none"), *out], capsys,
+           "--meld-root", "not a directory")
+    (tmp_path / "m.csv").write_text("Utterance,Emotion,Dialogue_ID,Utterance_ID\nhi,joy,0,0\n")  # no clip at all
+    _fails(train.main, [*meld, "--no-progress", "--output", str(tmp_path / "meld")], capsys,
+           "cannot load the meld data", "the MELD train split has no utterance with readable audio", "(1 missing)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="checks the message on a machine without CUDA")
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     _fails(train.main, ["--device", "cuda", "--output", str(tmp_path / "r")], capsys, "--device cuda", "CUDA")

@@ -149,6 +149,29 @@ def test_meld_loader(tmp_path):
         MELDDataset(csv_path, audio, missing_audio="error")
 
 
+def test_meld_loader_skips_or_refuses_unreadable_audio(tmp_path):
+    """A clip that exists but cannot be read (not a wav, 8-bit, empty) is skipped and counted
+    with the missing ones, or with missing_audio="error" named in a ValueError."""
+    rows = [("a", "joy", 0, 0), ("b", "anger", 0, 1), ("c", "fear", 0, 2), ("d", "neutral", 0, 3),
+            ("e", "sadness", 0, 4)]
+    csv_path, audio = _write_meld(tmp_path, rows)
+    (audio / "dia0_utt1.wav").write_bytes(b"ID3\x04 an mp3 renamed to .wav")
+    write_wav(audio / "dia0_utt2.wav", np.zeros(0, np.float32), 16000)  # header only, no samples
+    (audio / "dia0_utt4.wav").unlink()
+    ds = MELDDataset(csv_path, audio)
+    assert [r["text"] for r in ds.rows] == ["a", "d"]
+    assert ds.skipped == 3 and ds.skip_reasons == {"missing": 1, "unreadable": 2}
+    assert ds[1]["waveform"].numel() == 8300
+    with pytest.raises(ValueError, match=r"dia0_utt1\.wav: unreadable: Error"):
+        MELDDataset(csv_path, audio, missing_audio="error")
+    with pytest.raises(ValueError, match="missing_audio must be"):
+        MELDDataset(csv_path, audio, missing_audio="ignore")
+    # A clip broken after the CSV was read: a clear error naming it, not a crash in numpy
+    (audio / "dia0_utt3.wav").write_bytes((audio / "dia0_utt3.wav").read_bytes()[:47])
+    with pytest.raises(ValueError, match=r"dia0_utt3\.wav: unreadable audio"):
+        ds[1]
+
+
 def test_meld_splits_read_their_own_audio_folders(tmp_path):
     """MELD.Raw reuses dia/utt names across splits: each split must read its own clips."""
     root = tmp_path / "MELD.Raw"

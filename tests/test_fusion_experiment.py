@@ -70,12 +70,51 @@ def test_experiment_runs_end_to_end_at_a_tiny_size(tmp_path):
     before = md
     out.with_suffix(".md").unlink()
     assert fe.main(["--from-json", "--out", str(out)]) == 0 and out.with_suffix(".md").read_text() == before
+    # A supplement (seed 002's fixed-hierarchy ablation) on the same corpus and split: the
+    # re-run HCT-DMG reproduces its predictions, the new claims get intervals of their own.
+    common = ["--per-class", "8", "--epochs", "1", "--seeds", "0", "1", "--engine", "builtin", "--jobs", "1",
+              "--width", "16", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    assert fe.main([*common, "--supplement", "--note", "Why.", "--variants", "HCT-DMG",
+                    "HCT, fixed primary: audio"]) == 0
+    sup = json.loads(out.with_suffix(".json").read_text())["supplements"][0]
+    assert sup["reproduced"] == {"HCT-DMG": [True, True]} and set(sup["results"]) == {"HCT-DMG",
+                                                                                     "HCT, fixed primary: audio"}
+    assert [(c["a"], c["b"]) for c in sup["claims"]] == [("HCT-DMG", "HCT, fixed primary: audio")]
+    assert all(r["primary"] == "audio" for r in sup["results"]["HCT, fixed primary: audio"]["runs"])
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith(before) and "## Added run: HCT, fixed primary: audio" in md and "2 of 2 seeds" in md
+    with pytest.raises(SystemExit):  # other settings: not the stored run's corpus
+        fe.main([*common[2:], "--per-class", "9", "--supplement", "--variants", "HCT-DMG"])
 
 
 def test_token_spans_skip_cls_and_punctuation():
     words = [["the", 0.05, 0.40], ["day", 0.45, 0.80], ["it", 0.90, 1.10]]
     spans = token_spans(["[CLS]", "the", "day", ",", "it"], words)
     assert spans == [None, (0.05, 0.40), (0.45, 0.80), None, (0.90, 1.10)]
+
+
+def test_token_spans_keep_matching_after_an_unknown_word():
+    words = [["the", 0.05, 0.40], ["gloomy", 0.45, 0.80], ["day", 0.90, 1.10]]
+    assert token_spans(["[CLS]", "the", "[UNK]", "day"], words) == [None, (0.05, 0.40), None, (0.90, 1.10)]
+
+
+def test_frame_geometry_of_the_audio_encoders():
+    """Frame k is centred at first + k * step: log-mel (10 ms hop, two stride-2 convs, 512-point
+    window) and Wav2Vec2's conv stack (stride 320, receptive field 400 samples)."""
+    from crossattn.models import LogMelEncoder
+    from crossattn.models.alignment import frame_geometry
+    from crossattn.models.encoders import tiny_wav2vec2
+
+    assert frame_geometry(LogMelEncoder()) == pytest.approx((0.04, 0.016))
+    assert frame_geometry(LogMelEncoder(layers=0)) == pytest.approx((0.01, 0.016))
+    w2v = tiny_wav2vec2(hidden=16, layers=1)
+    step, first = frame_geometry(w2v)
+    assert step == pytest.approx(320 / 16000) and first == pytest.approx(199.5 / 16000)
+    # the receptive field it implies gives Wav2Vec2's own frame count
+    for samples in (400, 719, 720, 16000):
+        frames = int(w2v._get_feat_extract_output_lengths(torch.tensor(samples)))
+        assert frames == (samples - 400) // 320 + 1
+    assert frame_geometry(torch.nn.Linear(2, 2)) is None
 
 
 def test_word_alignment_tells_aligned_from_uniform_and_misaligned():

@@ -27,7 +27,7 @@ def _metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path, capsys):
+def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path, monkeypatch, capsys):
     assert train.main(_common(tmp_path, "run", "--epochs", "2", "--diversity-weight", "0.01",
                               "--alignment-weight", "0.1")) == 0
     run = tmp_path / "run"
@@ -52,7 +52,8 @@ def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path, capsys):
     assert attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--index", "0", "--output", str(png)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and re.fullmatch(rf"predicted \w+ \(label \w+\); wrote {re.escape(str(png))} "
-                                              r"\(\d+ tokens x \d+ frames\)", printed[0]), printed
+                                              r"\(\d+ tokens x \d+ frames; \d+ tokens placed on their words\)",
+                                              printed[0]), printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # Any utterance: text + a 16-bit PCM wav.
     from crossattn.data import write_wav
@@ -65,6 +66,46 @@ def test_train_emotion_model_checkpoint_metrics_and_heat_map(tmp_path, capsys):
     assert png2.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         attention_map.main(["--checkpoint", str(run / "checkpoint.pt"), "--text", "x", "--output", str(png2)])
+    _heat_map_cli_draws_the_word_boundaries(tmp_path, str(run / "checkpoint.pt"), monkeypatch, capsys)
+
+
+def _heat_map_cli_draws_the_word_boundaries(tmp_path, ckpt, monkeypatch, capsys):
+    """--index draws the corpus's word timings, --words a given alignment, on a time axis where
+    log-mel frame k is centred at 40 ms * k + 16 ms; the boundaries change the picture. (Part
+    of the test above: it reuses that run.)"""
+    from crossattn.data import SyntheticEmotionCorpus
+    from crossattn.models.alignment import token_spans
+
+    calls = []
+    real = attention_map.render
+    monkeypatch.setattr(attention_map, "render", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    assert attention_map.main(["--checkpoint", ckpt, "--index", "1", "--output", str(tmp_path / "a.png")]) == 0
+    (w, tokens, per_frame, _, _), kw = calls[-1]
+    state = torch.load(ckpt, weights_only=True)
+    corpus = SyntheticEmotionCorpus(tmp_path / "data", per_class=6, seed=0)
+    item = corpus[corpus.split((0.7, 0.15, 0.15), seed=0)[2][1]]
+    assert item["words"] and kw["word_spans"] == token_spans(tokens, item["words"]) and state["args"]["seed"] == 0
+    assert sum(s is not None for s in kw["word_spans"]) == len(item["words"])  # every spoken word placed
+    assert per_frame == pytest.approx(0.04) and kw["offset"] == pytest.approx(-0.004)
+    # Any utterance with --words; without it nothing is drawn, and the two pictures differ.
+    words = tmp_path / "w.json"
+    words.write_text(json.dumps([["so", 0.1, 0.4], ["happy", 0.45, 0.9]]))
+    base = ["--checkpoint", ckpt, "--text", "so happy", "--wav", str(tmp_path / "u.wav")]
+    assert attention_map.main([*base, "--words", str(words), "--output", str(tmp_path / "b.png")]) == 0
+    assert calls[-1][1]["word_spans"] == [None, (0.1, 0.4), (0.45, 0.9)]
+    assert attention_map.main([*base, "--output", str(tmp_path / "c.png")]) == 0
+    assert calls[-1][1]["word_spans"] is None
+    assert (tmp_path / "b.png").read_bytes() != (tmp_path / "c.png").read_bytes()
+    capsys.readouterr()
+    for bad, needle in (("[]", "expected a non-empty JSON list of [word, start_s, end_s], got an empty list"),
+                        ('{"so": 1}', "got a JSON dict"), ('[["so", 0.5, 0.1]]', "entry 0 must be"),
+                        ('[["so", 0.1]]', "entry 0 must be"), ("{", "not valid JSON")):
+        words.write_text(bad)
+        with pytest.raises(SystemExit) as info:
+            attention_map.main([*base, "--words", str(words), "--output", str(tmp_path / "d.png")])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert f"--words {words}: " in err and needle in err, err
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
@@ -113,14 +154,74 @@ def _pickle(tmp_path):
 
 
 @pytest.mark.parametrize("model, target", [("hctdmg", "acc7"), ("hctdmg", "regression"), ("early", "acc2"),
-                                           ("late", "acc7"), ("attention", "acc2")])
+                                           ("late", "acc7"), ("attention", "acc2_has0"), ("attention", "regression")])
 def test_feature_models_train_on_an_aligned_pickle(tmp_path, model, target):
+    from crossattn.data import mmsa_regression_metrics
+
     out = tmp_path / "m"
     assert train.main(["--data", "mmsa", "--pickle", str(_pickle(tmp_path)), "--model", model, "--target", target,
                        "--epochs", "1", "--batch-size", "4", "--output", str(out), "--no-progress",
                        "--d-model", "16", "--heads", "2"]) == 0
     val = _metrics(out)[0]["validation"]
-    assert ("mae" in val) == (target == "regression") and val["n"] == 4
+    assert val["n"] == 4
+    if target == "regression":  # MMSA's metrics, from the one implementation
+        assert set(val) == set(mmsa_regression_metrics(torch.zeros(2), torch.ones(2))) | {"n"}
+    else:
+        assert "MAE" not in val and len(val["confusion_matrix"]) == (7 if target == "acc7" else 2)
+
+
+def test_iemocap_emotions_train_as_four_binary_decisions(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        present = rng.integers(0, 2, size=(n, 4))
+        return {"text": rng.normal(size=(n, 5, 6)).astype(np.float32),
+                "audio": rng.normal(size=(n, 5, 3)).astype(np.float32),
+                "vision": rng.normal(size=(n, 5, 4)).astype(np.float32),
+                "labels": np.stack([1 - present, present], -1).astype(np.float32)}
+
+    path = tmp_path / "iemocap_data.pkl"
+    path.write_bytes(pickle.dumps({"train": split(8), "valid": split(4), "test": split(4)}))
+    out = tmp_path / "iemo"
+    assert train.main(["--data", "mmsa", "--pickle", str(path), "--model", "early", "--target", "emotions",
+                       "--epochs", "1", "--batch-size", "4", "--output", str(out), "--no-progress",
+                       "--d-model", "16", "--heads", "2"]) == 0
+    val = _metrics(out)[0]["validation"]
+    accs = [val[f"{e}_acc"] for e in ("neutral", "happy", "sad", "angry")]
+    assert val["n"] == 4 and val["accuracy"] == pytest.approx(sum(accs) / 4)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["num_outputs"] == 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # those labels allow no other target: the loader says so
+        train.main(["--data", "mmsa", "--pickle", str(path), "--model", "early", "--output", str(tmp_path / "x"),
+                    "--no-progress"])
+    assert "use target='emotions'" in capsys.readouterr().err
+
+
+def test_meld_root_trains_on_its_splits_and_reports_skipped_clips(tmp_path, capsys):
+    """MELD.Raw's layout: each split its own clip folder; an unreadable clip is skipped with a
+    note on stderr; the test split is evaluated."""
+    import csv
+
+    from crossattn.data import write_wav
+
+    root = tmp_path / "MELD.Raw"
+    lines = ["I am so happy", "this is sad", "leave me alone", "what a surprise"]
+    for split, folder in (("train", "train_splits"), ("dev", "dev_splits_complete"),
+                          ("test", "output_repeated_splits_test")):
+        (root / folder).mkdir(parents=True)
+        with open(root / f"{split}_sent_emo.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"])
+            for i, emo in enumerate(("joy", "sadness", "anger", "surprise")):
+                w.writerow([i + 1, lines[i], "Ross", emo, 0, i])
+                write_wav(root / folder / f"dia0_utt{i}.wav", np.full(6000, 0.1, np.float32), 16000)
+    (root / "train_splits" / "dia0_utt3.wav").write_bytes(b"not a wav")
+    out = tmp_path / "meld"
+    assert train.main(["--data", "meld", "--meld-root", str(root), "--epochs", "1", "--batch-size", "2",
+                       "--output", str(out), "--no-progress", "--d-model", "16", "--heads", "2"]) == 0
+    assert "MELD train: skipped 1 of 4 utterances (1 unreadable)" in capsys.readouterr().err
+    m = _metrics(out)[0]
+    assert m["validation"]["n"] == 4 and m["test"]["n"] == 4 and m["step"] == 2  # 3 train items, batches of 2
 
 
 @pytest.mark.parametrize("model", ["late", "early", "attention"])

@@ -13,6 +13,7 @@ each split needs its own audio folder: :meth:`MELDDataset.from_root` finds MELD.
 from __future__ import annotations
 
 import csv
+import wave
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -31,17 +32,36 @@ _REQUIRED = ("Utterance", "Emotion", "Dialogue_ID", "Utterance_ID")
 SPLIT_AUDIO = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 
 
+def _audio_problem(wav: Path) -> str | None:
+    """Why ``wav`` cannot be used (``"missing"`` or ``"unreadable: ..."``), or None. Reads the
+    header only: MELD has ~14k clips, and a few extracted ones are known to be broken."""
+    if not wav.is_file():
+        return "missing"
+    try:
+        with wave.open(str(wav), "rb") as w:
+            if w.getsampwidth() != 2:
+                return f"unreadable: {8 * w.getsampwidth()}-bit samples, expected 16-bit PCM"
+            if w.getnframes() == 0:
+                return "unreadable: no samples"
+    except (wave.Error, EOFError, OSError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
 class MELDDataset(Dataset):
     """Items: ``text``, ``waveform`` (float32 at ``sample_rate``), ``label`` (index into
     EMOTIONS), ``speaker``, ``metadata`` (empty: MELD has no age/gender/timbre).
-    ``missing_audio="skip"`` drops utterances without a wav (counted in ``skipped``);
-    ``"error"`` raises."""
+
+    Utterances whose wav is missing or unreadable (not a 16-bit PCM wav, or empty; checked
+    from the header when the CSV is read): ``missing_audio="skip"`` leaves them out and counts
+    them (``skipped``, and ``skip_reasons``: ``{"missing": n, "unreadable": m}``);
+    ``"error"`` raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
 
     def __init__(self, csv_path, audio_dir, sample_rate: int = 16000, missing_audio: str = "skip"):
         if missing_audio not in ("skip", "error"):
             raise ValueError(f"missing_audio must be 'skip' or 'error', got {missing_audio!r}")
         self.audio_dir, self.sample_rate = Path(audio_dir), sample_rate
-        self.rows, self.skipped = [], 0
+        self.rows, self.skip_reasons = [], {"missing": 0, "unreadable": 0}
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
@@ -53,10 +73,13 @@ class MELDDataset(Dataset):
                     raise ValueError(f"{csv_path}: unknown emotion {row['Emotion']!r}; expected one of "
                                      f"{sorted(MELD_EMOTIONS)}")
                 wav = self.audio_dir / f"dia{row['Dialogue_ID'].strip()}_utt{row['Utterance_ID'].strip()}.wav"
-                if not wav.exists():
+                problem = _audio_problem(wav)
+                if problem is not None:
                     if missing_audio == "error":
-                        raise FileNotFoundError(f"no audio for utterance: {wav}")
-                    self.skipped += 1
+                        if problem == "missing":
+                            raise FileNotFoundError(f"no audio for utterance: {wav}")
+                        raise ValueError(f"{wav}: {problem}")
+                    self.skip_reasons[problem.split(":")[0]] += 1
                     continue
                 self.rows.append(dict(text=row["Utterance"], label=EMOTIONS.index(MELD_EMOTIONS[emotion]),
                                       speaker=row.get("Speaker", ""), wav=wav))
@@ -80,13 +103,20 @@ class MELDDataset(Dataset):
                                     f"{[str(p) for p in folders]}")
         return cls(csv_path, audio_dir, **kwargs)
 
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
+
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
         r = self.rows[i]
-        return dict(text=r["text"], waveform=read_wav(r["wav"], self.sample_rate), label=r["label"],
-                    speaker=r["speaker"], metadata={})
+        try:
+            waveform = read_wav(r["wav"], self.sample_rate)
+        except (wave.Error, EOFError, OSError, ValueError) as exc:  # e.g. truncated after a valid header
+            raise ValueError(f"{r['wav']}: unreadable audio ({type(exc).__name__}: {exc})") from None
+        return dict(text=r["text"], waveform=waveform, label=r["label"], speaker=r["speaker"], metadata={})
 
     def texts(self) -> list[str]:
         return [r["text"] for r in self.rows]
