@@ -467,7 +467,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
     ctx.has_seed = seed is not None
     ctx.static = (block_q, block_k, is_causal, list(weight_heads))
-    ctx.entropy = entropy
+    ctx.entropy, ctx.key_mass = entropy, key_mass
     saved = [*q, *k, *v, *outs, *stats] + ([seed] if seed is not None else []) + (list(ents) if entropy else [])
     for name in _OPTIONAL:
         saved += [t for t in opt[name] if t is not None]
@@ -507,8 +507,9 @@ def _backward(ctx, d_outs, d_stats, d_ws, d_ents, d_kms, _d_top_values, _d_top_i
     dlse = [None if d is None else d[1] * LOG2E for d in (d_stats or [None] * ctx.n)]
     # The entropy's gradient dS = -P (log P + H) dH: its row term P H dH joins delta as -dLSE
     # does; the kernels add -log P * dH to dP. Top-k values are not differentiable (detached).
+    # (Autograd hands zeros of the empty placeholders for statistics not requested.)
     d_ents = list(d_ents or [None] * ctx.n) if ctx.entropy else [None] * ctx.n
-    d_kms = list(d_kms or [None] * ctx.n)
+    d_kms = list(d_kms or [None] * ctx.n) if ctx.key_mass else [None] * ctx.n
     dlse = [dl if de is None else (-(e * de) if dl is None else dl - e * de)
             for dl, de, e in zip(dlse, d_ents, ents)]
     bias_grad = ctx.bias_grad
