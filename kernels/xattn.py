@@ -3,8 +3,10 @@
 Two ops carry one or two directions each (lists of length 1 or 2), so that a bidirectional
 call is one launch per pass:
 
-* ``crossattn::xattn_fwd`` -> (out, stats, weights) per direction: the forward kernel, then
-  the weights kernel when weights are requested; ``stats`` is float32 ``[2, B, H, Lq]``, each
+* ``crossattn::xattn_fwd`` -> (out, stats, weights, entropy, key_mass, top-k values, top-k
+  indices) per direction: the forward kernel, then the weights kernel when weights are
+  requested and the key-mass pass when it is (the statistics: xattn_stats, empty when not
+  requested); ``stats`` is float32 ``[2, B, H, Lq]``, each
   row's max logit M and R = log2 of its sum relative to M, in base-2 units (xattn_fwd), which
   the weights and backward passes recompute P from exactly (``lse_from_stats`` gives the LSE);
 * ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature, dbias) per direction: delta, dK/dV
@@ -27,12 +29,11 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
-from crossattn.reference import AuxOutput
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
 from .xattn_fwd import LN2, LOG2E, _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 from .xattn_select import _grid, compact, select_blocks_triton
-from .xattn_stats import MAX_TOP_K, fwd_buffers, kp, launch_key_mass
+from .xattn_stats import MAX_TOP_K, aux_outputs, bwd_buffers, fold_entropy_grad, fwd_buffers, kp, launch_key_mass
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
@@ -331,14 +332,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperatu
     # delta starts as -dLSE (the LSE's own gradient, return_aux) and the kernel adds the rest.
     delta = [(-g.float()).contiguous() if g is not None else torch.zeros(st.shape[1:], device=device)
              for g, st in zip(dlse, stats)]
-    # Gradients of the entropy (per row) and key mass (per key): fp32 contiguous or dummies.
-    has_dh, has_dkm = (any(g is not None for g in x) for x in (dent, dkm))
-    dent = [g.float().contiguous() if has_dh and g is not None else
-            torch.zeros(st.shape[1:], device=device) if has_dh else _dummy(device, torch.float32)
-            for g, st in zip(dent, stats)]
-    dkm = [g.float().contiguous() if has_dkm and g is not None else
-           torch.zeros(*st.shape[1:3], kk.shape[2], device=device) if has_dkm else _dummy(device, torch.float32)
-           for g, st, kk in zip(dkm, stats, k)]
+    dent, dkm, has_dh, has_dkm = bwd_buffers(dent, dkm, q, k, _dummy(device, torch.float32))
     dq = [torch.empty(qq.shape, device=device, dtype=dtype) for qq in q]
     dk = [torch.empty(kk.shape, device=device, dtype=dtype) for kk in k]
     dv = [torch.empty(vv.shape, device=device, dtype=dtype) for vv in v]
@@ -505,13 +499,7 @@ def _backward(ctx, d_outs, d_stats, d_ws, d_ents, d_kms, _d_top_values, _d_top_i
     # The statistics reach the caller only as the LSE (M + R) * ln 2 (return_aux): both rows of
     # their gradient are dLSE * ln 2.
     dlse = [None if d is None else d[1] * LOG2E for d in (d_stats or [None] * ctx.n)]
-    # The entropy's gradient dS = -P (log P + H) dH: its row term P H dH joins delta as -dLSE
-    # does; the kernels add -log P * dH to dP. Top-k values are not differentiable (detached).
-    # (Autograd hands zeros of the empty placeholders for statistics not requested.)
-    d_ents = list(d_ents or [None] * ctx.n) if ctx.entropy else [None] * ctx.n
-    d_kms = list(d_kms or [None] * ctx.n) if ctx.key_mass else [None] * ctx.n
-    dlse = [dl if de is None else (-(e * de) if dl is None else dl - e * de)
-            for dl, de, e in zip(dlse, d_ents, ents)]
+    dlse, d_ents, d_kms = fold_entropy_grad(ctx, dlse, d_ents, d_kms, ents)
     bias_grad = ctx.bias_grad
     dq, dk, dv, dtemp, dbias = xattn_bwd(
         d_outs, d_ws, q, k, v, out, stats, opt["q_valid"], opt["k_valid"], opt["temperature"], ctx.scale, seed,
@@ -609,19 +597,6 @@ def _pruning_args(problems):
 
 def run(problems):
     """One or two directions in one launch per pass: ``(outs, weights, auxes)`` lists."""
-    outs, stats, ws, ents, kms, tvs, tis = xattn_fwd(*_op_args(problems))
+    outs, stats, ws, *stat_outs = xattn_fwd(*_op_args(problems))
     weights = [w if problems[0].need_weights else None for w in ws]
-    auxes = []
-    for p, st, ent, km, tv, ti in zip(problems, stats, ents, kms, tvs, tis):
-        if p.aux is None:
-            auxes.append(None)
-            continue
-        lse = None
-        if p.aux.lse:
-            lse = lse_from_stats(st)
-            lse = torch.where(lse == float("inf"), float("-inf"), lse)
-        top = p.aux.top_k > 0
-        auxes.append(AuxOutput(lse=lse, entropy=ent if p.aux.entropy else None,
-                               key_mass=km if p.aux.key_mass else None,
-                               top_k_values=tv.detach() if top else None, top_k_indices=ti if top else None))
-    return outs, weights, auxes
+    return outs, weights, aux_outputs(problems, [lse_from_stats(st) for st in stats], *stat_outs)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .xattn_select import _grid
+from crossattn.reference import AuxOutput
+
 from .xattn_fwd import (
     _col_valid,
     _head_coef,
@@ -35,6 +36,7 @@ from .xattn_fwd import (
     _tile_and_slab,
     _tile_start,
 )
+from .xattn_select import _grid
 
 MAX_TOP_K = 16
 
@@ -91,21 +93,20 @@ def fwd_buffers(q, entropy: bool, top_k: int, n_split: int, dummy):
     """Per direction: the final entropy / top-k outputs (empty when not requested) and the
     forward kernel's (E, TV, TI) destinations (split: per-split workspaces)."""
     B, H = q[0].shape[:2]
-    device = q[0].device
     ents, tvs, tis, dests = [], [], [], []
     for qq in q:
         Lq = qq.shape[2]
-        ent = torch.empty(B, H, Lq, device=device, dtype=torch.float32) if entropy else qq.new_empty(0, dtype=torch.float32)
-        tv = torch.empty(B, H, Lq, top_k, device=device, dtype=qq.dtype) if top_k else qq.new_empty(0)
-        ti = torch.empty(B, H, Lq, top_k, device=device, dtype=torch.int64) if top_k else qq.new_empty(0, dtype=torch.int64)
+        ent = qq.new_empty((B, H, Lq) if entropy else (0,), dtype=torch.float32)
+        tv = qq.new_empty((B, H, Lq, top_k) if top_k else (0,))
+        ti = qq.new_empty((B, H, Lq, top_k) if top_k else (0,), dtype=torch.int64)
         d_e = ent if entropy else dummy(torch.float32)
         d_tv = tv if top_k else dummy(qq.dtype)
         d_ti = ti if top_k else dummy(torch.int64)
         if n_split > 1:
             if entropy:
-                d_e = torch.empty(n_split, B, H, Lq, device=device, dtype=torch.float32)
+                d_e = qq.new_empty(n_split, B, H, Lq, dtype=torch.float32)
             if top_k:
-                d_ti = torch.empty(n_split, B, H, Lq, top_k, device=device, dtype=torch.int64)
+                d_ti = qq.new_empty(n_split, B, H, Lq, top_k, dtype=torch.int64)
         ents.append(ent)
         tvs.append(tv)
         tis.append(ti)
@@ -133,3 +134,44 @@ def launch_key_mass(problems, k, stats, s) -> list[torch.Tensor]:
             **s.tiles,
         )
     return kms
+
+
+def bwd_buffers(dent, dkm, q, k, dummy):
+    """The gradients of the entropy ``[B, H, Lq]`` and key mass ``[B, H, Lk]`` per direction as
+    the backward kernels read them (fp32, contiguous; zeros for a direction without one, a dummy
+    when no direction has one), and whether any direction has one."""
+    has_dh, has_dkm = (any(g is not None for g in x) for x in (dent, dkm))
+    dent = [g.float().contiguous() if g is not None else
+            q[i].new_zeros(q[i].shape[:3], dtype=torch.float32) if has_dh else dummy for i, g in enumerate(dent)]
+    dkm = [g.float().contiguous() if g is not None else
+           q[i].new_zeros(*q[i].shape[:2], k[i].shape[2], dtype=torch.float32) if has_dkm else dummy
+           for i, g in enumerate(dkm)]
+    return dent, dkm, has_dh, has_dkm
+
+
+def fold_entropy_grad(ctx, dlse, d_ents, d_kms, ents):
+    """The statistics' gradients for the backward op. The entropy's dS = -P (log P + H) dH: its
+    row term P H dH joins delta as -dLSE does (dLSE - H dH), the kernels add -log P * dH to dP.
+    Autograd hands zeros of the empty placeholders of statistics not requested: dropped."""
+    n = len(dlse)
+    d_ents = list(d_ents or [None] * n) if ctx.entropy else [None] * n
+    d_kms = list(d_kms or [None] * n) if ctx.key_mass else [None] * n
+    dlse = [dl if de is None else (-(e * de) if dl is None else dl - e * de) for dl, de, e in zip(dlse, d_ents, ents)]
+    return dlse, d_ents, d_kms
+
+
+def aux_outputs(problems, lses, ents, kms, tvs, tis):
+    """Each direction's :class:`AuxOutput` (None without ``return_aux``): the LSE -inf on empty
+    rows, top-k values detached (not differentiable, as in the reference)."""
+    auxes = []
+    for p, lse, ent, km, tv, ti in zip(problems, lses, ents, kms, tvs, tis):
+        req = p.aux
+        if req is None:
+            auxes.append(None)
+            continue
+        top = req.top_k > 0
+        auxes.append(AuxOutput(
+            lse=torch.where(lse == float("inf"), float("-inf"), lse) if req.lse else None,
+            entropy=ent if req.entropy else None, key_mass=km if req.key_mass else None,
+            top_k_values=tv.detach() if top else None, top_k_indices=ti if top else None))
+    return auxes

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import crossattn
-from conftest import DEVICE, GRAD_TOL, INTERPRETING, assert_close, f64, triton_ready
+from conftest import DEVICE, GRAD_TOL, assert_close, f64, triton_ready
 from crossattn import AuxRequest, BlockPruning
 from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
