@@ -377,7 +377,9 @@ def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
         if TOPK > 0:
             keys = tl.load(TKP + (row * Lq + offs_m[:, None]) * TOPK + cols,
                            mask=(offs_m[:, None] < Lq) & (cols < TOPK), other=_TK_NONE)
-            top = _topk_merge(top, keys, TOPK, KP)
+            # Only real keys: a split's empty slots would duplicate the list's (slots must stay
+            # distinct, the merge replaces the slot equal to the worst).
+            top = _topk_merge(top, tl.where(keys > _TK_REAL, keys, _TK_NONE), TOPK, KP)
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * os
         m_i = m_new

@@ -298,3 +298,11 @@ def test_opcheck_with_statistics():
            [None], [0.25], None, 0.0, 0, [None], [None], 0, 0, [None], False, False, [])
     torch.library.opcheck(xattn_bwd, bwd + ([torch.randn(1, 2, 9)], [torch.randn(1, 2, 9)], [torch.randn(1, 2, 21)]))
 
+
+
+def test_split_keys_top_k_with_splits_short_of_k(monkeypatch):
+    """Splits holding fewer than k attended keys (empty slots) merge without losing any."""
+    monkeypatch.setenv("CROSSATTN_TRITON_SPLITS", "3")
+    valid = (torch.arange(130) >= 28) & (torch.arange(130) < 41)  # 4 keys in tile 0, 9 in tile 1
+    check(req=AuxRequest(entropy=True, top_k=16), B=1, Lq=3, Lk=130, grad=False,
+          key_padding_mask=(~valid)[None].to(DEVICE))
