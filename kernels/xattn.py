@@ -60,7 +60,10 @@ class _Config:
 # dtype, D <= 128; Triton 3.6: sm_86 at D = 128 and sm_86/sm_90 at D = 64). The backward's
 # 64 x 64 spilled 2.3 KB per thread, 32 x 32 still 60 B. fp32 multiplies in full precision
 # (FMA "ieee" dots, no tensor cores) with its operands in registers: only 16-row tiles fit.
-# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class).
+# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class). A forward with a
+# running top-k (return_aux, int64 keys) takes at most TOPK_BLOCK_M rows: 64 spilled 1.3 KB at
+# D = 128 on sm_86.
+TOPK_BLOCK_M = 32
 _CONFIGS = {
     ("fwd", 2): {64: (64, 32, 8, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 2)},
     ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
@@ -69,7 +72,7 @@ _CONFIGS = {
 }
 
 
-def _config(d: int, dv: int, dtype: torch.dtype, kind: str) -> _Config:
+def _config(d: int, dv: int, dtype: torch.dtype, kind: str, top_k: int = 0) -> _Config:
     """The launch config of a pass ("fwd": forward, combine, weights; "bwd": backward). One
     config per class, no autotuning (the interpreter breaks on several configs)."""
     if _interpreting():
@@ -77,7 +80,8 @@ def _config(d: int, dv: int, dtype: torch.dtype, kind: str) -> _Config:
     widest = max(d, dv)
     table = _CONFIGS[(kind, dtype.itemsize if dtype.itemsize == 4 else 2)]
     cls = next(c for c in sorted(table) if widest <= c)
-    return _Config(*table[cls])
+    m, n, warps, stages = table[cls]
+    return _Config(min(m, TOPK_BLOCK_M) if top_k else m, n, warps, stages)
 
 
 def _block_dim(d: int) -> int:
@@ -200,14 +204,14 @@ def _heads_args(weight_heads, H, device):
 
 
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-           block_q, block_k, attn_bias, is_causal, weight_heads) -> SimpleNamespace:
+           block_q, block_k, attn_bias, is_causal, weight_heads, top_k=0) -> SimpleNamespace:
     """What every pass derives from the op arguments: dims, launch config, kernel-ready masks,
     temperatures, dropout, pruning, bias and head-subset arguments. Head dims may differ between
     the directions of a bidirectional call: tiles fit the widest."""
     B, H = q[0].shape[:2]
     D, DV = max(t.shape[3] for t in q), max(t.shape[3] for t in v)
     dense, layouts, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
-        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind, top_k), block_q, block_k)
     qv, kv, kend, temp, flags = _prepare(q, k, q_valid, k_valid, temperature)
     seed, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, q[0].device)
     return SimpleNamespace(
@@ -257,7 +261,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
                 block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads,
                 entropy=False, key_mass=False, top_k=0):
     s = _setup("fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-               block_q, block_k, attn_bias, is_causal, weight_heads)
+               block_q, block_k, attn_bias, is_causal, weight_heads, top_k)
     B, H, cfg, device = s.B, s.H, s.cfg, s.device
     outs = [torch.empty(B, H, qq.shape[2], vv.shape[3], device=device, dtype=s.dtype) for qq, vv in zip(q, v)]
     stats = [torch.empty(2, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]

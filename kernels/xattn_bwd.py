@@ -208,6 +208,8 @@ def _xattn_bwd_dkdv_kernel(
         coef = _head_coef(T, h, scale, HAS_T)
         # With pruning, only the query blocks that kept this key block: the transposed layout.
         lcol = _layout_row(LT, bh, n0 // block_k, nkbp, nqbp)
+        if HAS_DKM:  # this head's key-mass gradient of the tile, for every query tile
+            gkm = tl.load(DKM + bh.to(tl.int64) * Lk + offs_n, mask=offs_n < lk, other=0.0)
         t0 = 0 if PRUNE else lo // BLOCK_M
         for t in range(t0, _num_tiles(lcol, q_hi, block_q, PRUNE, BLOCK_M)):
             start_m = _tile_start(lcol, t, block_q, PRUNE, BLOCK_M)
@@ -225,8 +227,10 @@ def _xattn_bwd_dkdv_kernel(
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 if HAS_DW:
                     dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
-                if HAS_DH or HAS_DKM:
-                    dp += _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, HAS_DH, HAS_DKM)
+                if HAS_DH:
+                    dp += _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, HAS_DH, False)
+                if HAS_DKM:
+                    dp += gkm[None, :]
                 ds = p * (dp - delta[:, None]) * coef  # per query head: temperatures differ
                 dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)

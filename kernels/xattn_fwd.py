@@ -173,8 +173,8 @@ def _tile_start(lrow, t, block, PRUNE: tl.constexpr, BLOCK: tl.constexpr):
 # lower index (the reference's tie rule), so one max picks a row's best. Masked logits take
 # _TK_NONE; an empty slot of the running list takes _TK_NONE + 1 + slot (distinct, below any
 # real key: the smallest, -inf, packs to about -9.19e18).
-_TK_NONE: tl.constexpr = -9223372036854775807
-_TK_REAL: tl.constexpr = -9200000000000000000
+_TK_NONE = tl.constexpr(-9223372036854775807)
+_TK_REAL = tl.constexpr(-9200000000000000000)
 
 
 @triton.jit
@@ -301,8 +301,6 @@ def _xattn_fwd_kernel(
             p = tl.exp2(s - m_safe[:, None])
             if ENTROPY:  # statistics of the pre-dropout P
                 w_i = _entropy_update(w_i, l_i, m_i, m_safe, alpha, s, p)
-            if TOPK > 0:
-                top = _topk_merge(top, _topk_keys(s, offs_n), TOPK, KP)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
                 keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
@@ -310,6 +308,8 @@ def _xattn_fwd_kernel(
             v = _load(V, sv, b, hk, offs_n, Lk, offs_dv, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+            if TOPK > 0:  # after P V: fewer registers live
+                top = _topk_merge(top, _topk_keys(s, offs_n), TOPK, KP)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -306,3 +308,53 @@ def test_split_keys_top_k_with_splits_short_of_k(monkeypatch):
     valid = (torch.arange(130) >= 28) & (torch.arange(130) < 41)  # 4 keys in tile 0, 9 in tile 1
     check(req=AuxRequest(entropy=True, top_k=16), B=1, Lq=3, Lk=130, grad=False,
           key_padding_mask=(~valid)[None].to(DEVICE))
+
+
+@st.composite
+def _problems(draw):
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    Lq, Lk = draw(st.integers(1, 40)), draw(st.integers(1, 70))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kw = {}
+    mode = draw(st.sampled_from(["none", "mask", "lengths"]))
+    if mode == "mask":
+        kw["key_padding_mask"] = (torch.rand(B, Lk, generator=g) < draw(st.floats(0, 1))).to(DEVICE)
+    elif mode == "lengths":
+        kw["kv_lengths"] = torch.randint(0, Lk + 1, (B,), generator=g).to(DEVICE)
+    if draw(st.booleans()):
+        kw["query_padding_mask"] = (torch.rand(B, Lq, generator=g) < 0.3).to(DEVICE)
+    if draw(st.booleans()):
+        kw["temperature"] = draw(st.floats(0.2, 4.0))
+    kw["is_causal"] = draw(st.booleans())
+    req = AuxRequest(lse=draw(st.booleans()), entropy=draw(st.booleans()), key_mass=draw(st.booleans()),
+                     top_k=draw(st.integers(0, 16)))
+    x = [torch.randn(B, H, L, 16, generator=g).to(DEVICE).requires_grad_(True) for L in (Lq, Lk, Lk)]
+    return x, kw, req
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problems())
+def test_random_problems(problem):
+    """Random shapes, padding, causality and requests. Top-k is checked without relying on the
+    order of near ties: values against the reference's, indices by the reference weight they
+    point to."""
+    (q, k, v), kw, req = problem
+    _, _, aux = crossattn.cross_attention(q, k, v, backend="triton", return_aux=req, **kw)
+    x64 = f64(q, k, v)
+    _, w, ref = attention_reference(*x64, need_weights="full", return_aux=req, **kw)
+    if req.top_k:
+        assert_close(aux.top_k_values, ref.top_k_values, torch.float32, what="top_k_values")
+        idx = aux.top_k_indices
+        assert torch.equal(idx < 0, ref.top_k_indices < 0), "top_k: unfilled slots"
+        pointed = w.detach().gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+        assert_close(pointed, aux.top_k_values, torch.float32, what="top_k_indices")
+        aux, ref = aux._replace(top_k_values=None, top_k_indices=None), ref._replace(top_k_values=None,
+                                                                                     top_k_indices=None)
+    compare_aux(aux, ref, req, torch.float32)
+    loss, ref_loss = _stat_loss(aux, ref, torch.Generator().manual_seed(0))
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        loss.backward()
+        ref_loss.backward()
+        for name, a, b in zip(("dq", "dk"), (q, k), x64):
+            assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32], what=name)
