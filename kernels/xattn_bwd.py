@@ -69,18 +69,17 @@ def _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN: tl.constexpr, HAS_HEADS: 
 
 
 @triton.jit
-def _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, HAS_DH: tl.constexpr, HAS_DKM: tl.constexpr):
-    """The gradient reaching P through the statistics (see the module docstring): -log P * dH
-    and dKM_j, 0 where nothing is attended."""
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
-    g = tl.zeros(s.shape, dtype=tl.float32)
-    if HAS_DH:
-        dh = tl.load(DH + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        log_p = ((s - m2[:, None]) - r2[:, None]) * 0.6931471805599453
-        g -= tl.where(s == float("-inf"), 0.0, log_p) * dh[:, None]
-    if HAS_DKM:
-        g += tl.load(DKM + bh.to(tl.int64) * Lk + offs_n, mask=offs_n < Lk, other=0.0)[None, :]
-    return g
+def _slab_vec(X, bh, offs, L):
+    """``X[bh, offs]`` of a contiguous fp32 ``[B*H, L]`` (DH: per query row, DKM: per key)."""
+    return tl.load(X + bh.to(tl.int64) * L + offs, mask=offs < L, other=0.0)
+
+
+@triton.jit
+def _entropy_grad(s, m2, r2, dh):
+    """The entropy's gradient reaching P (see the module docstring): -log P * dH, 0 where
+    nothing is attended."""
+    log_p = ((s - m2[:, None]) - r2[:, None]) * 0.6931471805599453
+    return -tl.where(s == float("-inf"), 0.0, log_p) * dh[:, None]
 
 
 @triton.jit
@@ -152,7 +151,9 @@ def _xattn_bwd_delta_kernel(
                 kt = _load_t(K, sk, b, h // group, offs_n, Lk, tl.arange(0, BLOCK_D), D)
                 s, _, _ = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok,
                                   _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS, PREC)
-                g = _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, False, HAS_DKM)
+                g = tl.zeros(s.shape, dtype=tl.float32)
+                if HAS_DKM:
+                    g += _slab_vec(DKM, bh, offs_n, Lk)[None, :]
                 if HAS_DW:
                     g += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
                 delta += tl.sum(_probs(s, m2, r2) * g, 1)
@@ -209,7 +210,7 @@ def _xattn_bwd_dkdv_kernel(
         # With pruning, only the query blocks that kept this key block: the transposed layout.
         lcol = _layout_row(LT, bh, n0 // block_k, nkbp, nqbp)
         if HAS_DKM:  # this head's key-mass gradient of the tile, for every query tile
-            gkm = tl.load(DKM + bh.to(tl.int64) * Lk + offs_n, mask=offs_n < lk, other=0.0)
+            gkm = _slab_vec(DKM, bh, offs_n, lk)
         t0 = 0 if PRUNE else lo // BLOCK_M
         for t in range(t0, _num_tiles(lcol, q_hi, block_q, PRUNE, BLOCK_M)):
             start_m = _tile_start(lcol, t, block_q, PRUNE, BLOCK_M)
@@ -228,7 +229,7 @@ def _xattn_bwd_dkdv_kernel(
                 if HAS_DW:
                     dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
                 if HAS_DH:
-                    dp += _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, HAS_DH, False)
+                    dp += _entropy_grad(s, m2, r2, _slab_vec(DH, bh, offs_m, Lq))
                 if HAS_DKM:
                     dp += gkm[None, :]
                 ds = p * (dp - delta[:, None]) * coef  # per query head: temperatures differ
@@ -273,6 +274,8 @@ def _xattn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_DH:  # the rows' entropy gradient, for every key tile
+        dh = _slab_vec(DH, bh, offs_m, Lq)
     lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
     hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
     for t in range(0, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N)):
@@ -289,8 +292,10 @@ def _xattn_bwd_dq_kernel(
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             if HAS_DW:
                 dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
-            if HAS_DH or HAS_DKM:
-                dp += _stat_grad(grad, s, m2, r2, bh, offs_m, offs_n, Lq, Lk, HAS_DH, HAS_DKM)
+            if HAS_DH:
+                dp += _entropy_grad(s, m2, r2, dh)
+            if HAS_DKM:
+                dp += _slab_vec(DKM, bh, offs_n, Lk)[None, :]
             ds = p * (dp - delta[:, None])
             if HAS_T:
                 dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)
