@@ -358,3 +358,25 @@ def test_random_problems(problem):
         ref_loss.backward()
         for name, a, b in zip(("dq", "dk"), (q, k), x64):
             assert_close(a.grad, b.grad, torch.float32, tol=GRAD_TOL[torch.float32], what=name)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_statistics():
+    """torch.compile sees through the ops (fake implementations give the statistics' shapes)."""
+    q, k, v = (_randn(1, 2, L, 16, seed=s) for s, L in ((1, 7), (2, 19), (3, 19)))
+
+    def f(q, k, v):
+        _, _, a = crossattn.cross_attention(q, k, v, backend="triton", return_aux=ALL)
+        return a.entropy.sum() + a.key_mass.square().sum(), a.top_k_values, a.top_k_indices
+
+    want = f(q, k, v)
+    want[0].backward()
+    grads = [x.grad.clone() for x in (q, k)]
+    for x in (q, k):
+        x.grad = None
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    got[0].backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for x, g in zip((q, k), grads):
+        torch.testing.assert_close(x.grad, g)
