@@ -155,7 +155,8 @@ def _backward(ctx, dout0, dlse0, dw0, dout1, dlse1, dw1):
         [None if d["qv"] is None else d["qv"].bool() for d in dirs],
         [None if d["kv"] is None else d["kv"].bool() for d in dirs],
         [d["t"] for d in dirs], ctx.scale, None, 0.0, ctx.weights, masks,
-        [d["layout"] for d in dirs], *ctx.block, [None] * ctx.ndir, False, False, [], [None] * ctx.ndir)
+        [d["layout"] for d in dirs], *ctx.block, [None] * ctx.ndir, False, False, [], [None] * ctx.ndir,
+        [None] * ctx.ndir, [None] * ctx.ndir)  # no statistics (return_aux) on this backend
     grads = []
     for i in range(2):
         if i < ctx.ndir:

@@ -3,8 +3,10 @@
 Two ops carry one or two directions each (lists of length 1 or 2), so that a bidirectional
 call is one launch per pass:
 
-* ``crossattn::xattn_fwd`` -> (out, stats, weights) per direction: the forward kernel, then
-  the weights kernel when weights are requested; ``stats`` is float32 ``[2, B, H, Lq]``, each
+* ``crossattn::xattn_fwd`` -> (out, stats, weights, entropy, key_mass, top-k values, top-k
+  indices) per direction: the forward kernel, then the weights kernel when weights are
+  requested and the key-mass pass when it is (the statistics: xattn_stats, empty when not
+  requested); ``stats`` is float32 ``[2, B, H, Lq]``, each
   row's max logit M and R = log2 of its sum relative to M, in base-2 units (xattn_fwd), which
   the weights and backward passes recompute P from exactly (``lse_from_stats`` gives the LSE);
 * ``crossattn::xattn_bwd`` -> (dq, dk, dv, dtemperature, dbias) per direction: delta, dK/dV
@@ -27,11 +29,11 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
-from crossattn.reference import AuxOutput
 
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
 from .xattn_fwd import LN2, LOG2E, _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 from .xattn_select import _grid, compact, select_blocks_triton
+from .xattn_stats import MAX_TOP_K, aux_outputs, bwd_buffers, fold_entropy_grad, fwd_buffers, kp, launch_key_mass
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
@@ -65,7 +67,10 @@ class _Config:
 # dtype, D <= 128; Triton 3.6: sm_86 at D = 128 and sm_86/sm_90 at D = 64). The backward's
 # 64 x 64 spilled 2.3 KB per thread, 32 x 32 still 60 B. fp32 multiplies in full precision
 # (FMA "ieee" dots, no tensor cores) with its operands in registers: only 16-row tiles fit.
-# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class).
+# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class). A forward with a
+# running top-k (return_aux, int64 keys) takes at most TOPK_BLOCK_M rows: 64 spilled 1.3 KB at
+# D = 128 on sm_86.
+TOPK_BLOCK_M = 32
 _CONFIGS = {
     ("fwd", 2): {64: (64, 32, 8, 2), 128: (32, 32, 4, 2), 256: (64, 32, 8, 2)},
     ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
@@ -74,7 +79,7 @@ _CONFIGS = {
 }
 
 
-def _config(d: int, dv: int, dtype: torch.dtype, kind: str) -> _Config:
+def _config(d: int, dv: int, dtype: torch.dtype, kind: str, top_k: int = 0) -> _Config:
     """The launch config of a pass ("fwd": forward, combine, weights; "bwd": backward). One
     config per class, no autotuning (the interpreter breaks on several configs)."""
     if _interpreting():
@@ -82,7 +87,8 @@ def _config(d: int, dv: int, dtype: torch.dtype, kind: str) -> _Config:
     widest = max(d, dv)
     table = _CONFIGS[(kind, dtype.itemsize if dtype.itemsize == 4 else 2)]
     cls = next(c for c in sorted(table) if widest <= c)
-    return _Config(*table[cls])
+    m, n, warps, stages = table[cls]
+    return _Config(min(m, TOPK_BLOCK_M) if top_k else m, n, warps, stages)
 
 
 def _block_dim(d: int) -> int:
@@ -205,14 +211,14 @@ def _heads_args(weight_heads, H, device):
 
 
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-           block_q, block_k, attn_bias, is_causal, weight_heads) -> SimpleNamespace:
+           block_q, block_k, attn_bias, is_causal, weight_heads, top_k=0) -> SimpleNamespace:
     """What every pass derives from the op arguments: dims, launch config, kernel-ready masks,
     temperatures, dropout, pruning, bias and head-subset arguments. Head dims may differ between
     the directions of a bidirectional call: tiles fit the widest."""
     B, H = q[0].shape[:2]
     D, DV = max(t.shape[3] for t in q), max(t.shape[3] for t in v)
     dense, layouts, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
-        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind), block_q, block_k)
+        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind, top_k), block_q, block_k)
     qv, kv, kend, temp, flags = _prepare(q, k, q_valid, k_valid, temperature)
     seed, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, q[0].device)
     return SimpleNamespace(
@@ -252,10 +258,17 @@ def stats_from_lse(lse: Tensor) -> Tensor:
     return torch.stack([lse.float() * LOG2E, torch.zeros_like(lse, dtype=torch.float32)])
 
 
+def _t_layouts(s):
+    """Key-major walks (dK/dV, key mass) visit the query blocks that kept their key block:
+    the transposed layout."""
+    return [compact(m.transpose(-1, -2), s.B, s.H) for m in s.dense] if s.prune else s.layouts
+
+
 def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads):
+                block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads,
+                entropy=False, key_mass=False, top_k=0):
     s = _setup("fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-               block_q, block_k, attn_bias, is_causal, weight_heads)
+               block_q, block_k, attn_bias, is_causal, weight_heads, top_k)
     B, H, cfg, device = s.B, s.H, s.cfg, s.device
     outs = [torch.empty(B, H, qq.shape[2], vv.shape[3], device=device, dtype=s.dtype) for qq, vv in zip(q, v)]
     stats = [torch.empty(2, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
@@ -267,25 +280,30 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
         dest_s = [torch.empty(2, n_split, *st.shape[1:], device=device, dtype=torch.float32) for st in stats]
     else:
         dest_o, dest_s = outs, stats
+    ents, tvs, tis, dest_a = fwd_buffers(q, entropy, top_k, n_split, lambda dt: _dummy(device, dt))
+    aux_c = dict(ENTROPY=entropy, TOPK=top_k, KP=kp(top_k))
     ends = _ends(len(q))
     if grid[0] and grid[1]:
         _xattn_fwd_kernel[_grid(*grid, n_split)](
             *[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
-            *[(dest_o[i], dest_s[i][0], dest_s[i][1]) for i in ends],
+            *[(dest_o[i], dest_s[i][0], dest_s[i][1], *dest_a[i]) for i in ends],
             *s.drop, nblk[0], grid[0], H, s.block_q, s.block_k,
-            DROPOUT=s.dropout, SPLIT=n_split > 1, BLOCK_DV=s.block_dv, **s.flags, **s.tiles,
+            DROPOUT=s.dropout, SPLIT=n_split > 1, BLOCK_DV=s.block_dv, **s.flags, **s.tiles, **aux_c,
         )
         if n_split > 1:
             _xattn_fwd_combine_kernel[_grid(*grid)](
                 *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
-                   v[i].shape[3]) for i in ends],
+                   v[i].shape[3], dest_a[i][0], ents[i], dest_a[i][2], tvs[i], tis[i]) for i in ends],
                 nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
-                maxnreg=cfg.maxnreg,
+                maxnreg=cfg.maxnreg, **aux_c,
             )
     ws = [qq.new_empty(0) for qq in q]
     if weights:
         ws = _launch_weights(q, k, v, stats, s, scale, weights)
-    return outs, stats, ws
+    kms = [qq.new_empty(0, dtype=torch.float32) for qq in q]
+    if key_mass:
+        kms = launch_key_mass([_problem(s, i, q, k, v, scale, _t_layouts(s)) for i in range(len(q))], k, stats, s)
+    return outs, stats, ws, ents, kms, tvs, tis
 
 
 def _launch_weights(q, k, v, stats, s, scale, weights):
@@ -312,12 +330,11 @@ def _launch_weights(q, k, v, stats, s, scale, weights):
 
 def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p,
                 weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal,
-                weight_heads, dlse):
+                weight_heads, dlse, dent, dkm):
     s = _setup("bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
                block_q, block_k, attn_bias, is_causal, weight_heads)
     B, H, cfg, device, dtype = s.B, s.H, s.cfg, s.device, s.dtype
-    # dK/dV programs walk the query blocks that kept their key block: the transposed layout.
-    t_layouts = [compact(m.transpose(-1, -2), B, H) for m in s.dense] if s.prune else s.layouts
+    t_layouts = _t_layouts(s)
     mean = weights == WEIGHTS_MODES["mean"]
     has_dw = weights != 0 and all(d is not None for d in dweights)
     dout = [d.to(dtype).contiguous() for d in dout]
@@ -326,6 +343,7 @@ def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperatu
     # delta starts as -dLSE (the LSE's own gradient, return_aux) and the kernel adds the rest.
     delta = [(-g.float()).contiguous() if g is not None else torch.zeros(st.shape[1:], device=device)
              for g, st in zip(dlse, stats)]
+    dent, dkm, has_dh, has_dkm = bwd_buffers(dent, dkm, q, k, _dummy(device, torch.float32))
     dq = [torch.empty(qq.shape, device=device, dtype=dtype) for qq in q]
     dk = [torch.empty(kk.shape, device=device, dtype=dtype) for kk in k]
     dv = [torch.empty(vv.shape, device=device, dtype=dtype) for vv in v]
@@ -341,12 +359,13 @@ def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperatu
            for d, qq, kk in zip(dbias, q, k)]
     args = (*[_problem(s, i, q, k, v, scale, s.layouts) for i in ends],
             *[(out[i], dout[i], stats[i][0], stats[i][1], delta[i], dw[i], dq[i], dk[i], dv[i], dt_part[i],
-               t_layouts[i], dbias[i], sdb[i], hpos, nh, 1) for i in ends],
+               t_layouts[i], dbias[i], sdb[i], hpos, nh, dent[i], dkm[i], 1) for i in ends],
             *s.drop)
     bias = next((b for b in attn_bias if b is not None), None)
     consts = dict(HAS_DW=has_dw, MEAN=mean, DROPOUT=s.dropout, BLOCK_DV=s.block_dv, HAS_HEADS=bool(weight_heads),
                   BIAS_GRAD=bias is not None and bias_grad, BIAS_M=bias is not None and bias.shape[2] != 1,
-                  BIAS_N=bias is not None and bias.shape[3] != 1, **s.flags, **s.tiles)
+                  BIAS_N=bias is not None and bias.shape[3] != 1, HAS_DH=has_dh, HAS_DKM=has_dkm, **s.flags,
+                  **s.tiles)
     if B * H and sum(nqb):
         _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), B, H, s.block_q, s.block_k,
                                                         **consts)
@@ -374,23 +393,33 @@ def xattn_fwd(
     seed: Optional[Tensor], dropout_p: float, weights: int,
     block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
     attn_bias: list[Optional[Tensor]], is_causal: bool, weight_heads: list[int],
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    entropy: bool, key_mass: bool, top_k: int,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(out, stats, weights, entropy, key_mass, top_k values, top_k indices) per direction,
+    the statistics empty when not requested."""
     return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                       block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads)
+                       block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads,
+                       entropy, key_mass, top_k)
 
 
 @xattn_fwd.register_fake
 def _(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads):
-    outs, stats, ws = [], [], []
+      block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads, entropy, key_mass, top_k):
+    res = [[] for _ in range(7)]
     for qq, kk, vv in zip(q, k, v):
         B, H, Lq, _ = qq.shape
         Lk = kk.shape[2]
         nh = len(weight_heads) or H
-        outs.append(qq.new_empty(B, H, Lq, vv.shape[3]))
-        stats.append(qq.new_empty(2, B, H, Lq, dtype=torch.float32))
-        ws.append(qq.new_empty((B, Lq, Lk) if weights == 2 else (B, nh, Lq, Lk) if weights else (0,)))
-    return outs, stats, ws
+        f32, i64 = torch.float32, torch.int64
+        for r, t in zip(res, (
+                qq.new_empty(B, H, Lq, vv.shape[3]), qq.new_empty(2, B, H, Lq, dtype=f32),
+                qq.new_empty((B, Lq, Lk) if weights == 2 else (B, nh, Lq, Lk) if weights else (0,)),
+                qq.new_empty((B, H, Lq) if entropy else (0,), dtype=f32),
+                qq.new_empty((B, H, Lk) if key_mass else (0,), dtype=f32),
+                qq.new_empty((B, H, Lq, top_k) if top_k else (0,)),
+                qq.new_empty((B, H, Lq, top_k) if top_k else (0,), dtype=i64))):
+            r.append(t)
+    return tuple(res)
 
 
 @torch.library.custom_op("crossattn::xattn_bwd", mutates_args=())
@@ -402,16 +431,18 @@ def xattn_bwd(
     seed: Optional[Tensor], dropout_p: float, weights: int,
     block_mask: list[Optional[Tensor]], block_layout: list[Optional[Tensor]], block_q: int, block_k: int,
     attn_bias: list[Optional[Tensor]], bias_grad: bool, is_causal: bool, weight_heads: list[int],
-    dlse: list[Optional[Tensor]],
+    dlse: list[Optional[Tensor]], dentropy: list[Optional[Tensor]], dkey_mass: list[Optional[Tensor]],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """``dlse`` carries the entropy's row term too (dLSE - H dH, see _backward)."""
     return _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed,
                        dropout_p, weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad,
-                       is_causal, weight_heads, dlse)
+                       is_causal, weight_heads, dlse, dentropy, dkey_mass)
 
 
 @xattn_bwd.register_fake
 def _(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-      block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal, weight_heads, dlse):
+      block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal, weight_heads, dlse, dentropy,
+      dkey_mass):
     has_t = any(t is not None for t in temperature)
     return (
         [torch.empty_like(t) for t in q], [torch.empty_like(t) for t in k],
@@ -429,8 +460,8 @@ _OPTIONAL = ("q_valid", "k_valid", "temperature", "block_mask", "block_layout", 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_layout,
-     block_q, block_k, attn_bias, is_causal, weight_heads) = inputs
-    outs, stats, _ = output
+     block_q, block_k, attn_bias, is_causal, weight_heads, entropy, key_mass, top_k) = inputs
+    outs, stats, _, ents = output[:4]
     opt = dict(q_valid=q_valid, k_valid=k_valid, temperature=temperature, block_mask=block_mask,
                block_layout=block_layout, attn_bias=attn_bias)
     ctx.n = len(q)
@@ -441,7 +472,8 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.dropout_p, ctx.weights = list(scale), dropout_p, weights
     ctx.has_seed = seed is not None
     ctx.static = (block_q, block_k, is_causal, list(weight_heads))
-    saved = [*q, *k, *v, *outs, *stats] + ([seed] if seed is not None else [])
+    ctx.entropy, ctx.key_mass = entropy, key_mass
+    saved = [*q, *k, *v, *outs, *stats] + ([seed] if seed is not None else []) + (list(ents) if entropy else [])
     for name in _OPTIONAL:
         saved += [t for t in opt[name] if t is not None]
     ctx.save_for_backward(*saved)
@@ -458,12 +490,13 @@ def _unflatten(ctx):
 
     q, k, v, out, stats = take(n), take(n), take(n), take(n), take(n)
     seed = take(1)[0] if ctx.has_seed else None
+    ents = take(n) if ctx.entropy else [None] * n
     opt = {name: [take(1)[0] if has else None for has in ctx.present[name]] for name in _OPTIONAL}
-    return q, k, v, out, stats, seed, opt
+    return q, k, v, out, stats, seed, ents, opt
 
 
-def _backward(ctx, d_outs, d_stats, d_ws):
-    q, k, v, out, stats, seed, opt = _unflatten(ctx)
+def _backward(ctx, d_outs, d_stats, d_ws, d_ents, d_kms, _d_top_values, _d_top_indices):
+    q, k, v, out, stats, seed, ents, opt = _unflatten(ctx)
     block_q, block_k, is_causal, weight_heads = ctx.static
     d_outs = [d if d is not None else torch.zeros_like(o) for d, o in zip(d_outs, out)]
     d_ws = list(d_ws) if ctx.weights else [None] * ctx.n
@@ -477,11 +510,12 @@ def _backward(ctx, d_outs, d_stats, d_ws):
     # The statistics reach the caller only as the LSE (M + R) * ln 2 (return_aux): both rows of
     # their gradient are dLSE * ln 2.
     dlse = [None if d is None else d[1] * LOG2E for d in (d_stats or [None] * ctx.n)]
+    dlse, d_ents, d_kms = fold_entropy_grad(ctx, dlse, d_ents, d_kms, ents)
     bias_grad = ctx.bias_grad
     dq, dk, dv, dtemp, dbias = xattn_bwd(
         d_outs, d_ws, q, k, v, out, stats, opt["q_valid"], opt["k_valid"], opt["temperature"], ctx.scale, seed,
         ctx.dropout_p, ctx.weights, opt["block_mask"], opt["block_layout"], block_q, block_k, opt["attn_bias"],
-        bias_grad, is_causal, weight_heads, dlse)
+        bias_grad, is_causal, weight_heads, dlse, d_ents, d_kms)
     d_temp = []
     for g, meta in zip(dtemp, ctx.temp_meta):
         if meta is None:
@@ -499,7 +533,7 @@ def _backward(ctx, d_outs, d_stats, d_ws):
     none = [None] * ctx.n
     return (dq, dk, dv, like("q_valid", none), like("k_valid", none), like("temperature", d_temp), None, None,
             None, None, like("block_mask", none), like("block_layout", none), None, None,
-            like("attn_bias", d_bias), None, None if weight_heads else [])
+            like("attn_bias", d_bias), None, None if weight_heads else [], None, None, None)
 
 
 xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -507,13 +541,15 @@ xattn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------- backend API
 # Options of crossattn.backends.base.OPTIONAL_FEATURES these kernels serve (any other is rejected).
-FEATURES = ("gqa", "attn_bias", "is_causal", "weight_heads", "aux_lse")
+FEATURES = ("gqa", "attn_bias", "is_causal", "weight_heads", "aux_lse", "aux_entropy", "aux_key_mass", "aux_top_k")
 
 
 def unsupported(problem) -> str | None:
     B, H, Lq, Lk, D, Dv = problem.dims
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
+    if problem.aux is not None and problem.aux.top_k > MAX_TOP_K:
+        return f"return_aux top_k up to {MAX_TOP_K} is supported, got top_k={problem.aux.top_k}"
     if _interpreting() and problem.q.dtype == torch.bfloat16:
         return "bfloat16 tl.dot gives wrong results in the Triton interpreter (fine on a GPU)"
     return None
@@ -528,6 +564,7 @@ def _op_args(problems):
                                  dtype=torch.float32)
                  for t, p in zip(temps, problems)]
     first = problems[0]
+    aux = first.aux  # both directions of a call share one request
     return (
         [p.q for p in problems], [p.k for p in problems], [p.v for p in problems],
         [p.query_valid() for p in problems], [p.key_valid() for p in problems], temps,
@@ -536,6 +573,7 @@ def _op_args(problems):
         first.dropout_p, WEIGHTS_MODES[first.need_weights],
         *_pruning_args(problems),
         [p.attn_bias for p in problems], bool(first.is_causal), list(first.weight_heads or ()),
+        bool(aux and aux.entropy), bool(aux and aux.key_mass), aux.top_k if aux else 0,
     )
 
 
@@ -570,13 +608,6 @@ def _pruning_args(problems):
 
 def run(problems):
     """One or two directions in one launch per pass: ``(outs, weights, auxes)`` lists."""
-    outs, stats, ws = xattn_fwd(*_op_args(problems))
+    outs, stats, ws, *stat_outs = xattn_fwd(*_op_args(problems))
     weights = [w if problems[0].need_weights else None for w in ws]
-    auxes = []
-    for p, st in zip(problems, stats):
-        if p.aux is not None and p.aux.lse:
-            lse = lse_from_stats(st)
-            auxes.append(AuxOutput(lse=torch.where(lse == float("inf"), float("-inf"), lse)))
-        else:
-            auxes.append(None)
-    return outs, weights, auxes
+    return outs, weights, aux_outputs(problems, [lse_from_stats(st) for st in stats], *stat_outs)

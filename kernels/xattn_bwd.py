@@ -8,7 +8,10 @@ returned weights (full, or mean / H per head):
     dQ    = dS K * scale / T,   dK = dS^T Q * scale / T
     dT_h  = -sum(dS * S) / T_h          (S: the logits, temperature included)
 
-With ``return_aux`` lse, its gradient dLSE enters as ``delta -= dLSE``. Like the forward, one
+With ``return_aux``, the gradient G reaching P through the statistics joins dW: the entropy's
+``-log P * dH`` (HAS_DH; its row term ``H dH`` enters delta with dLSE, ``delta -= dLSE - H dH``,
+from the launcher) and the key mass's ``dKM_j`` (HAS_DKM; its row term ``sum_j P dKM_j`` is
+summed into delta by the delta kernel). Like the forward, one
 kernel serves both directions (program ids below ``nblk0`` are direction 0). All three kernels take the same arguments: per direction the problem tuple
 (xattn_fwd.PROBLEM) and the gradient tuple ``GRAD`` below. ``_xattn_bwd_delta_kernel``
 computes delta, ``_xattn_bwd_dkdv_kernel`` walks the query blocks of one key block,
@@ -40,15 +43,16 @@ from .xattn_fwd import (
 # Outputs of the forward, incoming gradients, and what the backward writes (all contiguous but
 # DBIAS, an fp32 buffer of the bias's own shape read through broadcast strides ``sdbias``); LT is
 # the transposed pruning layout the dK/dV walk follows; HPOS[h] is query head h's index in the
-# weights' head axis (-1: not returned) and nh that axis' length (weight_heads).
-# ONE: see xattn_fwd.PROBLEM.
-GRAD = ("O", "DO", "M", "R", "DELTA", "DW", "DQ", "DK", "DVG", "DT", "LT", "DBIAS", "sdbias", "HPOS", "nh", "ONE")
+# weights' head axis (-1: not returned) and nh that axis' length (weight_heads); DH and DKM the
+# gradients of the entropy [B*H, Lq] and key mass [B*H, Lk] (fp32). ONE: see xattn_fwd.PROBLEM.
+GRAD = ("O", "DO", "M", "R", "DELTA", "DW", "DQ", "DK", "DVG", "DT", "LT", "DBIAS", "sdbias", "HPOS", "nh", "DH",
+        "DKM", "ONE")
 
 
 @triton.jit
 def _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN: tl.constexpr, HAS_HEADS: tl.constexpr):
     """The gradient reaching P[b, h] through the returned weights (0 for a head not returned)."""
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     rows = Lq
     pos = h
     if HAS_HEADS:
@@ -62,6 +66,20 @@ def _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN: tl.constexpr, HAS_HEADS: 
         return dw.to(tl.float32) / nh
     base = DW + (b.to(tl.int64) * nh + pos) * Lq * Lk
     return tl.load(base + offs_m[:, None] * Lk + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _slab_vec(X, bh, offs, L):
+    """``X[bh, offs]`` of a contiguous fp32 ``[B*H, L]`` (DH: per query row, DKM: per key)."""
+    return tl.load(X + bh.to(tl.int64) * L + offs, mask=offs < L, other=0.0)
+
+
+@triton.jit
+def _entropy_grad(s, m2, r2, dh):
+    """The entropy's gradient reaching P (see the module docstring): -log P * dH, 0 where
+    nothing is attended."""
+    log_p = ((s - m2[:, None]) - r2[:, None]) * 0.6931471805599453
+    return -tl.where(s == float("-inf"), 0.0, log_p) * dh[:, None]
 
 
 @triton.jit
@@ -85,7 +103,7 @@ def _bias_grad(DBIAS, st, b, h, offs_m, offs_n, Lq, Lk, ds, BIAS_M: tl.constexpr
 def _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """What the backward needs of query rows ``offs_m``: q, M, R, delta, dO."""
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     q = _load(Q, sq, b, h, offs_m, Lq, tl.arange(0, BLOCK_D), D)
     m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -100,9 +118,9 @@ def _xattn_bwd_delta_kernel(
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
 ):
-    """delta = rowsum(dO * O) + rowsum(P * dW) - dLSE (DELTA holds -dLSE on entry)."""
+    """delta = rowsum(dO * O) + rowsum(P * (dW + dKM)) - dLSE (DELTA holds -dLSE on entry)."""
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -111,7 +129,7 @@ def _xattn_bwd_delta_kernel(
     else:
         prob, grad, mblk = dir1, g1, pid - nblk0
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = (0, Lq * DV, DV, 1)  # O and dO: contiguous [B*H, Lq, Dv]
@@ -119,7 +137,7 @@ def _xattn_bwd_delta_kernel(
     do = _load(DO, rows, 0, bh.to(tl.int64), offs_m, Lq, offs_dv, DV).to(tl.float32)
     dptr = DELTA + bh.to(tl.int64) * Lq + offs_m
     delta = tl.sum(o * do, 1) + tl.load(dptr, mask=offs_m < Lq, other=0.0)
-    if HAS_DW:
+    if HAS_DW or HAS_DKM:
         q = _load(Q, sq, b, h, offs_m, Lq, tl.arange(0, BLOCK_D), D)
         coef2 = _head_coef(T, h, scale, HAS_T) * 1.4426950408889634
         m2, r2 = _row_stats(M, R, bh, offs_m, Lq)
@@ -128,12 +146,17 @@ def _xattn_bwd_delta_kernel(
         hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
         for t in range(0, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N)):
             start_n = _tile_start(lrow, t, block_k, PRUNE, BLOCK_N)
-            if start_n < hi:  # rowsum(P * dW) over one key tile
+            if start_n < hi:  # rowsum(P * (dW + dKM)) over one key tile
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 kt = _load_t(K, sk, b, h // group, offs_n, Lk, tl.arange(0, BLOCK_D), D)
                 s, _, _ = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok,
                                   _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS, PREC)
-                delta += tl.sum(_probs(s, m2, r2) * _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS), 1)
+                g = tl.zeros(s.shape, dtype=tl.float32)
+                if HAS_DKM:
+                    g += _slab_vec(DKM, bh, offs_n, Lk)[None, :]
+                if HAS_DW:
+                    g += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
+                delta += tl.sum(_probs(s, m2, r2) * g, 1)
     tl.store(dptr, delta, mask=offs_m < Lq)
 
 
@@ -144,7 +167,7 @@ def _xattn_bwd_dkdv_kernel(
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
 ):
     """One key tile of kv head g: dK, dV summed over the group's query heads in-kernel. Slabs
     are batch * kv heads (of the direction with the most; the other's extra slabs idle)."""
@@ -154,7 +177,7 @@ def _xattn_bwd_dkdv_kernel(
     else:
         prob, grad, direction, nblk = dir1, g1, 1, pid - nblk0
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     hkv = H // group
     b = (slab // hkv).to(tl.int64)
     g = (slab % hkv).to(tl.int64)
@@ -186,6 +209,8 @@ def _xattn_bwd_dkdv_kernel(
         coef = _head_coef(T, h, scale, HAS_T)
         # With pruning, only the query blocks that kept this key block: the transposed layout.
         lcol = _layout_row(LT, bh, n0 // block_k, nkbp, nqbp)
+        if HAS_DKM:  # this head's key-mass gradient of the tile, for every query tile
+            gkm = _slab_vec(DKM, bh, offs_n, lk)
         t0 = 0 if PRUNE else lo // BLOCK_M
         for t in range(t0, _num_tiles(lcol, q_hi, block_q, PRUNE, BLOCK_M)):
             start_m = _tile_start(lcol, t, block_q, PRUNE, BLOCK_M)
@@ -203,6 +228,10 @@ def _xattn_bwd_dkdv_kernel(
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 if HAS_DW:
                     dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
+                if HAS_DH:
+                    dp += _entropy_grad(s, m2, r2, _slab_vec(DH, bh, offs_m, Lq))
+                if HAS_DKM:
+                    dp += gkm[None, :]
                 ds = p * (dp - delta[:, None]) * coef  # per query head: temperatures differ
                 dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
@@ -220,7 +249,7 @@ def _xattn_bwd_dq_kernel(
     HAS_T: tl.constexpr, DROPOUT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
 ):
     """One query tile: dQ, the temperature's partial sum and the bias gradient."""
     pid, bh = _tile_and_slab(ntiles)
@@ -231,7 +260,7 @@ def _xattn_bwd_dq_kernel(
     else:
         prob, grad, direction, mblk = dir1, g1, 1, pid - nblk0
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, _one = grad
+    O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     hk = h // group
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -245,6 +274,8 @@ def _xattn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_DH:  # the rows' entropy gradient, for every key tile
+        dh = _slab_vec(DH, bh, offs_m, Lq)
     lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
     hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
     for t in range(0, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N)):
@@ -261,6 +292,10 @@ def _xattn_bwd_dq_kernel(
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             if HAS_DW:
                 dp += _dw_tile(grad, b, h, offs_m, offs_n, Lq, Lk, MEAN, HAS_HEADS)
+            if HAS_DH:
+                dp += _entropy_grad(s, m2, r2, dh)
+            if HAS_DKM:
+                dp += _slab_vec(DKM, bh, offs_n, Lk)[None, :]
             ds = p * (dp - delta[:, None])
             if HAS_T:
                 dt += tl.sum(tl.where(ok, ds * s2, 0.0), 1)

@@ -169,20 +169,93 @@ def _tile_start(lrow, t, block, PRUNE: tl.constexpr, BLOCK: tl.constexpr):
         return t * BLOCK
 
 
+# Top-k keys: a logit and its key index packed into one int64 that orders by logit, then by
+# lower index (the reference's tie rule), so one max picks a row's best. Masked logits take
+# _TK_NONE; an empty slot of the running list takes _TK_NONE + 1 + slot (distinct, below any
+# real key: the smallest, -inf, packs to about -9.19e18).
+_TK_NONE = tl.constexpr(-9223372036854775807)
+_TK_REAL = tl.constexpr(-9200000000000000000)
+
+
+@triton.jit
+def _topk_keys(s, offs_n):
+    bits = s.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed int order
+    key = (mono.to(tl.int64) << 32) + (4294967295 - offs_n.to(tl.int64))
+    return tl.where(s == float("-inf"), _TK_NONE, key)
+
+
+@triton.jit
+def _topk_init(BLOCK_M: tl.constexpr, KP: tl.constexpr):
+    return tl.zeros((BLOCK_M, KP), dtype=tl.int64) + (tl.arange(0, KP).to(tl.int64) + (_TK_NONE + 1))[None, :]
+
+
+@triton.jit
+def _topk_merge(lst, key, TOPK: tl.constexpr, KP: tl.constexpr):
+    """The running top-k ``lst`` [rows, KP] (slots < TOPK, unsorted) merged with the candidate
+    keys ``key`` [rows, n]: each round moves every row's best remaining candidate into its
+    worst slot if it beats it; rounds stop when no row has a candidate left that does."""
+    live = tl.arange(0, KP)[None, :] < TOPK
+    worst = tl.min(tl.where(live, lst, 9223372036854775807), 1)
+    rounds = tl.minimum(tl.max(tl.sum((key > worst[:, None]).to(tl.int32), 1), 0), TOPK)
+    for _ in range(0, rounds):
+        best = tl.max(key, 1)
+        lst = tl.where(live & (lst == worst[:, None]) & (best > worst)[:, None], best[:, None], lst)
+        key = tl.where(key == best[:, None], _TK_NONE, key)
+        worst = tl.min(tl.where(live, lst, 9223372036854775807), 1)
+    return lst
+
+
+@triton.jit
+def _topk_store(lst, m2, r2, TV, TI, bh, offs_m, Lq, TOPK: tl.constexpr, KP: tl.constexpr):
+    """The top-k of rows ``offs_m`` sorted (descending; ties to the lower index) and decoded:
+    values P = exp2(s - M - R) as the weights pass computes them, indices; value 0, index -1
+    for the slots no attended key filled."""
+    cols = tl.arange(0, KP)[None, :]
+    lst = tl.where(cols < TOPK, lst, _TK_NONE)
+    ranked = tl.zeros(lst.shape, dtype=tl.int64) + _TK_NONE
+    for r in range(0, TOPK):
+        best = tl.max(lst, 1)
+        ranked = tl.where(cols == r, best[:, None], ranked)
+        lst = tl.where(lst == best[:, None], _TK_NONE, lst)
+    real = ranked > _TK_REAL
+    mono = (ranked >> 32).to(tl.int32)
+    s = (mono ^ ((mono >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    val = tl.where(real, tl.exp2((s - m2[:, None]) - r2[:, None]), 0.0)
+    idx = tl.where(real, 4294967295 - (ranked & 4294967295), -1)
+    ptr = (bh.to(tl.int64) * Lq + offs_m[:, None]) * TOPK + cols
+    mask = (offs_m[:, None] < Lq) & (cols < TOPK)
+    tl.store(TV + ptr, val.to(TV.dtype.element_ty), mask=mask)
+    tl.store(TI + ptr, idx, mask=mask)
+
+
+@triton.jit
+def _entropy_update(w_i, l_i, m_i, m_safe, alpha, s, p):
+    """The running ``sum p * (s - m)`` of a row (base 2, relative to the running max), rescaled
+    like the row sum when the max moves, plus the tile's terms (0 where nothing is attended)."""
+    moved = alpha * (w_i + l_i * tl.where(l_i > 0.0, m_i - m_safe, 0.0))
+    return moved + tl.sum(p * tl.where(p > 0.0, s - m_safe[:, None], 0.0), 1)
+
+
+
 @triton.jit
 def _xattn_fwd_kernel(
     dir0, dir1, res0, res1, SEED, drop_threshold, drop_scale, nblk0, ntiles, H, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, DROPOUT: tl.constexpr,
     SPLIT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ENTROPY: tl.constexpr = False, TOPK: tl.constexpr = 0, KP: tl.constexpr = 2,
 ):
     """Axis 0: query blocks of both directions x batch * head; axis 2: key splits.
 
-    ``res`` is (O, M, R) per direction. With SPLIT (flash-decoding, for few query blocks and
+    ``res`` is (O, M, R, E, TV, TI) per direction: output, row statistics, and the optional
+    statistics (return_aux): ENTROPY writes each row's entropy to E, TOPK > 0 the top-k values
+    and indices to TV, TI. With SPLIT (flash-decoding, for few query blocks and
     many keys) the key tiles of the walk are dealt round-robin to the splits, and O/M/R are
     fp32 workspaces ``[splits, B, H, Lq, (Dv)]`` of normalised partial outputs and partial
-    statistics (M = -inf when empty), merged by ``_xattn_fwd_combine_kernel``.
+    statistics (M = -inf when empty), merged by ``_xattn_fwd_combine_kernel``; E then holds
+    each split's mean of ``s - M`` under its P (base 2), and TI its unsorted top-k keys
+    ``[splits, B, H, Lq, TOPK]``.
     """
     pid, bh = _tile_and_slab(ntiles)
     split = tl.program_id(2)
@@ -193,7 +266,7 @@ def _xattn_fwd_kernel(
     else:
         prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    O, M, R = res
+    O, M, R, E, TV, TI = res
     hk = h // group
 
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,6 +282,10 @@ def _xattn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    if ENTROPY:
+        w_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if TOPK > 0:
+        top = _topk_init(BLOCK_M, KP)
     lrow = _layout_row(BM, bh, (mblk * BLOCK_M) // block_q, nqbp, nkbp)
     hi = _key_end(KEND, b, mblk * BLOCK_M, Lq, Lk, HAS_KV, CAUSAL, BLOCK_M)
     for t in range(split, _num_tiles(lrow, hi, block_k, PRUNE, BLOCK_N), tl.num_programs(2)):
@@ -222,6 +299,8 @@ def _xattn_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
+            if ENTROPY:  # statistics of the pre-dropout P
+                w_i = _entropy_update(w_i, l_i, m_i, m_safe, alpha, s, p)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
                 keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
@@ -229,6 +308,8 @@ def _xattn_fwd_kernel(
             v = _load(V, sv, b, hk, offs_n, Lk, offs_dv, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+            if TOPK > 0:  # after P V: fewer registers live
+                top = _topk_merge(top, _topk_keys(s, offs_n), TOPK, KP)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -236,22 +317,38 @@ def _xattn_fwd_kernel(
     row = split.to(tl.int64) * (tl.num_programs(0) // ntiles) + bh
     tl.store(O + row * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+    r_i = tl.log2(tl.where(has_key, l_i, 1.0))
     tl.store(M + row * Lq + offs_m, tl.where(has_key, m_i, empty_m), mask=offs_m < Lq)
-    tl.store(R + row * Lq + offs_m, tl.log2(tl.where(has_key, l_i, 1.0)), mask=offs_m < Lq)
+    tl.store(R + row * Lq + offs_m, r_i, mask=offs_m < Lq)
+    if ENTROPY:  # H = lse - sum P s = ln 2 * (R - sum p (s - M) / l); a split keeps the mean
+        e_i = w_i / tl.where(has_key, l_i, 1.0)
+        if not SPLIT:
+            e_i = tl.where(has_key, (r_i - e_i) * 0.6931471805599453, 0.0)
+        tl.store(E + row * Lq + offs_m, e_i, mask=offs_m < Lq)
+    if TOPK > 0:
+        if SPLIT:
+            cols = tl.arange(0, KP)[None, :]
+            tl.store(TI + (row * Lq + offs_m[:, None]) * TOPK + cols, top,
+                     mask=(offs_m[:, None] < Lq) & (cols < TOPK))
+        else:
+            _topk_store(top, m_i, r_i, TV, TI, bh, offs_m, Lq, TOPK, KP)
 
 
 @triton.jit
 def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
-                              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              ENTROPY: tl.constexpr = False, TOPK: tl.constexpr = 0, KP: tl.constexpr = 2):
     """Merges the split-key partial outputs, a softmax over the partial statistics;
-    ``part`` is (OP, MP, RP, O, M, R, Lq, DV) per direction."""
+    ``part`` is (OP, MP, RP, O, M, R, Lq, DV, EP, E, TKP, TV, TI) per direction: the optional
+    statistics' partials EP (mean of s - M per split) and TKP (top-k keys per split) merge into
+    the entropy E and the top-k TV, TI."""
     pid, bh = _tile_and_slab(ntiles)
     bh = bh.to(tl.int64)
     if pid < nblk0:
         part, mblk = part0, pid
     else:
         part, mblk = part1, pid - nblk0
-    OP, MP, RP, O, M, R, Lq, DV = part
+    OP, MP, RP, O, M, R, Lq, DV, EP, E, TKP, TV, TI = part
     BH = tl.num_programs(0) // ntiles
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -259,6 +356,11 @@ def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    if ENTROPY:
+        w_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if TOPK > 0:
+        top = _topk_init(BLOCK_M, KP)
+        cols = tl.arange(0, KP)[None, :]
     for s in range(0, n_split):
         row = s * BH + bh
         ms = tl.load(MP + row * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
@@ -268,14 +370,31 @@ def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         w = tl.exp2((ms - m_safe) + rs)  # this split's row sum, relative to the running max
+        if ENTROPY:  # sum p (s - m) = w * (mean of s - ms + ms - m), rescaled as in the forward
+            es = tl.load(EP + row * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            w_i = (alpha * (w_i + l_i * tl.where(l_i > 0.0, m_i - m_safe, 0.0))
+                   + w * tl.where(w > 0.0, es + (ms - m_safe), 0.0))
+        if TOPK > 0:
+            keys = tl.load(TKP + (row * Lq + offs_m[:, None]) * TOPK + cols,
+                           mask=(offs_m[:, None] < Lq) & (cols < TOPK), other=_TK_NONE)
+            # Only real keys: a split's empty slots would duplicate the list's (slots must stay
+            # distinct, the merge replaces the slot equal to the worst).
+            top = _topk_merge(top, tl.where(keys > _TK_REAL, keys, _TK_NONE), TOPK, KP)
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * os
         m_i = m_new
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    r_i = tl.log2(tl.where(has_key, l_i, 1.0))
+    m_i = tl.where(has_key, m_i, float("inf"))
     tl.store(O + bh * Lq * DV + offs_m[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty), mask=omask)
-    tl.store(M + bh * Lq + offs_m, tl.where(has_key, m_i, float("inf")), mask=offs_m < Lq)
-    tl.store(R + bh * Lq + offs_m, tl.log2(tl.where(has_key, l_i, 1.0)), mask=offs_m < Lq)
+    tl.store(M + bh * Lq + offs_m, m_i, mask=offs_m < Lq)
+    tl.store(R + bh * Lq + offs_m, r_i, mask=offs_m < Lq)
+    if ENTROPY:
+        e_i = tl.where(has_key, (r_i - w_i / tl.where(has_key, l_i, 1.0)) * 0.6931471805599453, 0.0)
+        tl.store(E + bh * Lq + offs_m, e_i, mask=offs_m < Lq)
+    if TOPK > 0:
+        _topk_store(top, m_i, r_i, TV, TI, bh, offs_m, Lq, TOPK, KP)
 
 
 @triton.jit

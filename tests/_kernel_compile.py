@@ -32,7 +32,8 @@ ARCHS = (80, 86, 89, 90)
 HEAD_DIMS = (64, 96, 128, 256)
 DTYPES = ("float16", "bfloat16", "float32")
 FEATURES = ("plain", "all")
-KERNEL_MODULES = ("crossattn.kernels.xattn_fwd", "crossattn.kernels.xattn_bwd", "crossattn.kernels.xattn_select")
+KERNEL_MODULES = ("crossattn.kernels.xattn_fwd", "crossattn.kernels.xattn_bwd", "crossattn.kernels.xattn_select",
+                  "crossattn.kernels.xattn_stats")
 # sm_86/sm_89 (RTX 3060/4080 class): per SM 64 K registers, 48 warps, 16 blocks, 100 KB of
 # shared memory (99 KB per block, 1 KB reserved per block).
 SM86 = dict(regs=65536, warps=48, blocks=16, smem=100 * 1024, smem_block=99 * 1024, reserved=1024)
@@ -114,10 +115,10 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
                     prune=crossattn.BlockPruning(block_q=64, block_k=64, keep=0.5))
         calls += [dict(opts, need_weights="full"), dict(opts, need_weights="mean")]
         # The options one direction takes on top: grouped kv heads, a learnable bias, causality,
-        # ragged lengths, a head subset for the weights, the LSE statistic.
+        # ragged lengths, a head subset for the weights, every statistic (return_aux, k = 16).
         calls.append(dict(opts, need_weights="full", single=True, is_causal=True, weight_heads=(1,),
                           attn_bias=torch.randn(1, H, 1, Ly, generator=g, requires_grad=True),
-                          return_aux=crossattn.AuxRequest(lse=True)))
+                          return_aux=crossattn.AuxRequest(lse=True, entropy=True, key_mass=True, top_k=16)))
     seen = {}
     for splits in ("1", "2"):
         os.environ["CROSSATTN_TRITON_SPLITS"] = splits
@@ -127,7 +128,8 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
                     kw = {n: x for n, x in kw.items() if n not in ("single", "x_padding_mask", "y_padding_mask")}
                     res = crossattn.cross_attention(r(Lx), r(Ly)[:, :1], r(Ly)[:, :1], backend="triton",
                                                     kv_lengths=torch.tensor([99]), **kw)
-                    res = (res[0], res[1], res[2].lse.masked_fill(res[2].lse.isinf(), 0.0))
+                    aux = res[2]
+                    res = (res[0], res[1], aux.lse.masked_fill(aux.lse.isinf(), 0.0), aux.entropy, aux.key_mass)
                 else:
                     res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
                                                                   backend="triton", **kw)
@@ -149,6 +151,8 @@ def short_name(launch: dict) -> str:
         name += "_split"
     if name == "weights" or (name.startswith("bwd") and a.get("HAS_DW")):
         name += "_mean" if a.get("MEAN") else ("_full" if name == "weights" else "_dw")
+    if a.get("ENTROPY") or a.get("TOPK") or a.get("HAS_DH") or a.get("HAS_DKM"):
+        name += "_stats"  # return_aux statistics (or their gradients) fused in
     return name
 
 

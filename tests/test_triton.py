@@ -207,7 +207,7 @@ def test_opcheck():
     seed = torch.tensor(1234, dtype=torch.int64, device=DEVICE)
     block_mask = torch.rand(2, 1, 1, 2, device=DEVICE) > 0.3
     no_prune = ([None], [None], 0, 0)
-    plain = ([None], False, [])  # attn_bias, is_causal, weight_heads
+    plain = ([None], False, [], False, False, 0)  # attn_bias, is_causal, weight_heads, statistics
     for weights in (0, 1, 2):
         args = ([q], [k], [v], [qv], [kv], [t], [0.25], seed, 0.2, weights)
         torch.library.opcheck(xattn_fwd, args + no_prune + plain)
@@ -218,13 +218,14 @@ def test_opcheck():
     k1, v1 = k[:, :1].detach().requires_grad_(True), v[:, :1].detach().requires_grad_(True)
     bias = torch.randn(1, 2, 1, 21, device=DEVICE, requires_grad=True)
     args = ([q], [k1], [v1], [qv], [kv], [t], [0.25], None, 0.0, 1) + no_prune
-    torch.library.opcheck(xattn_fwd, args + ([bias], True, [1]))
+    torch.library.opcheck(xattn_fwd, args + ([bias], True, [1], False, False, 0))
     with torch.no_grad():  # the backward op itself is not differentiable (no double backward)
-        outs, stats, _ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune, *plain)
+        outs, stats, *_ = xattn_fwd([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 1, *no_prune, *plain)
     bwd_args = ([torch.randn_like(outs[0])], [torch.randn(2, 2, 9, 21, device=DEVICE)],
                 [q.detach()], [k.detach()], [v.detach()], outs, stats, [None], [kv], [None],
                 [0.25], None, 0.0, 1) + no_prune
-    torch.library.opcheck(xattn_bwd, bwd_args + ([bias.detach()], True, True, [], [torch.randn(2, 2, 9)]))
+    torch.library.opcheck(xattn_bwd, bwd_args + ([bias.detach()], True, True, [], [torch.randn(2, 2, 9)], [None],
+                                                 [None]))
 
 
 def test_compile_fullgraph():

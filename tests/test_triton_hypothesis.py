@@ -166,7 +166,7 @@ def model_option_problems(draw):
 
 
 # The statistics the Triton backend serves (crossattn/kernels/xattn.py FEATURES "aux_*").
-TRITON_AUX_FIELDS = ("lse",)
+TRITON_AUX_FIELDS = ("lse", "entropy", "key_mass", "top_k")
 
 
 @pytest.mark.slow
