@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Alignment", "align", "align_top_k", "dtw", "scores_from_top_k", "word_spans"]
+__all__ = ["Alignment", "align", "align_top_k", "boundary_error", "dtw", "scores_from_top_k", "trim_to_top_k",
+           "word_spans"]
 
 
 class Alignment(NamedTuple):
@@ -137,10 +138,32 @@ def align_top_k(values: torch.Tensor, indices: torch.Tensor, num_frames: int, *,
     return align(scores, num_tokens=num_tokens, median_width=median_width, normalise=False)
 
 
-def word_spans(alignment: Alignment, word_of_token, *, frame_seconds: float = 1.0):
+def trim_to_top_k(alignment: Alignment, indices: torch.Tensor) -> Alignment:
+    """Each token's span cut to the frames of its top-k (``indices`` ``[h, T, k]``, any head)
+    that lie on its run of the path; a token none of whose frames do keeps its run. The path
+    gives every frame to some token, pauses included; the top-k frames say where the token's
+    attention is, so a word stops where its attention does instead of at the next word."""
+    idx = indices.detach().cpu().transpose(0, 1).reshape(indices.shape[1], -1)  # [T, h * k]
+    T = min(idx.shape[0], alignment.starts.numel())
+    idx = idx[:T]
+    run_lo, run_hi = alignment.starts[:T, None], alignment.ends[:T, None]
+    on_run = (idx >= run_lo) & (idx <= run_hi)
+    big = torch.iinfo(torch.int64).max
+    lo = torch.where(on_run, idx, big).amin(1)
+    hi = torch.where(on_run, idx, -1).amax(1)
+    found = on_run.any(1)
+    starts, ends = alignment.starts.clone(), alignment.ends.clone()
+    starts[:T] = torch.where(found, lo, alignment.starts[:T])
+    ends[:T] = torch.where(found, hi, alignment.ends[:T])
+    return alignment._replace(starts=starts, ends=ends)
+
+
+def word_spans(alignment: Alignment, word_of_token, *, frame_seconds: float = 1.0, offset: float = 0.0):
     """``[(word, start, end)]`` in seconds (frames when ``frame_seconds`` is 1): each word spans
     the frames of its tokens; ``word_of_token[i]`` is token ``i``'s word id (None for tokens
-    that belong to no word, e.g. special tokens)."""
+    that belong to no word, e.g. special tokens). Frame ``f`` covers ``[offset + f *
+    frame_seconds, offset + (f + 1) * frame_seconds)``: ``offset`` places the frames (half a
+    window minus half a hop for uncentred STFT frames)."""
     spans: dict = {}
     for i, word in enumerate(word_of_token):
         if word is None or i >= len(alignment.starts):
@@ -148,4 +171,17 @@ def word_spans(alignment: Alignment, word_of_token, *, frame_seconds: float = 1.
         s, e = int(alignment.starts[i]), int(alignment.ends[i])
         lo, hi = spans.get(word, (s, e))
         spans[word] = (min(lo, s), max(hi, e))
-    return [(word, lo * frame_seconds, (hi + 1) * frame_seconds) for word, (lo, hi) in spans.items()]
+    return [(word, offset + lo * frame_seconds, offset + (hi + 1) * frame_seconds)
+            for word, (lo, hi) in spans.items()]
+
+
+def boundary_error(predicted, truth) -> float:
+    """Mean absolute error of word boundaries, in the unit of the inputs: ``predicted`` and
+    ``truth`` are ``[(word, start, end)]`` for the same words in the same order; each word
+    contributes its start and its end."""
+    if len(predicted) != len(truth):
+        raise ValueError(f"predicted has {len(predicted)} words, truth {len(truth)}: they must be the same words")
+    if not truth:
+        return float("nan")
+    errors = [abs(float(p[i]) - float(t[i])) for p, t in zip(predicted, truth) for i in (1, 2)]
+    return sum(errors) / len(errors)

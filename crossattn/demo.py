@@ -1,8 +1,11 @@
 """Quick demo on whatever device exists: bidirectional text<->audio cross-attention that
 returns its weights, checked against the float64 reference, timed against the eager
-implementation of the seed model, and read out as Whisper-style token timestamps.
+implementation of the seed model, and read out as Whisper-style token timestamps; then word
+timestamps from the top-k statistics on the synthetic spoken corpus, checked against its known
+word timings (``crossattn.demo_timestamps``; needs numpy, ``crossattn[models]``).
 
     python -m crossattn.demo [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--plot PNG]
+                             [--timestamp-steps N] [--corpus-dir DIR]
 """
 from __future__ import annotations
 
@@ -58,9 +61,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--plot", default=None, help="write a text x audio heat map PNG here (needs matplotlib)")
+    parser.add_argument("--timestamp-steps", type=int, default=80,
+                        help="training steps of the word aligner (0: untrained; -1: skip word timestamps)")
+    parser.add_argument("--corpus-dir", default=None,
+                        help="where the synthetic corpus is generated (default: its cache directory)")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.timestamp_steps < -1:
+        parser.error(f"--timestamp-steps must be -1 (skip), 0 (untrained) or more, got {args.timestamp_steps}")
     if args.plot:
         require_extra(parser.prog, "bench", ("matplotlib",))
         if not Path(args.plot).resolve().parent.is_dir():
@@ -131,6 +140,16 @@ def main(argv=None) -> int:
         ax.set_title("text -> audio attention (head average, from the fused call)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
+    if args.timestamp_steps >= 0:
+        try:
+            import numpy  # noqa: F401  (the corpus synthesises with it)
+        except ImportError:
+            print("\nword timestamps on the synthetic corpus skipped: they need numpy "
+                  "(pip install 'crossattn[models]')")
+        else:
+            from crossattn import demo_timestamps
+
+            demo_timestamps.run(args.corpus_dir, steps=args.timestamp_steps)
     verdict = "agrees with" if ok else "DOES NOT agree with"
     where = f"; heat map written to {args.plot}" if args.plot else ""
     print(f"\nresult: crossattn {verdict} the float64 reference (max error {max(errors.values()):.1e}){where}")

@@ -161,9 +161,11 @@ def test_sdist_holds_everything_to_build_test_and_benchmark(tmp_path):
     assert "License-Expression: Apache-2.0" in pkg_info
 
 
-def test_demo_runs_and_agrees_with_the_reference():
-    res = subprocess.run([sys.executable, "-m", "crossattn.demo", "--repeats", "1"],
+def test_demo_runs_and_agrees_with_the_reference(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "crossattn.demo", "--repeats", "1", "--timestamp-steps", "5",
+                          "--corpus-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "max |crossattn - float64 reference|" in res.stdout
     assert "eager" in res.stdout and "monotone: True" in res.stdout
+    assert "true start" in res.stdout and "mean |boundary error|" in res.stdout

@@ -3,6 +3,8 @@ against eager PyTorch and the fast-attention peers, side by side in one process.
 
     python -m crossattn.bench --quick --output bench-out      # CPU-sized, about two minutes
     python -m crossattn.bench --suite cpu --output DIR         # where the CPU path stands
+    python -m crossattn.bench --suite stats --output DIR       # weight statistics vs weights vs eager
+    python -m crossattn.bench --suite ragged --output DIR      # ragged key lengths vs full / packed
     python -m crossattn.bench --output benchmarks/results/h100 # the full GPU suite
 
 The report (markdown) goes to stdout, progress to stderr; ``results.json``, ``results.md``
@@ -105,7 +107,7 @@ def _bench_workload(w, impls, device, dtype, modes, args, suite, skipped, failed
 
     on_gpu = device.type == "cuda"
     probe = make_inputs(w, device, dtype)
-    if w.kind == "core":
+    if w.kind in ("core", "stats"):
         q, k, v = probe.text, probe.audio, probe.value
     else:
         q = probe.text.view(w.B, w.T, w.H, w.D).transpose(1, 2)
@@ -119,7 +121,8 @@ def _bench_workload(w, impls, device, dtype, modes, args, suite, skipped, failed
         else:
             runnable.append(impl)
     quick = suite != "gpu"
-    budget, min_rounds, max_rounds = {"quick": (3.0, 5, 20), "cpu": (60.0, 7, 15), "gpu": (4.0, 10, 30)}[suite]
+    budget, min_rounds, max_rounds = {"quick": (3.0, 5, 20), "cpu": (60.0, 7, 15), "gpu": (4.0, 10, 30),
+                                      "stats": (30.0, 5, 10), "ragged": (30.0, 5, 10)}[suite]
     round_time = args.round_time or (0.03 if on_gpu else 0.05)
     rows = []
     for mode in modes:

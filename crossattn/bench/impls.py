@@ -95,6 +95,37 @@ def flash_attn_core(q, k, v, key_pad, dropout_p, training):
     return out.transpose(1, 2), None
 
 
+STATS_TOP_K = 4
+
+
+def stats_from_weights(weights):
+    """What eager code computes from the weights ``[B, H, T, A]``: each query's entropy, each
+    key's received mass, each query's top-k weights (every query valid in these workloads)."""
+    entropy = -(weights * torch.log(weights.clamp(min=1e-30))).sum(-1)
+    return [entropy, weights.sum(2), weights.topk(STATS_TOP_K, dim=-1).values]
+
+
+def crossattn_stats_core(backend):
+    """The same statistics from ``return_aux``, without the weight matrix."""
+    request = crossattn.AuxRequest(entropy=True, key_mass=True, top_k=STATS_TOP_K)
+
+    def core(q, k, v, key_pad, dropout_p, training):
+        out, _, aux = crossattn.cross_attention(q, k, v, key_padding_mask=key_pad, return_aux=request,
+                                                backend=backend)
+        return out, None, [aux.entropy, aux.key_mass, aux.top_k_values]
+    return core
+
+
+def crossattn_packed_core(backend):
+    """Each example alone at its real key length (the cost a ragged batch should have)."""
+    def core(q, k, v, key_pad, dropout_p, training):
+        lengths = (~key_pad).sum(-1).tolist()
+        outs = [crossattn.cross_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], backend=backend)[0]
+                for b, n in enumerate(lengths)]
+        return torch.cat(outs), None
+    return core
+
+
 def crossattn_core(backend, need_weights, prune=None):
     def core(q, k, v, key_pad, dropout_p, training):
         return crossattn.cross_attention(q, k, v, key_padding_mask=key_pad, need_weights=need_weights,
@@ -189,10 +220,12 @@ class MHAPair(nn.Module):
 
 # --------------------------------------------------------------------------- registry
 def _runner(w: Workload, device, dtype, core=None, pair=None, module=None):
-    if w.kind == "core":
+    if w.kind in ("core", "stats"):
         def run(inputs: Inputs, train: bool):
             key_pad = None if inputs.audio_mask is None else inputs.audio_mask == 0
-            out, weights = core(inputs.text, inputs.audio, inputs.value, key_pad, 0.0, train)
+            out, weights, *stats = core(inputs.text, inputs.audio, inputs.value, key_pad, 0.0, train)
+            if w.kind == "stats":  # the statistics are the result; weights only on the way to them
+                return [out] + (stats[0] if stats else stats_from_weights(weights))
             return [out] + ([weights] if weights is not None else [])
         run.parameters = []
         return run
@@ -214,17 +247,31 @@ def _needs_cuda(w, device, dtype):
     return None if torch.device(device).type == "cuda" else "needs a CUDA device"
 
 
+def _layer_only(w, device, dtype):
+    return "a layer-only peer" if w.kind in ("core", "stats") else None
+
+
+def _no_stats(w, device, dtype):
+    return "returns no weights to take statistics of" if w.kind == "stats" else None
+
+
+def _either(*checks):
+    def why_not(w, device, dtype):
+        return next((r for r in (c(w, device, dtype) for c in checks) if r), None)
+    return why_not
+
+
 def registry(quick: bool) -> list[Impl]:
     impls = [
         # The seed's own code for the workload's layer (the report says which seed).
         Impl("eager", lambda w, d, t: _runner(w, d, t, core=eager_core), writes_weights="full"),
         Impl("nn.MultiheadAttention need_weights=True",
              lambda w, d, t: _runner(w, d, t, module=MHAPair(w.E, w.H, True, one_way=w.kind == "layer1")),
-             writes_weights="mean", why_not=lambda w, d, t: "a layer-only peer" if w.kind == "core" else None),
+             writes_weights="mean", why_not=_layer_only),
         Impl("nn.MultiheadAttention need_weights=False",
              lambda w, d, t: _runner(w, d, t, module=MHAPair(w.E, w.H, False, one_way=w.kind == "layer1")),
-             why_not=lambda w, d, t: "a layer-only peer" if w.kind == "core" else None),
-        Impl("sdpa", lambda w, d, t: _runner(w, d, t, core=sdpa_core)),
+             why_not=_layer_only),
+        Impl("sdpa", lambda w, d, t: _runner(w, d, t, core=sdpa_core), why_not=_no_stats),
     ]
 
     def flex_why_not(w, device, dtype):
@@ -235,7 +282,7 @@ def registry(quick: bool) -> list[Impl]:
         return None
 
     impls.append(Impl("flex_attention", lambda w, d, t: _runner(w, d, t, core=make_flex_core()),
-                      why_not=flex_why_not))
+                      why_not=_either(_no_stats, flex_why_not)))
 
     def flash_why_not(w, device, dtype):
         if importlib.util.find_spec("flash_attn") is None:
@@ -244,7 +291,8 @@ def registry(quick: bool) -> list[Impl]:
             return "padding needs flash_attn's varlen API (not benchmarked)"
         return _needs_cuda(w, device, dtype) or (None if dtype in (torch.float16, torch.bfloat16) else "fp16/bf16 only")
 
-    impls.append(Impl("flash_attn", lambda w, d, t: _runner(w, d, t, core=flash_attn_core), why_not=flash_why_not))
+    impls.append(Impl("flash_attn", lambda w, d, t: _runner(w, d, t, core=flash_attn_core),
+                      why_not=_either(_no_stats, flash_why_not)))
 
     for backend in ("torch", "triton", "cuda"):
         def why_not(w, device, dtype, backend=backend):
@@ -255,18 +303,36 @@ def registry(quick: bool) -> list[Impl]:
                 return "runs on CUDA tensors (the interpreter is for tests, not timing)"
             return None
 
+        def only_stats(w, device, dtype):
+            return None if w.kind == "stats" else "only for statistics workloads"
+
+        def only_ragged_core(w, device, dtype):
+            return None if w.kind == "core" and w.kv_fractions else "only for ragged-key core workloads"
+
         for weights in (False, "mean", "full"):
-            # Layers call the bidirectional pair (one launch), cores the single direction.
+            # Layers call the bidirectional pair (one launch), cores the single direction;
+            # statistics workloads take them from the full weights (the other two give none).
             impls.append(Impl(
                 f"crossattn[{backend}] weights={weights or 'off'}",
                 lambda w, d, t, b=backend, nw=weights: _runner(
                     w, d, t, core=crossattn_core(b, nw), pair=crossattn_pair(b, nw)),
-                writes_weights=weights or None, why_not=why_not))
+                writes_weights=weights or None,
+                why_not=why_not if weights == "full" else _either(_no_stats, why_not)))
         for keep in (0.5, 0.25, 0.1):
             prune = crossattn.BlockPruning(keep=keep)
             impls.append(Impl(
                 f"crossattn[{backend}] prune keep={keep}",
                 lambda w, d, t, b=backend, p=prune: _runner(
                     w, d, t, core=crossattn_core(b, False, p), pair=crossattn_pair(b, False, p)),
-                why_not=why_not))
+                why_not=_either(_no_stats, why_not)))
+        impls.append(Impl(f"crossattn[{backend}] statistics (return_aux)",
+                          lambda w, d, t, b=backend: _runner(w, d, t, core=crossattn_stats_core(b)),
+                          why_not=_either(only_stats, why_not)))
+        impls.append(Impl(f"crossattn[{backend}] same batch unpadded (full length)",
+                          lambda w, d, t, b=backend: _runner(
+                              w, d, t, core=lambda q, k, v, pad, p, tr: crossattn_core(b, False)(q, k, v, None, p, tr)),
+                          why_not=_either(only_ragged_core, why_not)))
+        impls.append(Impl(f"crossattn[{backend}] packed (each example at its length)",
+                          lambda w, d, t, b=backend: _runner(w, d, t, core=crossattn_packed_core(b)),
+                          why_not=_either(only_ragged_core, why_not)))
     return impls

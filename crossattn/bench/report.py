@@ -60,7 +60,7 @@ def markdown_table(env: dict, peaks: dict, rows: list[dict], skipped: dict, fail
         wrows = [r for r in rows if r["workload"] == w.name]
         if not wrows:
             continue
-        eager = "" if w.kind == "core" else " `eager` is the seed's own code for this layer."
+        eager = "" if w.kind in ("core", "stats") else " `eager` is the seed's own code for this layer."
         lines += ["", f"## {w.name}", "", f"{w.title()}.{eager}", "",
                   "| workload | mode | implementation | median ms | IQR ms | runs | vs eager [95% CI] "
                   "| vs SDPA [95% CI] | peak MiB | attn TFLOP/s | weights GB/s | note |",

@@ -13,6 +13,9 @@ KINDS = {
     "layer1": "seed 001's one-direction CrossModalAttention: text queries attend to image patches, "
               "q/k/v and output projections, dropout 0.1 on the weights in training",
     "core": "the attention alone on q [B, H, T, D], k/v [B, H, A, D]",
+    "stats": "the attention on q [B, H, T, D], k/v [B, H, A, D] and statistics of its weights: each "
+             "query's entropy, each key's received mass, each query's top-4 weights (`eager`: softmax "
+             "weights, then the statistics from them)",
 }
 
 
@@ -29,6 +32,8 @@ class Workload:
     kind: str = "layer"
     ragged: bool = False  # padding with lengths drawn from 30-100 %
     group: str = ""  # plots draw one line per implementation within a group (the sweep)
+    # Key (audio) lengths as fractions of A, one per example: ragged keys, every query valid.
+    kv_fractions: tuple = ()
 
     @property
     def D(self) -> int:
@@ -45,8 +50,15 @@ class Workload:
     def describe(self) -> dict:
         return dict(asdict(self), D=self.D)
 
+    def kv_lengths(self) -> list[int]:
+        return [max(1, round(f * self.A)) for f in self.kv_fractions]
+
     def title(self) -> str:
         pad = ", ragged padding (lengths 30-100 %)" if self.ragged else ""
+        if self.kv_fractions:
+            lengths = self.kv_lengths()
+            pad += (f", ragged keys: lengths {min(lengths)}..{max(lengths)} of A (mean "
+                    f"{sum(lengths) / len(lengths) / self.A:.0%}), every query valid")
         return f"B={self.B} T={self.T} A={self.A} E={self.E} H={self.H} D={self.D}{pad}; {KINDS[self.kind]}"
 
 
@@ -82,6 +94,11 @@ def make_inputs(w: Workload, device, dtype, seed: int = 0, requires_grad: bool =
             return (torch.arange(L)[None, :] < lengths[:, None]).long().to(device)
 
         inputs.text_mask, inputs.audio_mask = mask(w.T), mask(w.A)
+    if w.kv_fractions:
+        if len(w.kv_fractions) != w.B:
+            raise ValueError(f"workload {w.name}: kv_fractions has {len(w.kv_fractions)} entries for B = {w.B}")
+        lengths = torch.tensor(w.kv_lengths())
+        inputs.audio_mask = (torch.arange(w.A)[None, :] < lengths[:, None]).long().to(device)
     return inputs
 
 
@@ -121,4 +138,25 @@ def cpu_workloads() -> list[Workload]:
     ]
 
 
-SUITES = {"quick": quick_workloads, "cpu": cpu_workloads, "gpu": gpu_workloads}
+def stats_workloads() -> list[Workload]:
+    """Weight statistics (issue 17): the seed shape and long audio (A = 16 000 and 100 000), the
+    statistics fused against full weights and against eager; CPU-sized query lengths."""
+    return [
+        Workload("stats_seed000", 4, 512, 1000, 768, 8, kind="stats"),
+        Workload("stats_long_16000", 1, 64, 16000, 768, 8, kind="stats"),
+        Workload("stats_long_100000", 1, 64, 100000, 768, 8, kind="stats"),
+    ]
+
+
+def ragged_workloads() -> list[Workload]:
+    """Ragged key lengths (issue 16), 10 % to 100 % of A evenly spread over the batch: the padded
+    call against the same batch at full length and packed (each example at its real length)."""
+    fractions = tuple(round(0.1 + 0.9 * i / 7, 4) for i in range(8))
+    return [
+        Workload("ragged_keys", 8, 128, 2000, 768, 8, kind="core", kv_fractions=fractions),
+        Workload("ragged_keys_long", 8, 64, 16000, 768, 8, kind="core", kv_fractions=fractions),
+    ]
+
+
+SUITES = {"quick": quick_workloads, "cpu": cpu_workloads, "gpu": gpu_workloads, "stats": stats_workloads,
+          "ragged": ragged_workloads}

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from crossattn.nn import BidirectionalCrossAttention, CrossModalAttention
+from crossattn.reference import AuxRequest
 
 from .encoders import (
     LogMelEncoder, encode_audio, encode_text, hidden_size, load_audio_encoder,
@@ -17,7 +18,8 @@ from .encoders import (
 )
 
 __all__ = ["EMOTIONS", "MetadataEncoder", "TextAudioEmotionModel", "alignment_loss",
-           "attention_entropy", "diversity_loss"]
+           "attention_entropy", "attention_statistics", "coverage_alignment_loss", "diversity_loss",
+           "head_entropy_loss"]
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fear", "surprise", "disgust")
 FUSIONS = ("bidirectional", "text_to_audio", "audio_to_text", "concat", "text_only", "audio_only")
@@ -71,7 +73,8 @@ class MetadataEncoder(nn.Module):
         ], dim=-1)
 
     def forward(self, metadata: Mapping | None, batch: int, device) -> Tensor:
-        return self.proj(self.features(metadata, batch, device))
+        # The flags are float32; a model cast to another dtype (.double()) takes them in its own.
+        return self.proj(self.features(metadata, batch, device).to(self.proj[0].weight.dtype))
 
 
 class TextAudioEmotionModel(nn.Module):
@@ -97,14 +100,22 @@ class TextAudioEmotionModel(nn.Module):
     ``audio_to_text_attention`` likewise ``[B, A, T]``, ``fused_features``, ``gate`` (``[B,
     P*d]`` or ``[B, streams]``), ``modality_gate`` (``{"text": [B], "audio": [B]}``: the mean
     gate over each stream's features), and, for
-    the regularisers, ``text_features``, ``audio_features``, ``text_mask``, ``audio_mask``.
+    the regularisers, ``text_features``, ``audio_features``, ``text_mask``, ``audio_mask`` and
+    ``text_to_audio_statistics`` / ``audio_to_text_statistics`` (:class:`crossattn.AuxOutput`
+    or None).
+
+    ``regularisers(outputs)`` gives the same values whatever ``need_weights`` is: with
+    ``regulariser_statistics`` (default) the forward asks the attention for the statistics the
+    returned weights cannot give (per-head entropy; key mass too without weights), so with
+    ``need_weights=None`` training never materialises a ``[B, H, T, A]`` weight map.
     """
 
     def __init__(self, text_encoder: nn.Module, audio_encoder: nn.Module, *, d_model: int = 256,
                  num_heads: int = 8, num_classes: int = len(EMOTIONS), hidden: int = 256,
                  dropout: float = 0.1, fusion: str = "bidirectional", need_weights="mean",
                  learnable_temperature: bool = False, prune=None, timbre_dim: int = 8,
-                 metadata_dim: int = 32, backend: str = "auto", tokenizer=None, gate: str = "feature"):
+                 metadata_dim: int = 32, backend: str = "auto", tokenizer=None, gate: str = "feature",
+                 regulariser_statistics: bool = True):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -115,6 +126,7 @@ class TextAudioEmotionModel(nn.Module):
         self.text_encoder, self.audio_encoder = text_encoder, audio_encoder
         self.tokenizer = tokenizer
         self.fusion, self.need_weights = fusion, need_weights or None
+        self.regulariser_statistics = bool(regulariser_statistics)
         self.text_proj = nn.Linear(hidden_size(text_encoder), d_model)
         self.audio_proj = nn.Linear(hidden_size(audio_encoder), d_model)
         attn = dict(dropout=dropout, learnable_temperature=learnable_temperature, prune=prune,
@@ -176,19 +188,25 @@ class TextAudioEmotionModel(nn.Module):
         if self.fusion != "text_only":
             audio_raw, audio_mask = encode_audio(self.audio_encoder, audio_input)
             audio = self.audio_proj(audio_raw)
-        w_ta = w_at = None
+        w_ta = w_at = s_ta = s_at = None
         pooled = []
+        aux = self._statistics_request()
         if self.fusion == "bidirectional":
-            text_att, audio_att, w_ta, w_at = self.cross(text, audio, text_mask, audio_mask,
-                                                         need_weights=self.need_weights)
+            text_att, audio_att, w_ta, w_at, *stats = self.cross(
+                text, audio, text_mask, audio_mask, need_weights=self.need_weights, return_aux=aux)
+            s_ta, s_at = stats or (None, None)
             pooled = [masked_mean(text_att, text_mask), masked_mean(audio_att, audio_mask)]
         elif self.fusion == "text_to_audio":
-            att, w_ta = self.cross(text, audio, context_padding_mask=audio_mask == 0,
-                                   query_padding_mask=text_mask == 0, need_weights=self.need_weights)
+            att, w_ta, *stats = self.cross(text, audio, context_padding_mask=audio_mask == 0,
+                                           query_padding_mask=text_mask == 0,
+                                           need_weights=self.need_weights, return_aux=aux)
+            s_ta = stats[0] if stats else None
             pooled = [masked_mean(self.cross_norm(text + att), text_mask)]
         elif self.fusion == "audio_to_text":
-            att, w_at = self.cross(audio, text, context_padding_mask=text_mask == 0,
-                                   query_padding_mask=audio_mask == 0, need_weights=self.need_weights)
+            att, w_at, *stats = self.cross(audio, text, context_padding_mask=text_mask == 0,
+                                           query_padding_mask=audio_mask == 0,
+                                           need_weights=self.need_weights, return_aux=aux)
+            s_at = stats[0] if stats else None
             pooled = [masked_mean(self.cross_norm(audio + att), audio_mask)]
         if self.fusion != "audio_only":
             pooled.append(masked_mean(text, text_mask))
@@ -205,21 +223,40 @@ class TextAudioEmotionModel(nn.Module):
             "audio_to_text_attention": w_at, "fused_features": fused, "gate": gate,
             "modality_gate": modality_gate,
             "text_features": text, "audio_features": audio, "text_mask": text_mask,
-            "audio_mask": audio_mask,
+            "audio_mask": audio_mask, "text_to_audio_statistics": s_ta, "audio_to_text_statistics": s_at,
         }
 
+    def _statistics_request(self) -> AuxRequest | None:
+        """The statistics the regularisers need that the returned weights do not give: the
+        per-head entropy unless the weights are per head, the key mass without weights."""
+        if not self.regulariser_statistics or self.need_weights == "full" or self.cross is None:
+            return None
+        return AuxRequest(entropy=True, key_mass=self.need_weights is None)
+
     def regularisers(self, outputs: Mapping) -> dict[str, Tensor]:
-        """Seed 000's attention diversity (negative entropy) and text–audio alignment losses
-        on ``forward``'s outputs; differentiable through the fused kernels' weights."""
+        """The attention diversity (:func:`head_entropy_loss`) of each direction and the
+        text–audio alignment (:func:`coverage_alignment_loss`) on ``forward``'s outputs,
+        differentiable through the attention. Computed from the per-head weights when the
+        forward returned them, otherwise from the statistics (``*_statistics``), with the
+        same value; a term neither gives (``regulariser_statistics=False`` without weights)
+        is left out."""
         losses = {}
         tm, am = outputs["text_mask"], outputs["audio_mask"]
-        for key, qm in (("text_to_audio_attention", tm), ("audio_to_text_attention", am)):
-            w = outputs[key]
-            if w is not None:
-                losses[f"diversity_{key.split('_attention')[0]}"] = diversity_loss(w, qm)
-        w = outputs["text_to_audio_attention"]
-        if w is not None:
-            losses["alignment"] = alignment_loss(w, outputs["text_features"], outputs["audio_features"], tm, am)
+        for name, qm in (("text_to_audio", tm), ("audio_to_text", am)):
+            w, stats = outputs[f"{name}_attention"], outputs.get(f"{name}_statistics")
+            if w is not None and w.dim() == 4:
+                losses[f"diversity_{name}"] = head_entropy_loss(attention_statistics(w, qm)[0], qm)
+            elif stats is not None and stats.entropy is not None:
+                losses[f"diversity_{name}"] = head_entropy_loss(stats.entropy, qm)
+        w, stats = outputs["text_to_audio_attention"], outputs.get("text_to_audio_statistics")
+        mass = None
+        if w is not None:  # the key mass is linear in the weights: head average or not
+            mass = attention_statistics(w if w.dim() == 4 else w[:, None], tm)[1]
+        elif stats is not None and stats.key_mass is not None:
+            mass = stats.key_mass
+        if mass is not None:
+            losses["alignment"] = coverage_alignment_loss(
+                mass, outputs["text_features"], outputs["audio_features"], tm, am)
         return losses
 
 
@@ -261,3 +298,48 @@ def alignment_loss(weights: Tensor, text: Tensor, audio: Tensor, text_mask: Tens
         m = m * audio_mask[:, None, :].to(w.dtype)
     return (loss * m).sum() / m.sum().clamp(min=1.0)
 
+
+
+# Statistics-based regularisers: what the fused kernels give without a weight map
+# (``return_aux``), so they train at O(B·H·(T + A)) memory. The weight-map forms above need
+# ``[B, T, A]``; these are their closest forms in per-row entropy and per-key mass.
+def attention_statistics(weights: Tensor, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(entropy [B, H, Lq], key_mass [B, H, Lk])`` of per-head weights ``[B, H, Lq, Lk]``, as
+    ``return_aux=AuxRequest(entropy=True, key_mass=True)`` computes them without the weights
+    (the key mass sums the rows of valid queries only; ``query_mask`` 1 = real)."""
+    if weights.dim() != 4:
+        raise ValueError(f"weights must be per head [B, H, Lq, Lk], got shape {list(weights.shape)}")
+    entropy = -(weights * torch.log(weights.clamp(min=1e-12))).sum(-1)  # 0 * log(0) := 0
+    rows = weights if query_mask is None else weights * query_mask[:, None, :, None].to(weights.dtype)
+    return entropy, rows.sum(2)
+
+
+def head_entropy_loss(entropy: Tensor, query_mask: Tensor | None = None) -> Tensor:
+    """``L_div = -mean_{h, i} H(alpha_hi)`` over the valid queries from per-head row entropies
+    ``[B, H, Lq]`` (``AuxOutput.entropy``): minimising it spreads each head's attention. The
+    seed's :func:`diversity_loss` takes the entropy of the head average instead, which no
+    per-row statistic gives."""
+    if query_mask is None:
+        return -entropy.mean()
+    m = query_mask.to(entropy.dtype)[:, None, :].expand_as(entropy)
+    return -(entropy * m).sum() / m.sum().clamp(min=1.0)
+
+
+def coverage_alignment_loss(key_mass: Tensor, text: Tensor, audio: Tensor, text_mask: Tensor | None = None,
+                            audio_mask: Tensor | None = None) -> Tensor:
+    """Text–audio alignment from the key mass ``[B, H, A]`` (``AuxOutput.key_mass`` of text ->
+    audio): ``L = mean_j r_j (1 - c_j)^2`` over valid frames, with ``c_j`` the share of the
+    text's attention frame ``j`` receives (key mass averaged over heads, divided by the valid
+    tokens) and ``r_j`` the cosine similarity, clamped at 0 and held fixed, of frame ``j`` to
+    the utterance's mean text feature. It is :func:`alignment_loss` with the text side pooled
+    (equal to it for one text token); the token-by-frame pairing needs the ``[T, A]`` map."""
+    B, _, A = key_mass.shape
+    n_text = torch.full((B,), float(text.shape[1]), dtype=key_mass.dtype, device=key_mass.device) \
+        if text_mask is None else text_mask.to(key_mass.dtype).sum(1)
+    share = key_mass.mean(1) / n_text.clamp(min=1.0)[:, None]  # [B, A]
+    pooled = masked_mean(text.detach(), text_mask)
+    relevance = torch.einsum("bd,bad->ba", nn.functional.normalize(pooled, dim=-1),
+                             nn.functional.normalize(audio.detach(), dim=-1)).clamp(min=0)
+    m = torch.ones(B, A, dtype=share.dtype, device=share.device) if audio_mask is None \
+        else audio_mask.to(share.dtype)
+    return (relevance.to(share.dtype) * (1 - share) ** 2 * m).sum() / m.sum().clamp(min=1.0)

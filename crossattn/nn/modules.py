@@ -112,9 +112,11 @@ class CrossModalAttention(nn.Module):
         backend: as in :func:`crossattn.cross_attention`.
 
     ``forward(query [B, Lq, E], context [B, Lk, kdim], context_padding_mask=None,
-    query_padding_mask=None, need_weights=False, value=None)`` returns ``(out [B, Lq, E],
-    weights or None)``. Padding masks are bool, True = padding (``nn.MultiheadAttention``'s
-    convention); ``value`` defaults to ``context``.
+    query_padding_mask=None, need_weights=False, value=None, return_aux=None)`` returns
+    ``(out [B, Lq, E], weights or None)``, and ``(out, weights, AuxOutput)`` with
+    ``return_aux`` (a :class:`crossattn.AuxRequest`: weight statistics without the weights).
+    Padding masks are bool, True = padding (``nn.MultiheadAttention``'s convention);
+    ``value`` defaults to ``context``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
@@ -135,7 +137,7 @@ class CrossModalAttention(nn.Module):
 
     def forward(self, query: Tensor, context: Tensor, context_padding_mask: Tensor | None = None,
                 query_padding_mask: Tensor | None = None, need_weights=False,
-                value: Tensor | None = None):
+                value: Tensor | None = None, return_aux=None):
         _check_features(query, "query", self.embed_dim, "embed_dim")
         _check_features(context, "context", self.kdim, "kdim", like=(query, "query", False))
         if value is None:
@@ -155,13 +157,13 @@ class CrossModalAttention(nn.Module):
         q = _split_heads(self.q_proj(query), H)
         k = _split_heads(self.k_proj(context), H)
         v = _split_heads(self.v_proj(value), H)
-        out, weights = cross_attention(
+        res = cross_attention(
             q, k, v, key_padding_mask=context_padding_mask, query_padding_mask=query_padding_mask,
             temperature=None if self.temperature is None else self.temperature(),
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-            prune=self.prune, backend=self.backend,
+            prune=self.prune, return_aux=return_aux, backend=self.backend,
         )
-        return self.out_proj(_merge_heads(out)), weights
+        return (self.out_proj(_merge_heads(res[0])),) + tuple(res[1:])
 
 
 class BidirectionalCrossAttention(nn.Module):
@@ -174,9 +176,11 @@ class BidirectionalCrossAttention(nn.Module):
         audio_attended = LayerNorm(audio + W_o^a attn(audio -> text))
 
     ``forward(text [B, T, d], audio [B, A, d], text_mask=None, audio_mask=None,
-    need_weights=False)`` returns ``(text_attended [B, T, d], audio_attended [B, A, d],
-    weights_ta, weights_at)`` with weights ``[B, H, T, A]`` / ``[B, H, A, T]`` ("full") or
-    head averages ``[B, T, A]`` / ``[B, A, T]`` ("mean"). Masks are Hugging Face attention
+    need_weights=False, return_aux=None)`` returns ``(text_attended [B, T, d], audio_attended
+    [B, A, d], weights_ta, weights_at)`` with weights ``[B, H, T, A]`` / ``[B, H, A, T]``
+    ("full") or head averages ``[B, T, A]`` / ``[B, A, T]`` ("mean"); with ``return_aux`` (a
+    :class:`crossattn.AuxRequest`) two more items, the statistics ``aux_ta``, ``aux_at``
+    (:class:`crossattn.AuxOutput`), which need no weight map. Masks are Hugging Face attention
     masks, as the encoders produce them: 1 = real token, 0 = padding. Padded positions never
     influence valid outputs or weights; their own output rows carry no attention.
 
@@ -204,7 +208,7 @@ class BidirectionalCrossAttention(nn.Module):
         self.temperature = _Temperature((2, num_heads)) if learnable_temperature else None
 
     def forward(self, text: Tensor, audio: Tensor, text_mask: Tensor | None = None,
-                audio_mask: Tensor | None = None, need_weights=False):
+                audio_mask: Tensor | None = None, need_weights=False, return_aux=None):
         _check_features(text, "text", self.d_model, "d_model")
         _check_features(audio, "audio", self.d_model, "d_model", like=(text, "text", False))
         H = self.num_heads
@@ -221,8 +225,10 @@ class BidirectionalCrossAttention(nn.Module):
             _split_heads(self.audio_v(audio), H),
             x_padding_mask=text_pad, y_padding_mask=audio_pad, temperature=temperature,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-            prune=self.prune, backend=self.backend,
+            prune=self.prune, return_aux=return_aux, backend=self.backend,
         )
         text_attended = self.text_norm(text + self.text_out(_merge_heads(res.out_x)))
         audio_attended = self.audio_norm(audio + self.audio_out(_merge_heads(res.out_y)))
+        if return_aux is not None:
+            return text_attended, audio_attended, res.weights_xy, res.weights_yx, res.aux_xy, res.aux_yx
         return text_attended, audio_attended, res.weights_xy, res.weights_yx
