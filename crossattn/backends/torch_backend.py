@@ -253,24 +253,11 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
-# Philox counters per dropout-mask piece: its int64 temporaries stay in
-# cache (about 0.5 MiB each), several times faster than one pass over the whole chunk.
-_PHILOX_PIECE = 65536
-
-
 def _keep(seed, dropout_p, batch, heads, rows, lk, direction, device):
     if dropout_p <= 0.0:
         return None
-    step = max(1, _PHILOX_PIECE // max(1, batch * heads * -(-lk // 4)))
-    if device.type != "cpu" or step >= len(rows):
-        return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-                                 direction=direction, device=device)
-    keep = torch.empty(batch, heads, len(rows), lk, dtype=torch.bool, device=device)
-    for r0 in range(0, len(rows), step):
-        keep[:, :, r0:r0 + step] = dropout_keep_mask(
-            seed, dropout_p, batch=batch, heads=heads, rows=rows[r0:r0 + step], cols=lk,
-            direction=direction, device=device)
-    return keep
+    return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
+                             direction=direction, device=device)
 
 
 def _dropout_scale(dropout_p: float) -> float:
