@@ -95,8 +95,10 @@ def dropout_keep_mask(
     cols: int,
     direction: int = 0,
     device: torch.device | str = "cpu",
+    dropped: bool = False,
 ) -> torch.Tensor:
-    """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64)."""
+    """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64);
+    with ``dropped`` its complement (True = dropped), for ``masked_fill`` without a negation pass."""
     rows = rows.to(device=device, dtype=torch.int64)
     groups = -(-cols // 4)
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
@@ -114,7 +116,7 @@ def dropout_keep_mask(
         part = [x[:, :, sl] if x.dim() == 4 and x.shape[2] > 1 else x for x in c]
         words = _rounds(seed, part, keep[:, :, sl].shape[:4])
         for w, word in enumerate(words):  # key j takes word j % 4 of counter j // 4
-            torch.ge(word, threshold, out=keep[:, :, sl, :, w])
+            (torch.lt if dropped else torch.ge)(word, threshold, out=keep[:, :, sl, :, w])
     return keep.flatten(-2)[..., :cols]
 
 
