@@ -269,6 +269,11 @@ def _coef(cfg, temperature, ct):
     return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
 
 
+def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 of ``dtype``, through its uint8 view (a fast vectorised copy)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the saved-P path multiplies and normalises. bfloat16 stays in bfloat16, as eager
     does: its matmuls accumulate in float32 (oneDNN) and torch's softmax and softmax backward
@@ -282,9 +287,11 @@ class _SavedPAttention(torch.autograd.Function):
     """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
 
     ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
-    the caller holds anyway -- and, with dropout, the bool mask of dropped elements:
-    nothing is recomputed, and the saved state (P and one byte per score) stays below eager
-    autograd's (P, mask and dropped-out copy). The dropout scale ``1/(1-p)`` and the
+    the caller holds anyway -- and, with dropout, the bool keep mask: nothing is
+    recomputed, and the saved state (P and one byte per score) stays below eager autograd's
+    (P, mask and dropped-out copy). The mask is applied as a 0/1 tensor of the work dtype:
+    a multiply vectorises, ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on
+    a CPU, and a bool tensor converts fast only through its uint8 view. The dropout scale ``1/(1-p)`` and the
     ``scale / temperature`` factor are applied on the small side (q, out, dO, dq). float32,
     float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by row chunks
     (its ``P`` stored in float16, as eager would)."""
@@ -299,9 +306,9 @@ class _SavedPAttention(torch.autograd.Function):
         rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         whole = rows >= Lq > 0 and wt == q.dtype
         weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
-        drop_all = None
+        keep_all = None
         if cfg.dropout_p > 0 and not whole:
-            drop_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
+            keep_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
         f = _dropout_scale(cfg.dropout_p)
         out = q.new_empty(B, H, Lq, Dv)
         for r0 in range(0, Lq, rows):
@@ -322,16 +329,18 @@ class _SavedPAttention(torch.autograd.Function):
                 weights = p
             else:
                 weights[:, :, sl] = p
-            drop = _drop(seed, cfg.dropout_p, B, H, r, Lk, cfg.direction, q.device)
-            if drop is not None:
+            keep = None
+            if cfg.dropout_p > 0:
+                keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
+                                         direction=cfg.direction, device=q.device)
                 if whole:
-                    drop_all = drop
+                    keep_all = keep
                 else:
-                    drop_all[:, :, sl] = drop
-            pd = p if drop is None else p.masked_fill(drop, 0.0)
+                    keep_all[:, :, sl] = keep
+            pd = p if keep is None else p * _as_factor(keep, wt)
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            out[:, :, sl] = o if drop is None else o * f
-        ctx.save_for_backward(qs, k, v, temperature, weights, drop_all)
+            out[:, :, sl] = o if keep is None else o * f
+        ctx.save_for_backward(qs, k, v, temperature, weights, keep_all)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         if cfg.need_weights == "full":
@@ -341,7 +350,7 @@ class _SavedPAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_weights):
-        qs, k, v, temperature, weights, drop_all = ctx.saved_tensors
+        qs, k, v, temperature, weights, keep_all = ctx.saved_tensors
         cfg = ctx.cfg
         B, H, Lq, _ = qs.shape
         Hkv, Lk = k.shape[1], k.shape[2]
@@ -355,19 +364,19 @@ class _SavedPAttention(torch.autograd.Function):
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
             p = weights[:, :, sl].to(wt)
-            drop = None if drop_all is None else drop_all[:, :, sl]
+            keep = None if keep_all is None else _as_factor(keep_all[:, :, sl], wt)
             if d_out is None:
                 dp = torch.zeros_like(p)
             else:
                 do = d_out[:, :, sl].to(wt)
-                if drop is not None:
+                if keep is not None:
                     do = do * f  # the 1/(1-p) of dP and dV, on the small side
                 dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
-                pd = p if drop is None else p.masked_fill(drop, 0.0)
+                pd = p if keep is None else p * keep
                 dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
                 del pd
-                if drop is not None:
-                    dp.masked_fill_(drop, 0.0)
+                if keep is not None:
+                    dp *= keep
             if d_weights is not None and cfg.need_weights == "full":
                 dp += d_weights[:, :, sl].to(wt)
             elif d_weights is not None and cfg.need_weights == "mean":
