@@ -111,21 +111,24 @@ def dropout_keep_mask(
     c = philox4x32(seed, j4, i, bh, d, n_rounds=2, broadcast=False)
     keep = torch.empty(batch, heads, len(rows), groups, 4, dtype=torch.bool, device=device)
     step = max(1, _PIECE // max(1, batch * heads * groups))
+    # One state buffer for every piece: a fresh multi-MiB allocation per piece would be
+    # mapped and page-faulted anew each time.
+    buf = torch.empty(6 * batch * heads * min(step, len(rows)) * groups, dtype=torch.int64, device=device)
     for r0 in range(0, len(rows), step):
         sl = slice(r0, r0 + step)
         part = [x[:, :, sl] if x.dim() == 4 and x.shape[2] > 1 else x for x in c]
-        words = _rounds(seed, part, keep[:, :, sl].shape[:4])
+        shape = keep[:, :, sl].shape[:4]
+        words = _rounds(seed, part, buf[:6 * shape.numel()].view((6,) + tuple(shape)))
         for w, word in enumerate(words):  # key j takes word j % 4 of counter j // 4
             (torch.lt if dropped else torch.ge)(word, threshold, out=keep[:, :, sl, :, w])
     return keep.flatten(-2)[..., :cols]
 
 
-def _rounds(seed, c, shape):
+def _rounds(seed, c, buf):
     """Rounds 3-10 of Philox on one piece, in place on preallocated int64 words: 10 passes
     a round instead of 12 (the 32-bit mask is applied once, to the words that are
     multiplied next; the low words keep their high garbage until the end)."""
-    device = c[0].device
-    buf = torch.empty((6,) + tuple(shape), dtype=torch.int64, device=device)
+    shape = buf.shape[1:]
     x0, x2, pb_old, pa_old, pb, pa = buf
     x0.copy_(c[0].expand(shape))
     x2.copy_(c[2].expand(shape))
