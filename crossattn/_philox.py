@@ -79,9 +79,9 @@ def dropout_threshold(p: float) -> int:
     return int(p * 2.0**32) if p < 1.0 else 2**32
 
 
-# Counters per piece of a mask: its six int64 state words stay within a few MiB; measured
-# on AVX-512 with one thread, 2**17 was ~1.7x faster than whole-tensor rounds, and much
-# smaller pieces lose to the per-op overhead.
+# Counters per piece of a mask on a CPU (GPUs take the mask whole: one launch per op): its
+# six int64 state words stay within a few MiB; measured on AVX-512 with one thread, 2**17
+# was ~1.7x faster than whole-tensor rounds, and much smaller pieces lose to per-op overhead.
 _PIECE = 1 << 17
 
 
@@ -106,11 +106,15 @@ def dropout_keep_mask(
     bh = torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
     d = torch.tensor(direction, device=device, dtype=torch.int64)
     threshold = dropout_threshold(p)
+    compare = torch.lt if dropped else torch.ge
+    if _mulhilo is not _mulhilo_wrapping:  # the in-place rounds rely on wrapping int64 products
+        keep = torch.stack([compare(w, threshold) for w in philox4x32(seed, j4, i, bh, d)], dim=-1)
+        return keep.flatten(-2)[..., :cols]  # key j takes word j % 4 of counter j // 4
     # The first two rounds on the broadcast counters (keys, rows and heads vary apart, so
     # they cost next to nothing); only c2 is full-size after them.
     c = philox4x32(seed, j4, i, bh, d, n_rounds=2, broadcast=False)
     keep = torch.empty(batch, heads, len(rows), groups, 4, dtype=torch.bool, device=device)
-    step = max(1, _PIECE // max(1, batch * heads * groups))
+    step = max(1, _PIECE // max(1, batch * heads * groups)) if keep.device.type == "cpu" else max(1, len(rows))
     # One state buffer for every piece: a fresh multi-MiB allocation per piece would be
     # mapped and page-faulted anew each time.
     buf = torch.empty(6 * batch * heads * min(step, len(rows)) * groups, dtype=torch.int64, device=device)
@@ -120,7 +124,7 @@ def dropout_keep_mask(
         shape = keep[:, :, sl].shape[:4]
         words = _rounds(seed, part, buf[:6 * shape.numel()].view((6,) + tuple(shape)))
         for w, word in enumerate(words):  # key j takes word j % 4 of counter j // 4
-            (torch.lt if dropped else torch.ge)(word, threshold, out=keep[:, :, sl, :, w])
+            compare(word, threshold, out=keep[:, :, sl, :, w])
     return keep.flatten(-2)[..., :cols]
 
 
