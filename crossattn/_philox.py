@@ -110,9 +110,14 @@ def dropout_keep_mask(
     if _mulhilo is not _mulhilo_wrapping:  # the in-place rounds rely on wrapping int64 products
         keep = torch.stack([compare(w, threshold) for w in philox4x32(seed, j4, i, bh, d)], dim=-1)
         return keep.flatten(-2)[..., :cols]  # key j takes word j % 4 of counter j // 4
-    # The first two rounds on the broadcast counters (keys, rows and heads vary apart, so
-    # they cost next to nothing); only c2 is full-size after them.
-    c = philox4x32(seed, j4, i, bh, d, n_rounds=2, broadcast=False)
+    # The first round and most of the second on the broadcast counters (keys, rows and heads
+    # vary apart, so they cost next to nothing): round 2's third word, hi_a ^ c3 ^ k1, is the
+    # first full-size one, formed piece by piece in _rounds.
+    c0, c1, c2, c3 = philox4x32(seed, j4, i, bh, d, n_rounds=1, broadcast=False)
+    k0, k1 = _keys(seed)[1]
+    hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+    hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+    c = (hi_b ^ (c1 ^ k0), lo_b, hi_a, c3 ^ k1, lo_a)
     keep = torch.empty(batch, heads, len(rows), groups, 4, dtype=torch.bool, device=device)
     step = max(1, _PIECE // max(1, batch * heads * groups)) if keep.device.type == "cpu" else max(1, len(rows))
     # One state buffer for every piece: a fresh multi-MiB allocation per piece would be
@@ -129,15 +134,15 @@ def dropout_keep_mask(
 
 
 def _rounds(seed, c, buf):
-    """Rounds 3-10 of Philox on one piece, in place on preallocated int64 words: 10 passes
-    a round instead of 12 (the 32-bit mask is applied once, to the words that are
-    multiplied next; the low words keep their high garbage until the end)."""
+    """The end of round 2 and rounds 3-10 of Philox on one piece, in place on preallocated
+    int64 words: 10 passes a round instead of 12 (the 32-bit mask is applied once, to the
+    words that are multiplied next; the low words keep their high garbage until the end)."""
     shape = buf.shape[1:]
     x0, x2, pb_old, pa_old, pb, pa = buf
     x0.copy_(c[0].expand(shape))
-    x2.copy_(c[2].expand(shape))
     pb_old.copy_(c[1].expand(shape))
-    pa_old.copy_(c[3].expand(shape))
+    torch.bitwise_xor(c[2].expand(shape), c[3].expand(shape), out=x2)
+    pa_old.copy_(c[4].expand(shape))
     k = _keys(seed)
     for r in range(2, N_ROUNDS):
         k0, k1 = k[r]
