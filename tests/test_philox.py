@@ -80,3 +80,21 @@ def test_matches_triton_philox_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1 << 17])
+def test_pieces_match_the_whole_tensor_generator(monkeypatch, piece):
+    """The in-place, piece-by-piece rounds give the words of ``philox4x32`` on the whole
+    counter grid, whatever the piece size; ``dropped`` is the exact complement."""
+    import crossattn._philox as ph
+
+    monkeypatch.setattr(ph, "_PIECE", piece)
+    rows = torch.tensor([0, 3, 2**32 - 1, 11, 5])
+    for seed in (0, 2**63 - 25, torch.tensor(987654321987)):
+        words = philox4x32(seed, torch.arange(5).view(1, 1, 1, 5), rows.view(1, 1, -1, 1),
+                           torch.arange(6).view(2, 3, 1, 1), torch.tensor(1))
+        expected = torch.stack(words, -1).flatten(-2)[..., :18] >= dropout_threshold(0.3)
+        keep = dropout_keep_mask(seed, 0.3, batch=2, heads=3, rows=rows, cols=18, direction=1)
+        assert torch.equal(keep, expected)
+        drop = dropout_keep_mask(seed, 0.3, batch=2, heads=3, rows=rows, cols=18, direction=1, dropped=True)
+        assert torch.equal(drop, ~expected)

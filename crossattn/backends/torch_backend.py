@@ -145,10 +145,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 mass += p.sum(2)
             if kk:
                 top_v[:, :, sl], top_i[:, :, sl] = _top_k(p, s, kk, q.dtype)
-            keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
-            pd = p if keep is None else p.masked_fill(keep.logical_not_(), 0.0)
+            drop = _drop(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
+            pd = p if drop is None else p.masked_fill(drop, 0.0)
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            out[:, :, sl] = o if keep is None else o * _dropout_scale(cfg.dropout_p)  # on the small side
+            out[:, :, sl] = o if drop is None else o * _dropout_scale(cfg.dropout_p)  # on the small side
             pw = p if cfg.weight_heads is None else p[:, list(cfg.weight_heads)]
             if cfg.need_weights == "full":
                 weights[:, :, sl] = pw
@@ -188,13 +188,12 @@ class _ChunkedAttention(torch.autograd.Function):
             logp = c.s - m_all[:, :, sl] - lnl_all[:, :, sl]  # -inf where not attended / empty row
             p = torch.exp(logp)
             do = d_out[:, :, sl].to(ct)
-            keep = _keep(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
-            if keep is not None:
+            drop = _drop(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
+            if drop is not None:
                 do = do * _dropout_scale(cfg.dropout_p)  # the 1/(1-p) of dP and dV, on the small side
             dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
             pd = p
-            if keep is not None:
-                drop = keep.logical_not_()
+            if drop is not None:
                 dp.masked_fill_(drop, 0.0)
                 pd = p.masked_fill(drop, 0.0)
             if want_dw:
@@ -264,24 +263,12 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
-# Philox counters per dropout-mask piece: its int64 temporaries stay in
-# cache (about 0.5 MiB each), several times faster than one pass over the whole chunk.
-_PHILOX_PIECE = 65536
-
-
-def _keep(seed, dropout_p, batch, heads, rows, lk, direction, device):
+def _drop(seed, dropout_p, batch, heads, rows, lk, direction, device):
+    """Bool ``[B, H, rows, Lk]``, True where dropout drops (None without dropout)."""
     if dropout_p <= 0.0:
         return None
-    step = max(1, _PHILOX_PIECE // max(1, batch * heads * -(-lk // 4)))
-    if device.type != "cpu" or step >= len(rows):
-        return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-                                 direction=direction, device=device)
-    keep = torch.empty(batch, heads, len(rows), lk, dtype=torch.bool, device=device)
-    for r0 in range(0, len(rows), step):
-        keep[:, :, r0:r0 + step] = dropout_keep_mask(
-            seed, dropout_p, batch=batch, heads=heads, rows=rows[r0:r0 + step], cols=lk,
-            direction=direction, device=device)
-    return keep
+    return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
+                             direction=direction, device=device, dropped=True)
 
 
 def _dropout_scale(dropout_p: float) -> float:
@@ -293,29 +280,46 @@ def _coef(cfg, temperature, ct):
     return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
 
 
+def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 of ``dtype``, through its uint8 view (a fast vectorised copy)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the saved-P path multiplies and normalises. bfloat16 stays in bfloat16, as eager
+    does: its matmuls accumulate in float32 (oneDNN) and torch's softmax and softmax backward
+    compute in float32 inside, so only the stored logits, P and dP round to bfloat16 -- well
+    within the bfloat16 tolerance, at 2-3x the speed of float32 matmuls. float16 keeps
+    float32 (its tolerance is 8x tighter, and CPUs rarely multiply it natively)."""
+    return dtype if dtype == torch.bfloat16 else compute_dtype(dtype)
+
+
 class _SavedPAttention(torch.autograd.Function):
     """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
 
     ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
-    the caller holds anyway -- and, with dropout, the keep mask as floats already scaled by
-    ``1/(1-p)``: nothing is recomputed, and the saved state (8 bytes per score in float32)
-    stays below eager autograd's (scores, mask and dropped-out copy). In float32/float64
-    ``P`` is computed whole; half inputs are computed in float32 by row chunks (their ``P``
-    is stored in the input dtype, as eager would)."""
+    the caller holds anyway -- and, with dropout, the bool keep mask: nothing is
+    recomputed, and the saved state (P and one byte per score) stays below eager autograd's
+    (P, mask and dropped-out copy). The mask is applied as a 0/1 tensor of the work dtype:
+    a multiply vectorises, ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on
+    a CPU, and a bool tensor converts fast only through its uint8 view. The dropout scale ``1/(1-p)`` and the
+    ``scale / temperature`` factor are applied on the small side (q, out, dO, dq). float32,
+    float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by row chunks
+    (its ``P`` stored in float16, as eager would)."""
 
     @staticmethod
     def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
         B, H, Lq, _ = q.shape
         Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        ct = compute_dtype(q.dtype)
-        qs = q.to(ct) * _coef(cfg, temperature, ct)  # logits = qs @ k^T
-        kt, vc = k.to(ct).transpose(-1, -2), v.to(ct)
-        rows = max(Lq, 1) if ct == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
-        whole = rows >= Lq and Lq > 0 and ct == q.dtype
+        ct, wt = compute_dtype(q.dtype), _work_dtype(q.dtype)
+        qs = (q.to(ct) * _coef(cfg, temperature, ct)).to(wt)  # logits = qs @ k^T
+        kt, vc = k.to(wt).transpose(-1, -2), v.to(wt)
+        rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        whole = rows >= Lq > 0 and wt == q.dtype
         weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
-        scaled_keep = None
+        keep_all = None
         if cfg.dropout_p > 0 and not whole:
-            scaled_keep = torch.empty(B, H, Lq, Lk, dtype=ct, device=q.device)
+            keep_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
         f = _dropout_scale(cfg.dropout_p)
         out = q.new_empty(B, H, Lq, Dv)
         for r0 in range(0, Lq, rows):
@@ -336,18 +340,18 @@ class _SavedPAttention(torch.autograd.Function):
                 weights = p
             else:
                 weights[:, :, sl] = p
-            keep = _keep(seed, cfg.dropout_p, B, H, r, Lk, cfg.direction, q.device)
-            if keep is not None:
-                # Floats, not bool: multiplying by a bool tensor converts it on every use.
-                keep = torch.where(keep, torch.full((), f, dtype=ct, device=q.device),
-                                   torch.zeros((), dtype=ct, device=q.device))
+            keep = None
+            if cfg.dropout_p > 0:
+                keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
+                                         direction=cfg.direction, device=q.device)
                 if whole:
-                    scaled_keep = keep
+                    keep_all = keep
                 else:
-                    scaled_keep[:, :, sl] = keep
-            pd = p if keep is None else p * keep
-            out[:, :, sl] = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-        ctx.save_for_backward(qs, k, v, temperature, weights, scaled_keep)
+                    keep_all[:, :, sl] = keep
+            pd = p if keep is None else p * _as_factor(keep, wt)
+            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
+            out[:, :, sl] = o if keep is None else o * f
+        ctx.save_for_backward(qs, k, v, temperature, weights, keep_all)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         if cfg.need_weights == "full":
@@ -357,24 +361,27 @@ class _SavedPAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_weights):
-        qs, k, v, temperature, weights, scaled_keep = ctx.saved_tensors
+        qs, k, v, temperature, weights, keep_all = ctx.saved_tensors
         cfg = ctx.cfg
         B, H, Lq, _ = qs.shape
         Hkv, Lk = k.shape[1], k.shape[2]
-        ct = qs.dtype
-        kc, vt = k.to(ct), v.to(ct).transpose(-1, -2)
-        dq = torch.empty_like(qs)  # before the scale / temperature factor
+        wt, ct = qs.dtype, compute_dtype(qs.dtype)
+        kc, vt = k.to(wt), v.to(wt).transpose(-1, -2)
+        f = _dropout_scale(cfg.dropout_p)
+        dq = torch.empty(qs.shape, dtype=ct, device=qs.device)  # before the scale / temperature factor
         dk = torch.zeros(k.shape, dtype=ct, device=k.device)
         dv = torch.zeros(v.shape, dtype=ct, device=v.device)
-        rows = max(Lq, 1) if ct == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        rows = max(Lq, 1) if wt == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
-            p = weights[:, :, sl].to(ct)
-            keep = None if scaled_keep is None else scaled_keep[:, :, sl]
+            p = weights[:, :, sl].to(wt)
+            keep = None if keep_all is None else _as_factor(keep_all[:, :, sl], wt)
             if d_out is None:
                 dp = torch.zeros_like(p)
             else:
-                do = d_out[:, :, sl].to(ct)
+                do = d_out[:, :, sl].to(wt)
+                if keep is not None:
+                    do = do * f  # the 1/(1-p) of dP and dV, on the small side
                 dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
                 pd = p if keep is None else p * keep
                 dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
@@ -382,10 +389,10 @@ class _SavedPAttention(torch.autograd.Function):
                 if keep is not None:
                     dp *= keep
             if d_weights is not None and cfg.need_weights == "full":
-                dp += d_weights[:, :, sl].to(ct)
+                dp += d_weights[:, :, sl].to(wt)
             elif d_weights is not None and cfg.need_weights == "mean":
-                dp += d_weights[:, None, sl].to(ct) / H
-            ds = torch._softmax_backward_data(dp, p, -1, ct)  # P * (dP - rowsum(P * dP))
+                dp += d_weights[:, None, sl].to(wt) / H
+            ds = torch._softmax_backward_data(dp, p, -1, wt)  # P * (dP - rowsum(P * dP))
             del dp, p
             ds = _grouped(ds, Hkv)
             dq[:, :, sl] = _ungrouped(ds @ kc, H)
@@ -394,7 +401,7 @@ class _SavedPAttention(torch.autograd.Function):
         if temperature is not None and ctx.needs_input_grad[3]:
             # logits = q.k * scale / T: sum_j dS_ij * S_ij = qs_i . (dS @ k)_i, so
             # dL/dT_h = -(1/T_h) * sum_{b,i} qs_i . dq_raw_i
-            dt = -(qs * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
+            dt = -(qs.to(ct) * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
             d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
         dq = dq * _coef(cfg, temperature, ct)
         return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
@@ -408,7 +415,7 @@ def _saves_p(p: AttentionProblem) -> bool:
     if p.need_weights == "full":
         return True
     B, H, Lq, Lk, _, _ = p.dims
-    per_score = p.q.element_size() + (compute_dtype(p.q.dtype).itemsize if p.dropout_p > 0 else 0)
+    per_score = p.q.element_size() + (1 if p.dropout_p > 0 else 0)  # P and the bool dropout mask
     budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
     return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
 
