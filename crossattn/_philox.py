@@ -107,7 +107,9 @@ def dropout_keep_mask(
     d = torch.tensor(direction, device=device, dtype=torch.int64)
     threshold = dropout_threshold(p)
     compare = torch.lt if dropped else torch.ge
-    if _mulhilo is not _mulhilo_wrapping:  # the in-place rounds rely on wrapping int64 products
+    # The in-place rounds rely on wrapping int64 products, and write through strided out=
+    # views, which Dynamo cannot trace: under torch.compile the whole-tensor rounds.
+    if _mulhilo is not _mulhilo_wrapping or torch.compiler.is_compiling():
         keep = torch.stack([compare(w, threshold) for w in philox4x32(seed, j4, i, bh, d)], dim=-1)
         return keep.flatten(-2)[..., :cols]  # key j takes word j % 4 of counter j // 4
     # The first round and most of the second on the broadcast counters (keys, rows and heads
