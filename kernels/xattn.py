@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
@@ -30,65 +29,15 @@ from torch import Tensor
 
 from crossattn._philox import dropout_threshold
 
+from . import xattn_configs as configs
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
+from .xattn_configs import Config, default_config, interpreting
 from .xattn_fwd import LN2, LOG2E, _xattn_fwd_combine_kernel, _xattn_fwd_kernel, _xattn_weights_kernel
 from .xattn_select import _grid, compact, select_blocks_triton
 from .xattn_stats import MAX_TOP_K, aux_outputs, bwd_buffers, fold_entropy_grad, fwd_buffers, kp, launch_key_mass
 
 WEIGHTS_MODES = {None: 0, "full": 1, "mean": 2}
 MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@dataclass(frozen=True)
-class _Config:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def maxnreg(self) -> int:
-        """All the registers a block of this size may have (64 K per SM, 255 per thread at most).
-        Given explicitly because otherwise ptxas caps itself for occupancy (168 registers at 4
-        warps, 128 at 8 on sm_86) and spills there: a spill costs more than the lost block."""
-        return min(255, 65536 // (32 * self.num_warps))
-
-
-# (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class, chosen
-# from the compile survey (tests/_kernel_compile.py; table in benchmarks/README.md): ptxas's
-# report for every launch a pass makes (forward, split-K combine, weights; backward delta,
-# dK/dV, dQ), every option on and off. A pass uses one tile for all its kernels: the largest
-# with which its worst kernel (backward: dQ with a loss on the weights, which keeps both
-# directions' argument sets live) compiles without spills (Triton 3.9: sm_86 and sm_90, every
-# dtype, D <= 128; Triton 3.6: sm_86 at D = 128 and sm_86/sm_90 at D = 64). The backward's
-# 64 x 64 spilled 2.3 KB per thread, 32 x 32 still 60 B. fp32 multiplies in full precision
-# (FMA "ieee" dots, no tensor cores) with its operands in registers: only 16-row tiles fit.
-# Every entry fits 99 KB of shared memory per block (RTX 3060/4080 class). A forward with a
-# running top-k (return_aux, int64 keys) takes at most TOPK_BLOCK_M rows: 64 spilled 1.3 KB at
-# D = 128 on sm_86.
-TOPK_BLOCK_M = 32
-_CONFIGS = {
-    ("fwd", 2): {64: (64, 32, 8, 2), 128: (32, 32, 4, 2), 256: (64, 32, 8, 2)},
-    ("fwd", 4): {64: (16, 16, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    ("bwd", 2): {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 1)},
-    ("bwd", 4): {64: (16, 16, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-}
-
-
-def _config(d: int, dv: int, dtype: torch.dtype, kind: str, top_k: int = 0) -> _Config:
-    """The launch config of a pass ("fwd": forward, combine, weights; "bwd": backward). One
-    config per class, no autotuning (the interpreter breaks on several configs)."""
-    if _interpreting():
-        return _Config(32, 32, 1, 1)
-    widest = max(d, dv)
-    table = _CONFIGS[(kind, dtype.itemsize if dtype.itemsize == 4 else 2)]
-    cls = next(c for c in sorted(table) if widest <= c)
-    m, n, warps, stages = table[cls]
-    return _Config(min(m, TOPK_BLOCK_M) if top_k else m, n, warps, stages)
 
 
 def _block_dim(d: int) -> int:
@@ -177,7 +126,7 @@ def _prune_args(block_mask, block_layout, q, k, cfg, block_q, block_k):
         masks.append(m)
         layouts.append(lay if lay is not None else compact(m, B, H))
         sizes.append((nqb, nkb))
-    cfg = _Config(min(cfg.block_m, block_q), min(cfg.block_n, block_k), cfg.num_warps, cfg.num_stages)
+    cfg = cfg.capped(block_m=block_q, block_n=block_k)
     return masks, layouts, sizes, cfg, True, block_q, block_k
 
 
@@ -211,14 +160,15 @@ def _heads_args(weight_heads, H, device):
 
 
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-           block_q, block_k, attn_bias, is_causal, weight_heads, top_k=0) -> SimpleNamespace:
+           block_q, block_k, attn_bias, is_causal, weight_heads, top_k=0, cfg: Config | None = None
+           ) -> SimpleNamespace:
     """What every pass derives from the op arguments: dims, launch config, kernel-ready masks,
     temperatures, dropout, pruning, bias and head-subset arguments. Head dims may differ between
     the directions of a bidirectional call: tiles fit the widest."""
     B, H = q[0].shape[:2]
     D, DV = max(t.shape[3] for t in q), max(t.shape[3] for t in v)
     dense, layouts, bm_sizes, cfg, prune, block_q, block_k = _prune_args(
-        block_mask, block_layout, q, k, _config(D, DV, q[0].dtype, kind, top_k), block_q, block_k)
+        block_mask, block_layout, q, k, cfg or default_config(D, DV, q[0].dtype, kind, top_k), block_q, block_k)
     qv, kv, kend, temp, flags = _prepare(q, k, q_valid, k_valid, temperature)
     seed, thr, drop_scale, dropout = _dropout_args(seed, dropout_p, q[0].device)
     return SimpleNamespace(
@@ -264,11 +214,27 @@ def _t_layouts(s):
     return [compact(m.transpose(-1, -2), s.B, s.H) for m in s.dense] if s.prune else s.layouts
 
 
+def _tuned(kind, launch, args, q, k, v, top_k, options):
+    """The pass's config from the autotuner (xattn_configs; ``CROSSATTN_AUTOTUNE=1``), or None
+    for the surveyed default. ``options`` (the call's switches) join dtype, head dims, length
+    buckets and device in the cache key."""
+    device = q[0].device
+    if not configs.enabled(device):
+        return None
+    D, DV, dtype = max(t.shape[3] for t in q), max(t.shape[3] for t in v), q[0].dtype
+    cands = configs.candidates(kind, D, DV, dtype, top_k, configs.DeviceLimits.of(device))
+
+    def key():
+        return configs.make_key(kind, device, dtype, D, DV, max(t.shape[2] for t in q), max(t.shape[2] for t in k),
+                                (len(q), max(t.shape[1] // max(kk.shape[1], 1) for t, kk in zip(q, k)), *options))
+    return configs.pick(key, cands, lambda cfg: launch(*args, cfg=cfg))
+
+
 def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
                 block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads,
-                entropy=False, key_mass=False, top_k=0):
+                entropy=False, key_mass=False, top_k=0, cfg=None):
     s = _setup("fwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-               block_q, block_k, attn_bias, is_causal, weight_heads, top_k)
+               block_q, block_k, attn_bias, is_causal, weight_heads, top_k, cfg)
     B, H, cfg, device = s.B, s.H, s.cfg, s.device
     outs = [torch.empty(B, H, qq.shape[2], vv.shape[3], device=device, dtype=s.dtype) for qq, vv in zip(q, v)]
     stats = [torch.empty(2, B, H, qq.shape[2], device=device, dtype=torch.float32) for qq in q]
@@ -330,9 +296,9 @@ def _launch_weights(q, k, v, stats, s, scale, weights):
 
 def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p,
                 weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal,
-                weight_heads, dlse, dent, dkm):
+                weight_heads, dlse, dent, dkm, cfg=None):
     s = _setup("bwd", q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
-               block_q, block_k, attn_bias, is_causal, weight_heads)
+               block_q, block_k, attn_bias, is_causal, weight_heads, cfg=cfg)
     B, H, cfg, device, dtype = s.B, s.H, s.cfg, s.device, s.dtype
     t_layouts = _t_layouts(s)
     mean = weights == WEIGHTS_MODES["mean"]
@@ -397,9 +363,12 @@ def xattn_fwd(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(out, stats, weights, entropy, key_mass, top_k values, top_k indices) per direction,
     the statistics empty when not requested."""
-    return _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
-                       block_mask, block_layout, block_q, block_k, attn_bias, is_causal, weight_heads,
-                       entropy, key_mass, top_k)
+    args = (q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, weights, block_mask, block_layout,
+            block_q, block_k, attn_bias, is_causal, weight_heads, entropy, key_mass, top_k)
+    switches = (weights, dropout_p > 0, any(m is not None for m in block_mask), block_q, block_k,
+                any(b is not None for b in attn_bias), is_causal, bool(weight_heads), entropy, key_mass, top_k,
+                any(m is not None for m in q_valid), any(m is not None for m in k_valid))
+    return _launch_fwd(*args, cfg=_tuned("fwd", _launch_fwd, args, q, k, v, top_k, switches))
 
 
 @xattn_fwd.register_fake
@@ -434,9 +403,14 @@ def xattn_bwd(
     dlse: list[Optional[Tensor]], dentropy: list[Optional[Tensor]], dkey_mass: list[Optional[Tensor]],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """``dlse`` carries the entropy's row term too (dLSE - H dH, see _backward)."""
-    return _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed,
-                       dropout_p, weights, block_mask, block_layout, block_q, block_k, attn_bias, bias_grad,
-                       is_causal, weight_heads, dlse, dentropy, dkey_mass)
+    args = (dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperature, scale, seed, dropout_p, weights,
+            block_mask, block_layout, block_q, block_k, attn_bias, bias_grad, is_causal, weight_heads, dlse,
+            dentropy, dkey_mass)
+    switches = (weights, any(d is not None for d in dweights), dropout_p > 0, any(m is not None for m in block_mask),
+                block_q, block_k, any(b is not None for b in attn_bias), bias_grad, is_causal, bool(weight_heads),
+                *(any(g is not None for g in gs) for gs in (dlse, dentropy, dkey_mass)),
+                any(m is not None for m in q_valid), any(m is not None for m in k_valid))
+    return _launch_bwd(*args, cfg=_tuned("bwd", _launch_bwd, args, q, k, v, 0, switches))
 
 
 @xattn_bwd.register_fake
@@ -550,7 +524,7 @@ def unsupported(problem) -> str | None:
         return f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}"
     if problem.aux is not None and problem.aux.top_k > MAX_TOP_K:
         return f"return_aux top_k up to {MAX_TOP_K} is supported, got top_k={problem.aux.top_k}"
-    if _interpreting() and problem.q.dtype == torch.bfloat16:
+    if interpreting() and problem.q.dtype == torch.bfloat16:
         return "bfloat16 tl.dot gives wrong results in the Triton interpreter (fine on a GPU)"
     return None
 

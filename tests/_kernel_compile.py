@@ -93,11 +93,11 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
     from triton.runtime.interpreter import InterpretedFunction
 
     import crossattn
-    from crossattn.kernels import xattn
+    from crossattn.kernels import xattn, xattn_configs
 
     if not isinstance(xattn._xattn_fwd_kernel, InterpretedFunction):
         raise RuntimeError("capture() needs a process where triton was first imported with TRITON_INTERPRET=1")
-    xattn._interpreting = lambda: False  # the launch configs a GPU gets (unsupported() unaffected)
+    xattn_configs.interpreting = lambda: False  # the launch configs a GPU gets (unsupported() unaffected)
     # bf16 has fp16's configs (by element size); the interpreter's bf16 dot is refused.
     tdtype = getattr(torch, "float16" if dtype == "bfloat16" else dtype)
     g = torch.Generator().manual_seed(0)
