@@ -194,6 +194,13 @@ def make_key(kind: str, device: torch.device, dtype: torch.dtype, d: int, dv: in
                               bucket(lk), *options)))
 
 
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a CPU-only torch
+        return False
+
+
 def _time(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
@@ -215,7 +222,7 @@ def pick(key: Callable[[], str], options: list[Config], run: Callable[[Config], 
     if hit is not None:
         cfg = Config(*hit)
         return cfg if cfg in options else options[0]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or _capturing():
         return options[0]
     timer = timer or _time  # looked up at call time (tests replace it)
     best, best_t = options[0], float("inf")
