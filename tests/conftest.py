@@ -177,3 +177,40 @@ def materialise(spec, B, H, Lq, Lk, dtype):
             value = torch.rand(B, 1, -(-Lq // 64), -(-Lk // 64), generator=g) > 0.4
         out[name] = value
     return out
+
+
+def leaf(*shape, dtype=torch.float32, seed=0):
+    """A random leaf on the test device, requiring grad (seeded: same values on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
+
+
+def triton_and_reference(*, dtype, B, H, Hkv, Lq, Lk, D, Dv, bias_shape=None, need_weights=False, return_aux=None,
+                         **kw):
+    """One Triton ``cross_attention`` call and the float64 reference on the same leaves, dropout
+    seed, bias and temperature: ``(res, ref, leaves, leaves64)`` with ``res``/``ref`` the
+    ``(out, weights, aux)`` triples and ``leaves`` q, k, v, then the bias and a temperature
+    tensor when given (their float64 copies in ``leaves64``)."""
+    import crossattn
+
+    leaves = [leaf(B, H, Lq, D, dtype=dtype, seed=1), leaf(B, Hkv, Lk, D, dtype=dtype, seed=2),
+              leaf(B, Hkv, Lk, Dv, dtype=dtype, seed=3)]
+    if bias_shape is not None:
+        kw["attn_bias"] = leaf(*bias_shape, seed=4)
+        leaves.append(kw["attn_bias"])
+    t = kw.get("temperature")
+    if isinstance(t, torch.Tensor):
+        leaves.append(t.requires_grad_(True))
+    torch.manual_seed(7)
+    res = crossattn.cross_attention(*leaves[:3], backend="triton", need_weights=need_weights,
+                                    return_aux=return_aux, **kw)
+    torch.manual_seed(7)  # the seed the call drew
+    seed = draw_dropout_seed() if kw.get("dropout_p") else None
+    leaves64 = f64(*leaves)
+    if bias_shape is not None:
+        kw["attn_bias"] = leaves64[3]
+    if isinstance(t, torch.Tensor):
+        kw["temperature"] = leaves64[-1]
+    ref = attention_reference(*leaves64[:3], need_weights=need_weights, return_aux=return_aux, dropout_seed=seed,
+                              **kw)
+    return res, ref, leaves, leaves64

@@ -10,20 +10,24 @@ import pytest
 import torch
 
 import crossattn
-from conftest import DEVICE, GRAD_TOL, INTERPRETING, assert_close, check_bidirectional, f64, triton_ready
+from conftest import (
+    DEVICE,
+    GRAD_TOL,
+    INTERPRETING,
+    assert_close,
+    check_bidirectional,
+    f64,
+    leaf,
+    triton_and_reference,
+    triton_ready,
+)
 from crossattn import AuxRequest, BlockPruning
-from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
 
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16])
 LSE = AuxRequest(lse=True)
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
 
 
 def _finite(x):
@@ -34,28 +38,9 @@ def check(dtype, *, B=2, H=4, Hkv=2, Lq=11, Lk=37, D=16, Dv=24, bias_shape=None,
           tol_scale=1.0, **kw):
     """Outputs, weights, LSE and the gradients of q, k, v, bias and temperature against the
     float64 reference, for a loss with random cotangents on every result."""
-    q, k, v = _randn(B, H, Lq, D, dtype=dtype, seed=1), _randn(B, Hkv, Lk, D, dtype=dtype, seed=2), \
-        _randn(B, Hkv, Lk, Dv, dtype=dtype, seed=3)
-    leaves = [q, k, v]
-    if bias_shape is not None:
-        kw["attn_bias"] = _randn(*bias_shape, seed=4)
-        leaves.append(kw["attn_bias"])
-    t = kw.get("temperature")
-    if isinstance(t, torch.Tensor):
-        leaves.append(t.requires_grad_(True))
-    torch.manual_seed(7)
-    out, w, aux = crossattn.cross_attention(q, k, v, backend="triton", need_weights=need_weights,
-                                            return_aux=LSE, **kw)
-    torch.manual_seed(7)
-    seed = draw_dropout_seed() if kw.get("dropout_p") else None
-    leaves64 = f64(*leaves)
-    kw64 = dict(kw)
-    if bias_shape is not None:
-        kw64["attn_bias"] = leaves64[3]
-    if isinstance(t, torch.Tensor):
-        kw64["temperature"] = leaves64[-1]
-    ref_out, ref_w, ref_aux = attention_reference(*leaves64[:3], need_weights=need_weights, return_aux=LSE,
-                                                  dropout_seed=seed, **kw64)
+    (out, w, aux), (ref_out, ref_w, ref_aux), leaves, leaves64 = triton_and_reference(
+        dtype=dtype, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, bias_shape=bias_shape,
+        need_weights=need_weights, return_aux=LSE, **kw)
     assert_close(out, ref_out, dtype, what="out")
     assert aux.lse.dtype == torch.float32
     assert torch.equal(torch.isinf(aux.lse), torch.isinf(ref_aux.lse)), "lse: -inf rows"
@@ -108,7 +93,7 @@ def test_minus_inf_bias_masks_and_empties_rows():
     bias = torch.zeros(2, 1, 11, 37, device=DEVICE)
     bias[0, :, :, 5:] = -math.inf
     bias[1, :, 3] = -math.inf  # query 3 of batch 1 sees nothing: zeros, LSE -inf, no NaN
-    q, k, v = (_randn(2, 4, L, 16, seed=s) for s, L in ((1, 11), (2, 37), (3, 37)))
+    q, k, v = (leaf(2, 4, L, 16, seed=s) for s, L in ((1, 11), (2, 37), (3, 37)))
     out, w, aux = crossattn.cross_attention(q, k, v, attn_bias=bias, need_weights="full", return_aux=LSE,
                                             backend="triton")
     ref_out, ref_w, ref_aux = attention_reference(*f64(q, k, v), attn_bias=bias.double(), need_weights="full",
@@ -150,7 +135,7 @@ def test_bidirectional_grouped_heads_and_weight_heads():
     """Each direction its own kv head count (k_y: 2 heads, k_x: 1), weights for two heads."""
     B, H, Lx, Ly = 2, 4, 9, 14
     heads_lengths = [(H, Lx), (1, Lx), (1, Lx), (H, Ly), (2, Ly), (2, Ly)]
-    xs = [_randn(B, h, L, 16, seed=i) for i, (h, L) in enumerate(heads_lengths)]
+    xs = [leaf(B, h, L, 16, seed=i) for i, (h, L) in enumerate(heads_lengths)]
     kw = dict(need_weights="full", weight_heads=(0, 3),
               x_padding_mask=(torch.arange(Lx, device=DEVICE)[None] >= torch.tensor([[9], [6]], device=DEVICE)))
     res = crossattn.bidirectional_cross_attention(*xs, backend="triton", **kw)
@@ -176,7 +161,7 @@ def test_causal_and_ragged_tiles_cost_no_matrix_work(monkeypatch):
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", counting_dot)
 
     def dots(Lq, Lk, **kw):
-        q, k, v = (_randn(1, 1, L, 16, seed=s) for s, L in ((1, Lq), (2, Lk), (3, Lk)))
+        q, k, v = (leaf(1, 1, L, 16, seed=s) for s, L in ((1, Lq), (2, Lk), (3, Lk)))
         calls["n"] = 0
         out, w = crossattn.cross_attention(q, k, v, backend="triton", need_weights="full", **kw)
         fwd = calls["n"]

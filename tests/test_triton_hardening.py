@@ -12,6 +12,7 @@ from conftest import (
     assert_close,
     check_bidirectional,
     f64,
+    leaf,
     random_padding,
     reference,
     triton_ready,
@@ -23,17 +24,12 @@ pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton back
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETING else [torch.bfloat16])
 
 
-def _randn(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("need_weights", ["full", "mean"])
 def test_bidirectional_per_side_head_dims(dtype, need_weights):
     """#1: x->y uses D / Dv, y->x uses D' / Dv' (D' != D, Dv' != Dv): values, shapes, grads."""
     B, H, Lx, Ly, D, Dp, Dv, Dvp = 2, 2, 5, 7, 8, 16, 24, 8
-    xs = [_randn(B, H, L, d, dtype=dtype, seed=i)
+    xs = [leaf(B, H, L, d, dtype=dtype, seed=i)
           for i, (L, d) in enumerate([(Lx, D), (Lx, Dp), (Lx, Dvp), (Ly, Dp), (Ly, D), (Ly, Dv)])]
     kw = dict(x_padding_mask=random_padding(B, Lx, seed=1).to(DEVICE), need_weights=need_weights,
               temperature=(torch.tensor([0.7, 1.3], device=DEVICE, requires_grad=True), 0.9))
@@ -63,7 +59,7 @@ def test_weights_and_gradients_at_a_tiny_temperature(split, monkeypatch):
     """#2: temperature 1e-6 (logits ~1e6): weights and gradients as accurate as at T = 1."""
     if split:
         monkeypatch.setenv("CROSSATTN_TRITON_SPLITS", split)
-    q, k, v = (_randn(2, 2, L, 16, dtype=torch.float32, seed=s) for s, L in ((1, 6), (2, 40), (3, 40)))
+    q, k, v = (leaf(2, 2, L, 16, dtype=torch.float32, seed=s) for s, L in ((1, 6), (2, 40), (3, 40)))
     # Two exactly tied best keys per row in batch 0, so the weights are not merely one-hot.
     with torch.no_grad():
         k[0, :, 1] = k[0, :, 0]
@@ -82,7 +78,7 @@ def test_weights_and_gradients_at_a_tiny_temperature(split, monkeypatch):
 def test_backward_with_no_batch_or_heads_and_a_temperature(B, H):
     """#11: an empty batch or no heads with a learnable temperature: empty gradients and a zero
     temperature gradient, no reshape error."""
-    q, k, v = (_randn(B, H, L, 16, dtype=torch.float32, seed=s) for s, L in ((1, 5), (2, 7), (3, 7)))
+    q, k, v = (leaf(B, H, L, 16, dtype=torch.float32, seed=s) for s, L in ((1, 5), (2, 7), (3, 7)))
     t = torch.full((max(H, 1),), 0.8, device=DEVICE, requires_grad=True) if H else \
         torch.tensor(0.8, device=DEVICE, requires_grad=True)
     out, w = crossattn.cross_attention(q, k, v, temperature=t, need_weights="full", backend="triton")

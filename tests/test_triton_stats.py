@@ -15,20 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import crossattn
-from conftest import DEVICE, GRAD_TOL, assert_close, f64, triton_ready
+from conftest import DEVICE, GRAD_TOL, assert_close, f64, leaf, triton_and_reference, triton_ready
 from crossattn import AuxRequest, BlockPruning
-from crossattn._philox import draw_dropout_seed
 from crossattn.reference import attention_reference, bidirectional_reference
 
 pytestmark = pytest.mark.skipif(triton_ready() is not None, reason=f"triton backend: {triton_ready()}")
 
 ALL = AuxRequest(lse=True, entropy=True, key_mass=True, top_k=4)
 DIFFERENTIABLE = ("lse", "entropy", "key_mass")
-
-
-def _randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
 
 
 def _finite(x):
@@ -74,28 +68,9 @@ def check(*, req=ALL, dtype=torch.float32, B=2, H=2, Hkv=None, Lq=17, Lk=33, D=1
     """Output and statistics against the float64 reference; with ``grad``, the gradients of q, k,
     v (and bias, temperature) of a loss on the statistics (and the output with ``out_grad``)."""
     Hkv, Dv = Hkv or H, Dv or D
-    q, k, v = _randn(B, H, Lq, D, dtype=dtype, seed=1), _randn(B, Hkv, Lk, D, dtype=dtype, seed=2), \
-        _randn(B, Hkv, Lk, Dv, dtype=dtype, seed=3)
-    leaves = [q, k, v]
-    if bias_shape is not None:
-        kw["attn_bias"] = _randn(*bias_shape, seed=4)
-        leaves.append(kw["attn_bias"])
-    t = kw.get("temperature")
-    if isinstance(t, torch.Tensor):
-        leaves.append(t.requires_grad_(True))
-    torch.manual_seed(7)
-    out, w, aux = crossattn.cross_attention(q, k, v, backend="triton", need_weights=need_weights, return_aux=req,
-                                            **kw)
-    torch.manual_seed(7)
-    seed = draw_dropout_seed() if kw.get("dropout_p") else None
-    leaves64 = f64(*leaves)
-    kw64 = dict(kw)
-    if bias_shape is not None:
-        kw64["attn_bias"] = leaves64[3]
-    if isinstance(t, torch.Tensor):
-        kw64["temperature"] = leaves64[-1]
-    ref_out, ref_w, ref_aux = attention_reference(*leaves64[:3], need_weights=need_weights, return_aux=req,
-                                                  dropout_seed=seed, **kw64)
+    (out, w, aux), (ref_out, ref_w, ref_aux), leaves, leaves64 = triton_and_reference(
+        dtype=dtype, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, bias_shape=bias_shape,
+        need_weights=need_weights, return_aux=req, **kw)
     assert_close(out, ref_out, dtype, what="out")
     if need_weights:
         assert_close(w, ref_w, dtype, what="weights")
@@ -175,7 +150,7 @@ def test_dropout_statistics_are_pre_dropout():
 
 def test_ties_go_to_the_lower_index():
     """Equal keys give equal weights: the reference's order (lower index first), across tiles."""
-    q, k, v = (_randn(1, 1, L, 16, seed=s).detach() for s, L in ((1, 5), (2, 70), (3, 70)))
+    q, k, v = (leaf(1, 1, L, 16, seed=s).detach() for s, L in ((1, 5), (2, 70), (3, 70)))
     k[0, 0, [3, 40, 65]] = k[0, 0, 50].clone()
     req = AuxRequest(top_k=5)
     _, _, aux = crossattn.cross_attention(q, k, v, backend="triton", return_aux=req)
@@ -215,7 +190,7 @@ def test_fp16_values():
 
 def test_bidirectional_aux_both_directions():
     B, H, Lx, Ly = 2, 2, 9, 14
-    xs = [_randn(B, H, L, 16, seed=i) for i, L in enumerate((Lx, Lx, Lx, Ly, Ly, Ly))]
+    xs = [leaf(B, H, L, 16, seed=i) for i, L in enumerate((Lx, Lx, Lx, Ly, Ly, Ly))]
     kw = dict(return_aux=ALL, x_padding_mask=(torch.arange(Lx)[None] >= torch.tensor([[9], [6]])).to(DEVICE),
               temperature=0.8)
     res = crossattn.bidirectional_cross_attention(*xs, backend="triton", **kw)
@@ -290,7 +265,7 @@ def test_no_score_sized_allocation(weights, monkeypatch):
 def test_opcheck_with_statistics():
     from crossattn.kernels.xattn import xattn_bwd, xattn_fwd
 
-    q, k, v = (_randn(1, 2, L, 16, seed=s) for s, L in ((1, 9), (2, 21), (3, 21)))
+    q, k, v = (leaf(1, 2, L, 16, seed=s) for s, L in ((1, 9), (2, 21), (3, 21)))
     kv = (torch.arange(21)[None] < 15).to(DEVICE)
     args = ([q], [k], [v], [None], [kv], [None], [0.25], None, 0.0, 0, [None], [None], 0, 0, [None], False, [])
     torch.library.opcheck(xattn_fwd, args + (True, True, 3))
@@ -363,7 +338,7 @@ def test_random_problems(problem):
 @pytest.mark.slow
 def test_compile_fullgraph_with_statistics():
     """torch.compile sees through the ops (fake implementations give the statistics' shapes)."""
-    q, k, v = (_randn(1, 2, L, 16, seed=s) for s, L in ((1, 7), (2, 19), (3, 19)))
+    q, k, v = (leaf(1, 2, L, 16, seed=s) for s, L in ((1, 7), (2, 19), (3, 19)))
 
     def f(q, k, v):
         _, _, a = crossattn.cross_attention(q, k, v, backend="triton", return_aux=ALL)

@@ -41,6 +41,15 @@ def eager_core(q, k, v, key_pad, dropout_p, training):
     return torch.matmul(weights, v), weights
 
 
+def matmul_floor_core(q, k, v, key_pad, dropout_p, training):
+    """A yardstick, not an attention: the two matmuls of ``eager_core`` alone (no scale, mask,
+    softmax or dropout), the scores returned as the "weights", so that the backward runs the same
+    four matmuls as any exact attention returning weights. On a CPU no such attention core can be
+    faster: the gap between this row and ``eager`` is all an implementation can win there."""
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    return torch.matmul(scores, v), scores
+
+
 def sdpa_core(q, k, v, key_pad, dropout_p, training):
     mask = None if key_pad is None else ~key_pad[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0), None
@@ -251,6 +260,10 @@ def _layer_only(w, device, dtype):
     return "a layer-only peer" if w.kind in ("core", "stats") else None
 
 
+def _cpu_only(w, device, dtype):
+    return None if torch.device(device).type == "cpu" else "a CPU yardstick (the fused GPU kernels have other floors)"
+
+
 def _no_stats(w, device, dtype):
     return "returns no weights to take statistics of" if w.kind == "stats" else None
 
@@ -272,6 +285,8 @@ def registry(quick: bool) -> list[Impl]:
              lambda w, d, t: _runner(w, d, t, module=MHAPair(w.E, w.H, False, one_way=w.kind == "layer1")),
              why_not=_layer_only),
         Impl("sdpa", lambda w, d, t: _runner(w, d, t, core=sdpa_core), why_not=_no_stats),
+        Impl("yardstick: eager's matmuls only", lambda w, d, t: _runner(w, d, t, core=matmul_floor_core),
+             writes_weights="full", why_not=_either(_layer_only, _cpu_only)),
     ]
 
     def flex_why_not(w, device, dtype):
