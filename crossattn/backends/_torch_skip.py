@@ -189,6 +189,10 @@ def run(p, parts, core, key_valid, query_valid, block_mask, cfg):
         idx = _index(pt.batch, p.q.device)
         kv = None if key_valid is None else key_valid[idx][:, :pt.keys]
         qv = None if query_valid is None else query_valid[idx]
+        # With its trailing padding cut a part is mostly dense: no mask then (SDPA keeps its
+        # unmasked kernel, the other paths skip the masking passes).
+        kv = None if kv is None or bool(kv.all()) else kv
+        qv = None if qv is None or bool(qv[:, pt.rows].all()) else qv
         bm = block_mask if block_mask is None or block_mask.shape[0] == 1 else block_mask[idx]
         sub_cfg = cfg._replace(row0=pt.rows.start, batch_ids=batch_ids(pt, B))
         results.append(core(qs[i], ks[i], vs[i], biases[i], kv, qv, bm, sub_cfg))
