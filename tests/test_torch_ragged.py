@@ -140,14 +140,17 @@ CASES = {
     "causal_more_keys": dict(is_causal=True, key_padding_mask=([9, 8, 9, 4], [(1, 6)]), need_weights="mean",
                              lq=5, temperature="H", gqa=True),
     "causal_saved_p": dict(is_causal=True, need_weights="full", lq=9, dropout_p=0.4),
+    # a block selection over the whole problem, read by each part at its own batch rows
+    "pruned": dict(kv_lengths=[40, 20, 40, 7], lk=40, lq=20, is_causal=True, need_weights="full",
+                   return_aux=AUX, prune=crossattn.BlockPruning(block_q=16, block_k=16, top_k=2)),
     "all_empty": dict(kv_lengths=[0, 0, 0, 0], need_weights="full", return_aux=AUX),
 }
 
 
 def _build(case, dtype):
     c = dict(CASES[case])
-    B, H, Lk, D = 4, 3, 9, 8
-    Lq = c.pop("lq", 7)
+    B, H, D = 4, 3, 8
+    Lq, Lk = c.pop("lq", 7), c.pop("lk", 9)
     gqa = c.pop("gqa", False)
     q, k, v = make_qkv(B, H, Lq, Lk, D, 5, dtype=dtype, requires_grad=True)
     if gqa:
