@@ -21,6 +21,10 @@ backend must be at least as fast as the code users would otherwise write):
   the backward reuses it, with the dropout keep mask saved as bool, as eager autograd would,
   instead of recomputing the logits: fused softmax and softmax-backward, the dropout scale
   and the ``scale / temperature`` factor folded into the small tensors.
+
+On CPU tensors every path skips the keys past each row's last valid key, the query rows
+past its last valid query and the keys above the causal diagonal: ``_torch_skip`` runs the
+call by parts at their real lengths (issue 16).
 """
 from __future__ import annotations
 
