@@ -261,3 +261,11 @@ def test_plan_groups_rows_by_their_ends():
     parts = _torch_skip.plan(_problem(q, k, v, kw), *_valid(q, k, kw))
     assert parts == [_torch_skip.Part((0, 2), slice(0, 4), 10), _torch_skip.Part((1, 3), slice(0, 4), 3)]
     assert tb._Config(1.0, 0, 0, 0.0, 0, None, None, False, None).batch_ids is None
+
+
+def test_dropout_mask_of_a_batch_subset_is_the_whole_batch_mask_at_those_rows():
+    from crossattn._philox import dropout_keep_mask
+    full = dropout_keep_mask(11, 0.5, batch=4, heads=3, rows=torch.arange(6), cols=10)
+    part = dropout_keep_mask(11, 0.5, batch=2, heads=3, rows=torch.arange(2, 5), cols=7,
+                             batch_ids=torch.tensor([3, 1]))
+    assert torch.equal(part, full[[3, 1]][:, :, 2:5, :7])
