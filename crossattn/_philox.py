@@ -96,14 +96,20 @@ def dropout_keep_mask(
     direction: int = 0,
     device: torch.device | str = "cpu",
     dropped: bool = False,
+    batch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64);
-    with ``dropped`` its complement (True = dropped), for ``masked_fill`` without a negation pass."""
+    with ``dropped`` its complement (True = dropped), for ``masked_fill`` without a negation pass.
+    ``batch_ids`` (``batch`` int64 indices) names the batch rows when they are not
+    ``0 .. batch-1`` (a backend that runs a subset of the batch draws that subset's mask)."""
     rows = rows.to(device=device, dtype=torch.int64)
     groups = -(-cols // 4)
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
     i = rows.view(1, 1, -1, 1)
     bh = torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
+    if batch_ids is not None:
+        bh = (batch_ids.to(device=device, dtype=torch.int64).view(batch, 1, 1, 1) * heads
+              + torch.arange(heads, device=device, dtype=torch.int64).view(1, heads, 1, 1))
     d = torch.tensor(direction, device=device, dtype=torch.int64)
     threshold = dropout_threshold(p)
     compare = torch.lt if dropped else torch.ge

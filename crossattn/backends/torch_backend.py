@@ -21,9 +21,14 @@ backend must be at least as fast as the code users would otherwise write):
   the backward reuses it, with the dropout keep mask saved as bool, as eager autograd would,
   instead of recomputing the logits: fused softmax and softmax-backward, the dropout scale
   and the ``scale / temperature`` factor folded into the small tensors.
+
+On CPU tensors every path skips the keys past each row's last valid key, the query rows
+past its last valid query and the keys above the causal diagonal: ``_torch_skip`` runs the
+call by parts at their real lengths (issue 16).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import NamedTuple
@@ -33,6 +38,7 @@ import torch
 from .._philox import dropout_keep_mask
 from .._validation import AttentionProblem
 from ..reference import AuxOutput, compute_dtype, element_mask, select_blocks_reference
+from . import _torch_skip
 from .base import Backend
 
 _DEFAULT_CHUNK_MB = 128
@@ -66,6 +72,13 @@ class _Config(NamedTuple):
     weight_heads: tuple[int, ...] | None
     is_causal: bool
     aux: object  # AuxRequest | None
+    # Where a part of the problem sits in the whole (``_torch_skip`` runs ragged batches by
+    # parts): its first query row, its batch rows (None: all, in order) and the causal
+    # diagonal ``j <= i + causal_shift`` of the whole (Lk - Lq), so that masks and dropout
+    # see the caller's coordinates.
+    row0: int = 0
+    batch_ids: tuple[int, ...] | None = None
+    causal_shift: int = 0
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -85,18 +98,14 @@ class _Chunk:
     def __init__(self, q, k, temperature, bias, key_valid, query_valid, block_mask, cfg, sl, ct):
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
-        self.rows = torch.arange(sl.start, sl.stop, device=q.device)
+        self.rows = torch.arange(cfg.row0 + sl.start, cfg.row0 + sl.stop, device=q.device)
         self.qc = q[:, :, sl].to(ct)
         coef = cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
         self.coef = coef
         s_qk = _ungrouped(_grouped(self.qc, k.shape[1]) @ k.to(ct).transpose(-1, -2), H)
         self.s_qk = s_qk * coef  # q.k * scale / temperature (the temperature gradient needs it)
         s = self.s_qk if bias is None else self.s_qk + (bias if bias.shape[2] == 1 else bias[:, :, sl]).to(ct)
-        mask = element_mask(
-            B, Lq, Lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
-            block_q=cfg.block_q, block_k=cfg.block_k, rows=self.rows, is_causal=cfg.is_causal,
-            device=q.device,
-        )
+        mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, self.rows, q.device)
         if mask is not None:
             s = s.masked_fill(~mask, -math.inf)
         self.s = s  # -inf where not attended
@@ -145,7 +154,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 mass += p.sum(2)
             if kk:
                 top_v[:, :, sl], top_i[:, :, sl] = _top_k(p, s, kk, q.dtype)
-            drop = _drop(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
+            drop = _drop(seed, cfg, B, H, c.rows, Lk, q.device)
             pd = p if drop is None else p.masked_fill(drop, 0.0)
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
             out[:, :, sl] = o if drop is None else o * _dropout_scale(cfg.dropout_p)  # on the small side
@@ -188,7 +197,7 @@ class _ChunkedAttention(torch.autograd.Function):
             logp = c.s - m_all[:, :, sl] - lnl_all[:, :, sl]  # -inf where not attended / empty row
             p = torch.exp(logp)
             do = d_out[:, :, sl].to(ct)
-            drop = _drop(seed, cfg.dropout_p, B, H, c.rows, Lk, cfg.direction, q.device)
+            drop = _drop(seed, cfg, B, H, c.rows, Lk, q.device)
             if drop is not None:
                 do = do * _dropout_scale(cfg.dropout_p)  # the 1/(1-p) of dP and dV, on the small side
             dp = _ungrouped(_grouped(do, Hkv) @ vc.transpose(-1, -2), H)
@@ -263,12 +272,30 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
-def _drop(seed, dropout_p, batch, heads, rows, lk, direction, device):
+def _pair_mask(batch, lk, key_valid, query_valid, block_mask, cfg, rows, device):
+    """Bool ``[B|1, H|1, R, Lk]``: the (query, key) pairs that attend for query rows ``rows``
+    (the whole problem's indices), or None when all do."""
+    mask = element_mask(
+        batch, 0, lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
+        block_q=cfg.block_q, block_k=cfg.block_k, rows=rows, device=device,
+    )
+    if cfg.is_causal:
+        seen = (torch.arange(lk, device=device)[None, :] <= rows[:, None] + cfg.causal_shift)[None, None]
+        mask = seen if mask is None else mask & seen
+    return mask
+
+
+def _batch_ids(cfg, device):
+    return None if cfg.batch_ids is None else torch.tensor(cfg.batch_ids, dtype=torch.int64, device=device)
+
+
+def _drop(seed, cfg, batch, heads, rows, lk, device):
     """Bool ``[B, H, rows, Lk]``, True where dropout drops (None without dropout)."""
-    if dropout_p <= 0.0:
+    if cfg.dropout_p <= 0.0:
         return None
-    return dropout_keep_mask(seed, dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-                             direction=direction, device=device, dropped=True)
+    return dropout_keep_mask(seed, cfg.dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
+                             direction=cfg.direction, device=device, dropped=True,
+                             batch_ids=_batch_ids(cfg, device))
 
 
 def _dropout_scale(dropout_p: float) -> float:
@@ -324,12 +351,9 @@ class _SavedPAttention(torch.autograd.Function):
         out = q.new_empty(B, H, Lq, Dv)
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
-            r = torch.arange(sl.start, sl.stop, device=q.device)
+            r = torch.arange(cfg.row0 + sl.start, cfg.row0 + sl.stop, device=q.device)
             s = _ungrouped(_grouped(qs[:, :, sl], Hkv) @ kt, H)
-            mask = element_mask(
-                B, Lq, Lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
-                block_q=cfg.block_q, block_k=cfg.block_k, rows=r, is_causal=cfg.is_causal, device=q.device,
-            )
+            mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, r, q.device)
             if mask is not None:
                 s.masked_fill_(~mask, -math.inf)
             p = torch.softmax(s, dim=-1)
@@ -343,7 +367,8 @@ class _SavedPAttention(torch.autograd.Function):
             keep = None
             if cfg.dropout_p > 0:
                 keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
-                                         direction=cfg.direction, device=q.device)
+                                         direction=cfg.direction, device=q.device,
+                                         batch_ids=_batch_ids(cfg, q.device))
                 if whole:
                     keep_all = keep
                 else:
@@ -432,6 +457,15 @@ def _sdpa_serves(p: AttentionProblem) -> bool:
             and min(B, H, Lq, Lk) > 0 and (p.kv_heads == H or _SDPA_GQA))
 
 
+def _sdpa_core(p: AttentionProblem):
+    """SDPA on one part of ``p`` (``_torch_skip``'s core): a problem of the part's tensors."""
+    def core(q, k, v, bias, kv, qv, bm, cfg):
+        part = dataclasses.replace(p, q=q, k=k, v=v, kv_lengths=None, key_padding_mask=None if kv is None else ~kv,
+                                   query_padding_mask=None if qv is None else ~qv[:, cfg.row0:cfg.row0 + q.shape[2]])
+        return _sdpa_attention(part), None, None, None, None, None, None
+    return core
+
+
 def _sdpa_attention(p: AttentionProblem) -> torch.Tensor:
     B, H, Lq, Lk, _, _ = p.dims
     q, scale = p.q, p.scale
@@ -467,9 +501,14 @@ class TorchBackend(Backend):
 
     def attention(self, problem: AttentionProblem):
         p = problem
-        if _sdpa_serves(p):
-            return _sdpa_attention(p), None, None
         key_valid, query_valid = p.key_valid(), p.query_valid()
+        parts = _torch_skip.plan(p, key_valid, query_valid)  # None: run the whole at once
+        if _sdpa_serves(p):
+            if parts is None:
+                return _sdpa_attention(p), None, None
+            out = _torch_skip.run(p, parts, _sdpa_core(p), key_valid, query_valid, None, _Config(
+                p.scale, 0, 0, 0.0, p.direction, None, None, False, None))[0]
+            return out, None, None
         block_mask, block_q, block_k = None, 0, 0
         if p.pruning is not None:
             block_mask = select_blocks_reference(
@@ -479,15 +518,22 @@ class TorchBackend(Backend):
             block_q, block_k = p.pruning.block_q, p.pruning.block_k
         temp = p.temperature if isinstance(p.temperature, torch.Tensor) else None
         scale = p.scale if temp is not None or p.temperature is None else p.scale / p.temperature
+        B, H, Lq, Lk, _, _ = p.dims
         cfg = _Config(scale, block_q, block_k, p.dropout_p, p.direction, p.need_weights, p.weight_heads,
-                      p.is_causal, p.aux)
-        if _saves_p(p):
-            out, weights = _SavedPAttention.apply(
-                p.q, p.k, p.v, temp, key_valid, query_valid, block_mask, p.dropout_seed, cfg)
-            return out, (weights if p.need_weights else None), None
-        out, weights, lse, ent, mass, top_v, top_i = _ChunkedAttention.apply(
-            p.q, p.k, p.v, temp, p.attn_bias, key_valid, query_valid, block_mask, p.dropout_seed, cfg,
-        )
+                      p.is_causal, p.aux, causal_shift=Lk - Lq)
+        saves_p = _saves_p(p)  # decided on the whole problem: parts share its memory budget
+
+        def core(q, k, v, bias, kv, qv, bm, c):
+            if saves_p:
+                out, weights = _SavedPAttention.apply(q, k, v, temp, kv, qv, bm, p.dropout_seed, c)
+                return out, weights, None, None, None, None, None
+            return _ChunkedAttention.apply(q, k, v, temp, bias, kv, qv, bm, p.dropout_seed, c)
+
+        if parts is None:
+            res = core(p.q, p.k, p.v, p.attn_bias, key_valid, query_valid, block_mask, cfg)
+        else:
+            res = _torch_skip.run(p, parts, core, key_valid, query_valid, block_mask, cfg)
+        out, weights, lse, ent, mass, top_v, top_i = res
         aux = None
         if p.aux is not None:
             aux = AuxOutput(
