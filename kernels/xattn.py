@@ -52,6 +52,17 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _streamed(s, kernel: str, stats_grad: bool) -> bool:
+    """Whether a backward kernel ("dq", "dkdv") streams its q.k and dO.v operands from memory
+    (xattn_fwd._dot_streamed) instead of holding them: where holding them spilled in the compile
+    survey (tests/_kernel_compile.py). fp32 without TF32 (FMA dots): dQ always, dK/dV past D = 64
+    (at 64 its streamed form spilled instead); every head dim past 128; fp16/bf16 dK/dV with the
+    statistics' gradients (held: 12 B on sm_80)."""
+    bd = max(s.tiles["BLOCK_D"], s.block_dv)
+    fma = s.tiles["PREC"] == "ieee" and s.dtype == torch.float32
+    return (fma and (bd > 64 or kernel == "dq")) or bd > 128 or (kernel == "dkdv" and stats_grad and not fma)
+
+
 # --------------------------------------------------------------------------- launchers
 def _dummy(device, dtype):
     return torch.empty(1, device=device, dtype=dtype)
@@ -332,19 +343,20 @@ def _launch_bwd(dout, dweights, q, k, v, out, stats, q_valid, k_valid, temperatu
                   BIAS_GRAD=bias is not None and bias_grad, BIAS_M=bias is not None and bias.shape[2] != 1,
                   BIAS_N=bias is not None and bias.shape[3] != 1, HAS_DH=has_dh, HAS_DKM=has_dkm, **s.flags,
                   **s.tiles)
+    stats_grad = has_dh or has_dkm
     if B * H and sum(nqb):
         _xattn_bwd_delta_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), B, H, s.block_q, s.block_k,
                                                         **consts)
     kv_slabs = B * max(kk.shape[1] for kk in k)
     if kv_slabs and sum(nkb):
         _xattn_bwd_dkdv_kernel[_grid(sum(nkb), kv_slabs)](*args, nkb[0], sum(nkb), B, H, s.block_q, s.block_k,
-                                                          **consts)
+                                                          STREAM=_streamed(s, "dkdv", stats_grad), **consts)
     else:
         for t in dk + dv:
             t.zero_()
     if B * H and sum(nqb):
         _xattn_bwd_dq_kernel[_grid(sum(nqb), B * H)](*args, nqb[0], sum(nqb), B, H, s.block_q, s.block_k,
-                                                     **consts)
+                                                     STREAM=_streamed(s, "dq", stats_grad), **consts)
     dtemp = [p.sum((0, 2)) if s.flags["HAS_T"] else p.new_empty(0) for p in dt_part]
     dbias = [d if b is not None and bias_grad else d.new_empty(0) for d, b in zip(dbias, attn_bias)]
     return dq, dk, dv, dtemp, dbias

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .xattn_fwd import (
     _col_valid,
+    _dot_streamed,
     _head_coef,
     _keep_mask,
     _key_end,
@@ -32,6 +33,7 @@ from .xattn_fwd import (
     _load,
     _load_t,
     _logits,
+    _mask_logits,
     _num_tiles,
     _probs,
     _row_stats,
@@ -119,6 +121,7 @@ def _xattn_bwd_delta_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
+    STREAM: tl.constexpr = False,
 ):
     """delta = rowsum(dO * O) + rowsum(P * (dW + dKM)) - dLSE (DELTA holds -dLSE on entry)."""
     pid, bh = _tile_and_slab(ntiles)
@@ -168,6 +171,7 @@ def _xattn_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
+    STREAM: tl.constexpr = False,
 ):
     """One key tile of kv head g: dK, dV summed over the group's query heads in-kernel. Slabs
     are batch * kv heads (of the direction with the most; the other's extra slabs idle)."""
@@ -187,8 +191,9 @@ def _xattn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     lk = tl.where(active, Lk, 0)  # idle slabs load and store nothing
-    kt = _load_t(K, sk, b, g, offs_n, lk, offs_d, D)
-    vt = _load_t(V, sv, b, g, offs_n, lk, offs_dv, DV)
+    if not STREAM:  # K and V tiles held for the whole walk (else streamed: _dot_streamed)
+        kt = _load_t(K, sk, b, g, offs_n, lk, offs_d, D)
+        vt = _load_t(V, sv, b, g, offs_n, lk, offs_dv, DV)
     col_ok = _col_valid(KV, b, offs_n, Lk, HAS_KV)
     # Query rows that may attend this key tile: from the causal diagonal on; none past the
     # batch row's last valid key.
@@ -217,10 +222,19 @@ def _xattn_bwd_dkdv_kernel(
             if (start_m < q_hi) & (start_m + BLOCK_M > lo):  # queries start_m .. + BLOCK_M
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q, m2, r2, delta, do = _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D, BLOCK_DV)
-                s, _, _ = _logits(q, kt, coef * 1.4426950408889634, prob, b, h, offs_m, offs_n,
-                                  _row_valid(QV, b, offs_m, Lq, HAS_QV), col_ok, CAUSAL, HAS_BIAS, PREC)
-                p = _probs(s, m2, r2)
-                dp = tl.dot(do, vt, input_precision=PREC)
+                row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+                if STREAM:
+                    s, _, _ = _mask_logits(_dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, g, offs_n, lk, D, BLOCK_D,
+                                                         PREC) * (coef * 1.4426950408889634), prob, b, h, offs_m,
+                                           offs_n, row_ok, col_ok, CAUSAL, HAS_BIAS)
+                    p = _probs(s, m2, r2)
+                    dp = _dot_streamed(DO, (0, Lq * DV, DV, 1), 0, bh.to(tl.int64), offs_m, Lq, V, sv, b, g, offs_n,
+                                       lk, DV, BLOCK_DV, PREC)
+                else:
+                    s, _, _ = _logits(q, kt, coef * 1.4426950408889634, prob, b, h, offs_m, offs_n, row_ok, col_ok,
+                                      CAUSAL, HAS_BIAS, PREC)
+                    p = _probs(s, m2, r2)
+                    dp = tl.dot(do, vt, input_precision=PREC)
                 pd = p
                 if DROPOUT:
                     keep = _keep_mask(seed, offs_m, offs_n, bh.to(tl.int32), direction, drop_threshold)
@@ -250,6 +264,7 @@ def _xattn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
+    STREAM: tl.constexpr = False,
 ):
     """One query tile: dQ, the temperature's partial sum and the bias gradient."""
     pid, bh = _tile_and_slab(ntiles)
@@ -283,10 +298,18 @@ def _xattn_bwd_dq_kernel(
         if start_n < hi:  # dQ (and temperature, bias) contributions of keys start_n .. + BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = _load_t(K, sk, b, hk, offs_n, Lk, offs_d, D)
-            s, s2, ok = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, _col_valid(KV, b, offs_n, Lk, HAS_KV),
-                                CAUSAL, HAS_BIAS, PREC)
-            p = _probs(s, m2, r2)
-            dp = tl.dot(do, _load_t(V, sv, b, hk, offs_n, Lk, offs_dv, DV), input_precision=PREC)
+            if STREAM:  # q.k and dO.v with their operands streamed (see _dot_streamed); kt for dQ only
+                s, s2, ok = _mask_logits(_dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, hk, offs_n, Lk, D, BLOCK_D,
+                                                       PREC) * coef2, prob, b, h, offs_m, offs_n, row_ok,
+                                         _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS)
+                p = _probs(s, m2, r2)
+                dp = _dot_streamed(DO, (0, Lq * DV, DV, 1), 0, bh.to(tl.int64), offs_m, Lq, V, sv, b, hk, offs_n, Lk,
+                                   DV, BLOCK_DV, PREC)
+            else:
+                s, s2, ok = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok,
+                                    _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS, PREC)
+                p = _probs(s, m2, r2)
+                dp = tl.dot(do, _load_t(V, sv, b, hk, offs_n, Lk, offs_dv, DV), input_precision=PREC)
             if DROPOUT:
                 keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)
                 dp = tl.where(keep, dp * drop_scale, 0.0)

@@ -52,23 +52,27 @@ class Config:
 
 
 # (block_m, block_n, num_warps, num_stages) by pass, element size and head-dim class. The first
-# of each list is the default: the largest tile with which the pass's worst kernel (backward:
-# dQ with a loss on the weights, which keeps both directions' argument sets live) compiles
-# without spills (Triton 3.9: sm_86 and sm_90, every dtype, D <= 128; Triton 3.6: sm_86 at
-# D = 128 and sm_86/sm_90 at D = 64). The backward's 64 x 64 spilled 2.3 KB per thread, 32 x 32
-# still 60 B. fp32 multiplies in full precision (FMA "ieee" dots, no tensor cores) with its
-# operands in registers: only 16-row tiles fit. The others are the autotuner's alternatives,
-# spill-free in the same survey (``--candidates``); all fit 99 KB of shared memory per block
-# (RTX 3060/4080 class). A forward with a running top-k (return_aux, int64 keys) takes at most
-# TOPK_BLOCK_M rows: 64 spilled 1.3 KB at D = 128 on sm_86.
-TOPK_BLOCK_M = 32
+# of each list is the default: the largest tile with which every kernel of the pass compiles
+# without spills (tests/_kernel_compile.py --full: sm_80/86/89/90, every option on and off,
+# Triton 3.9 and 3.6). The others are the autotuner's alternatives, spill-free in the same
+# survey (``--candidates``, sm_86/90, fp16/fp32, D = 64/128; 32 x 32 backward, 16 x 32 backward
+# past D = 64 and 32 x 64 forward with a running top-k spilled and were dropped); all fit 99 KB of shared memory per
+# block (RTX 3060/4080 class). The backward's 64 x 64 spilled 2.3 KB per thread, 32 x 32 still
+# 60 B; one pipeline stage, and 16 x 16 past D = 64, because the dK/dV kernel with the
+# statistics' gradients spilled 4-20 B at 16 x 32 (Triton 3.6, sm_80/90) and with two stages.
+# fp32 multiplies in full precision (FMA "ieee" dots, no tensor cores) with its
+# operands in registers: only 16-row tiles fit, and its backward streams the operands of q.k and
+# dO.v from memory (xattn.py ``_streamed``), as does every backward past D = 128. A forward with
+# a running top-k (return_aux, int64 keys) takes at most TOPK_BLOCK_M rows: 64 spilled 1.3 KB,
+# 32 24 B at D = 96/128 on sm_90 under Triton 3.6.
+TOPK_BLOCK_M = 16
 SPACE: dict[tuple[str, int], dict[int, list[tuple[int, int, int, int]]]] = {
     ("fwd", 2): {64: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-                 128: [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+                 128: [(32, 32, 4, 2), (64, 32, 8, 2)],
                  256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
     ("fwd", 4): {64: [(16, 16, 4, 1), (16, 32, 4, 1)], 128: [(16, 16, 8, 1), (16, 16, 4, 1)],
                  256: [(16, 16, 8, 1)]},
-    ("bwd", 2): {64: [(16, 32, 4, 2), (32, 32, 4, 2)], 128: [(16, 32, 4, 2), (16, 16, 4, 1)],
+    ("bwd", 2): {64: [(16, 32, 4, 1), (16, 32, 4, 2)], 128: [(16, 16, 4, 1)],
                  256: [(16, 16, 4, 1)]},
     ("bwd", 4): {64: [(16, 16, 8, 1), (16, 16, 4, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
 }
@@ -105,7 +109,7 @@ class DeviceLimits:
 
 def shared_estimate(cfg: Config, kind: str, block_d: int, block_dv: int, itemsize: int) -> int:
     """Shared memory a pass's largest kernel needs, from the tiles its dots stage (an upper
-    estimate checked against ptxas in tests/test_autotune.py): the forward's K and V tiles per
+    estimate checked against ptxas in tests/test_kernels_compile.py): the forward's K and V tiles per
     pipeline stage and the Q tile; the backward's Q, dO (per stage) and K, V tiles, plus the
     [BLOCK_M, BLOCK_N] probabilities transposed through shared memory."""
     m, n, st = cfg.block_m, cfg.block_n, max(cfg.num_stages, 1)

@@ -74,6 +74,21 @@ def _load_t(X, st, b, h, offs_r, R, offs_c, C):
 
 
 @triton.jit
+def _dot_streamed(A, sa, ba, ha, offs_a, La, Bt, sb, bb, hb, offs_b, Lb, C, BLOCK_C: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``A[ba, ha, offs_a, :C] @ B[bb, hb, offs_b, :C]^T`` (fp32), the contraction read from memory
+    32 columns at a time. Why: an fp32 FMA dot (and a D = 256 one) holds each thread's whole
+    operand rows in registers; with both operands streamed only 32 columns of each are live,
+    at the price of re-reading them (from L1/L2) on every tile of the walk."""
+    acc = tl.zeros((offs_a.shape[0], offs_b.shape[0]), dtype=tl.float32)
+    for c0 in range(0, BLOCK_C, 32):  # a loop, not unrolled: ptxas would hoist every chunk's loads
+        offs_c = c0 + tl.arange(0, 32)
+        acc += tl.dot(_load(A, sa, ba, ha, offs_a, La, offs_c, C), _load_t(Bt, sb, bb, hb, offs_b, Lb, offs_c, C),
+                      input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _row_valid(QV, b, offs_m, Lq, HAS_QV: tl.constexpr):
     valid = offs_m < Lq
     if HAS_QV:
@@ -108,8 +123,14 @@ def _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok, col_ok, CAUSAL: tl
     """The one place that decides the logits of a tile (base 2): ``q.k * scale / T + bias``,
     -inf where the pair does not attend (query/key padding, causality; pruning is decided per
     tile by the walks). Returns (masked logits, q.k * scale / T, attended)."""
+    return _mask_logits(tl.dot(q, kt, input_precision=PREC) * coef2, prob, b, h, offs_m, offs_n, row_ok, col_ok,
+                        CAUSAL, HAS_BIAS)
+
+
+@triton.jit
+def _mask_logits(s2, prob, b, h, offs_m, offs_n, row_ok, col_ok, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``_logits`` from ``s2 = q.k * scale / T`` (base 2) computed by the caller."""
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
-    s2 = tl.dot(q, kt, input_precision=PREC) * coef2
     s = s2
     if HAS_BIAS:
         s = s2 + _load(BIAS, sbias, b, h, offs_m, Lq, offs_n, Lk).to(tl.float32) * 1.4426950408889634

@@ -261,5 +261,6 @@ def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, sca
             nqb, nkb, H, D, scale, float(pruning.mass or 0.0), pruning.min_blocks, H // k.shape[1], Lq, Lk,
             pruning.block_q, pruning.block_k, MASS=pruning.mass is not None, HAS_T=has_t, CAUSAL=is_causal,
             BLOCK_J=64, BLOCK_I=32, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            num_warps=4, maxnreg=255,  # ptxas left alone capped itself at 64 and spilled on sm_80
         )
     return BlockLayout(mask.view(torch.bool), layout)

@@ -277,12 +277,48 @@ def _capture_job(job):
 def _compile_job(job):
     arch, dtype, d, features, launch = job
     return {"arch": arch, "dtype": dtype, "d": d, "features": features, "kernel": short_name(launch),
+            "pass": PASS_OF.get(launch["kernel"]),
             "block_m": launch["args"].get("BLOCK_M"), "block_n": launch["args"].get("BLOCK_N"),
             **compile_launch(launch, arch)}
 
 
-def survey(archs=ARCHS, dtypes=DTYPES, dims=HEAD_DIMS, features=FEATURES, workers: int = 2) -> list[dict]:
-    """Every recorded launch of every (dtype, head dim, feature set), compiled for each arch.
+# The pass (xattn_configs.SPACE) each tiled kernel belongs to.
+PASS_OF = {"_xattn_fwd_kernel": "fwd", "_xattn_fwd_combine_kernel": "fwd", "_xattn_weights_kernel": "fwd",
+           "_xattn_key_mass_kernel": "fwd", "_xattn_bwd_delta_kernel": "bwd", "_xattn_bwd_dkdv_kernel": "bwd",
+           "_xattn_bwd_dq_kernel": "bwd"}
+
+
+def retiled(launch: dict, dtype: str, d: int) -> list[dict]:
+    """The launch re-tiled with each autotuning alternative of its pass (xattn_configs.SPACE after
+    the default), as the launchers would make it: a running top-k caps the forward's rows."""
+    import torch
+
+    from crossattn.kernels import xattn_configs as C
+
+    kind = PASS_OF.get(launch["kernel"])
+    if kind is None:
+        return []
+    out = []
+    for alt in C._table(kind, getattr(torch, dtype), d, d)[1:]:
+        cfg = C.Config(*alt)
+        if launch["args"].get("TOPK"):
+            cfg = cfg.capped(block_m=C.TOPK_BLOCK_M)
+        new = json.loads(json.dumps(launch))
+        for name, value in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)):
+            if name in new["args"]:
+                new["args"][name] = value
+        new["options"].update(num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+        if "num_stages" in new["options"]:
+            new["options"]["num_stages"] = cfg.num_stages
+        if new != launch:
+            out.append(new)
+    return out
+
+
+def survey(archs=ARCHS, dtypes=DTYPES, dims=HEAD_DIMS, features=FEATURES, workers: int = 2,
+           candidates: bool = False) -> list[dict]:
+    """Every recorded launch of every (dtype, head dim, feature set), compiled for each arch
+    (``candidates``: re-tiled with the autotuner's alternatives instead, see ``retiled``).
     Capture and compile run in separate worker processes (interpreter on / off)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -293,6 +329,8 @@ def survey(archs=ARCHS, dtypes=DTYPES, dims=HEAD_DIMS, features=FEATURES, worker
         captured = dict(pool.map(_capture_job, jobs))
     compile_jobs, seen = [], set()
     for (dt, d, f), launches in captured.items():
+        if candidates:
+            launches = [alt for launch in launches for alt in retiled(launch, dt, d)]
         for launch in launches:
             for arch in archs:
                 # The same variant recorded by both feature sets is compiled once.
@@ -341,6 +379,7 @@ if __name__ == "__main__":
     parser.add_argument("--dtypes", help="comma-separated, e.g. float16,float32")
     parser.add_argument("--dims", help="comma-separated head dims, e.g. 64,128")
     parser.add_argument("--features", help="plain,all")
+    parser.add_argument("--candidates", action="store_true", help="the autotuner's alternative tiles instead")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
@@ -350,7 +389,7 @@ if __name__ == "__main__":
     for name, conv in (("archs", int), ("dtypes", str), ("dims", int), ("features", str)):
         if getattr(args, name):
             kwargs[name] = tuple(conv(x) for x in getattr(args, name).split(","))
-    results = survey(**kwargs)
+    results = survey(**kwargs, candidates=args.candidates)
     if args.json:
         print(json.dumps(results))
     elif args.markdown:
