@@ -56,8 +56,8 @@ def _streamed(s, kernel: str, stats_grad: bool) -> bool:
     """Whether a backward kernel ("dq", "dkdv") streams its q.k and dO.v operands from memory
     (xattn_fwd._dot_streamed) instead of holding them: where holding them spilled in the compile
     survey (tests/_kernel_compile.py). fp32 without TF32 (FMA dots): dQ always, dK/dV past D = 64
-    (at 64 its streamed form spilled instead); every head dim past 128; fp16/bf16 dK/dV with the
-    statistics' gradients (held: 12 B on sm_80)."""
+    (at 64 its streamed form spilled instead); every head dim past 128; tensor-core dK/dV (fp16/bf16,
+    TF32) with the statistics' gradients (held: 12 B on sm_80)."""
     bd = max(s.tiles["BLOCK_D"], s.block_dv)
     fma = s.tiles["PREC"] == "ieee" and s.dtype == torch.float32
     return (fma and (bd > 64 or kernel == "dq")) or bd > 128 or (kernel == "dkdv" and stats_grad and not fma)

@@ -194,7 +194,7 @@ def _xattn_bwd_dkdv_kernel(
     if not STREAM:  # K and V tiles held for the whole walk (else streamed: _dot_streamed)
         kt = _load_t(K, sk, b, g, offs_n, lk, offs_d, D)
         vt = _load_t(V, sv, b, g, offs_n, lk, offs_dv, DV)
-    col_ok = _col_valid(KV, b, offs_n, Lk, HAS_KV)
+    col_ok = _col_valid(KV, b, offs_n, lk, HAS_KV)  # lk: an idle slab reads no mask row
     # Query rows that may attend this key tile: from the causal diagonal on; none past the
     # batch row's last valid key.
     lo = n0 * 0
@@ -213,7 +213,7 @@ def _xattn_bwd_dkdv_kernel(
         bh = b * H + h
         coef = _head_coef(T, h, scale, HAS_T)
         # With pruning, only the query blocks that kept this key block: the transposed layout.
-        lcol = _layout_row(LT, bh, n0 // block_k, nkbp, nqbp)
+        lcol = _layout_row(LT, tl.where(active, bh, 0), n0 // block_k, nkbp, nqbp)  # idle: a real row
         if HAS_DKM:  # this head's key-mass gradient of the tile, for every query tile
             gkm = _slab_vec(DKM, bh, offs_n, lk)
         t0 = 0 if PRUNE else lo // BLOCK_M

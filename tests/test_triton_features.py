@@ -18,6 +18,7 @@ from conftest import (
     check_bidirectional,
     f64,
     leaf,
+    random_padding,
     triton_and_reference,
     triton_ready,
 )
@@ -138,6 +139,22 @@ def test_bidirectional_grouped_heads_and_weight_heads():
     xs = [leaf(B, h, L, 16, seed=i) for i, (h, L) in enumerate(heads_lengths)]
     kw = dict(need_weights="full", weight_heads=(0, 3),
               x_padding_mask=(torch.arange(Lx, device=DEVICE)[None] >= torch.tensor([[9], [6]], device=DEVICE)))
+    res = crossattn.bidirectional_cross_attention(*xs, backend="triton", **kw)
+    ins64 = f64(*xs)
+    ref = bidirectional_reference(*ins64, **kw)
+    check_bidirectional(res, ref, xs, ins64, torch.float32)
+
+
+def test_bidirectional_idle_kv_slabs_with_pruning_and_key_padding():
+    """Directions with different kv head counts: the dK/dV launch covers the larger, so the
+    other direction's extra slabs idle; with pruning and key padding they must read no layout or
+    mask row past their own (an out-of-bounds read on a GPU) and change nothing."""
+    B, H, Lx, Ly = 2, 4, 20, 37
+    heads_lengths = [(H, Lx), (1, Lx), (1, Lx), (H, Ly), (4, Ly), (4, Ly)]
+    xs = [leaf(B, h, L, 16, seed=i) for i, (h, L) in enumerate(heads_lengths)]
+    kw = dict(need_weights="mean", prune=BlockPruning(block_q=16, block_k=16, keep=0.5),
+              x_padding_mask=random_padding(B, Lx, seed=4).to(DEVICE),
+              y_padding_mask=random_padding(B, Ly, seed=5).to(DEVICE))
     res = crossattn.bidirectional_cross_attention(*xs, backend="triton", **kw)
     ins64 = f64(*xs)
     ref = bidirectional_reference(*ins64, **kw)

@@ -93,7 +93,8 @@ def test_backward_with_no_batch_or_heads_and_a_temperature(B, H):
 def test_streamed_and_held_backward_operands_agree_with_the_reference(dtype, D, Dv, stream, monkeypatch):
     """The backward's q.k and dO.v with operands held in registers or streamed 32 columns at a
     time (kernels/xattn.py ``_streamed``: fp32 and head dims past 128 stream, to avoid spills):
-    both paths, head dims not a multiple of 32, every option, against the float64 reference."""
+    both paths, head dims not a multiple of 32, padding on both sides, per-head temperatures and
+    a loss on the full weights, against the float64 reference."""
     from crossattn.kernels import xattn
 
     monkeypatch.setattr(xattn, "_streamed", lambda *a: stream)
