@@ -30,10 +30,24 @@ def _type_name(x) -> str:
     return type(x).__name__
 
 
+def values_unreadable(t: torch.Tensor) -> bool:
+    """True where ``t`` has no values to read on the host: meta and fake tensors (shape
+    inference, ``FakeTensorMode``, export) and tracing under ``torch.compile``."""
+    return t.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(t)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every torch crossattn supports has it
+        return False
+    return is_fake(t)
+
+
 def _value_check_mode(t: torch.Tensor) -> str | None:
     """"eager" (read the values now), "async" (device-side assert) or None (skip)."""
     setting = os.environ.get("CROSSATTN_CHECK_VALUES", "")
-    if setting == "0" or t.device.type == "meta" or torch.compiler.is_compiling():
+    if setting == "0" or values_unreadable(t):
         return None
     if t.is_cuda:
         if torch.cuda.is_current_stream_capturing():

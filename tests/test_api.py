@@ -345,6 +345,28 @@ def test_meta_tensors_infer_shapes(backend):
     assert crossattn.select_blocks(q, k, crossattn.BlockPruning(block_q=16, block_k=16, top_k=1)).shape == (
         2, 4, 1, 1)
 
+def test_fake_tensors_infer_shapes_without_reading_values():
+    """Under ``FakeTensorMode`` (export, compile's fake propagation) CPU lengths and padding
+    masks have no values: the ragged-batch planner and the value checks must not read them
+    (they raised DataDependentOutputException), and shapes match a real call's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 6)
+    lengths, qpad = torch.tensor([7, 3]), torch.tensor([[False] * 5, [False, False, True, True, True]])
+    kwargs = dict(need_weights="full", return_aux=AUX_ALL, backend="torch", dropout_p=0.2)
+    real = crossattn.cross_attention(q, k, v, kv_lengths=lengths, query_padding_mask=qpad, **kwargs)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (q, k, v, lengths, qpad, torch.randn(2, 4, 7, 8))]
+        out, w, a = crossattn.cross_attention(*fake[:3], kv_lengths=fake[3], query_padding_mask=fake[4], **kwargs)
+        res = crossattn.bidirectional_cross_attention(  # x: 5 rows, y: 7 rows
+            fake[0], fake[1][:, :, :5], fake[2][:, :, :5], fake[5], fake[1], fake[2],
+            x_padding_mask=fake[4], y_padding_mask=fake[3][:, None] <= torch.arange(7), need_weights="mean",
+            prune=crossattn.BlockPruning(block_q=16, block_k=16, keep=0.5), dropout_p=0.1, backend="torch")
+    assert out.shape == real[0].shape and w.shape == real[1].shape
+    assert a.lse.shape == real[2].lse.shape and a.top_k_indices.shape == real[2].top_k_indices.shape
+    assert res.out_x.shape == (2, 4, 5, 6) and res.out_y.shape == (2, 4, 7, 6) and res.weights_yx.shape == (2, 7, 5)
+
+
 
 def test_backends_name_the_options_they_do_not_serve():
     """A module backend serving none of the new options rejects a problem that uses them,

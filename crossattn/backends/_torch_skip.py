@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._validation import values_unreadable
+
 # Causal query chunks: at least this many rows, at most _CAUSAL_CHUNKS of them per group
 # (the work above the diagonal left inside the chunks is ~1/(2 * chunks) of the whole).
 _CAUSAL_ROWS = 64
@@ -52,7 +54,8 @@ def plan(p, key_valid, query_valid) -> list[Part] | None:
     """The parts of ``p``, or None when nothing can be skipped or the lengths are not on the
     host (CUDA and meta tensors, tracing)."""
     B, _, Lq, Lk, _, _ = p.dims
-    if p.q.device.type != "cpu" or torch.compiler.is_compiling() or min(B, Lq, Lk) == 0:
+    if (p.q.device.type != "cpu" or min(B, Lq, Lk) == 0
+            or any(values_unreadable(t) for t in (p.q, key_valid, query_valid) if t is not None)):
         return None
     groups: dict[tuple[int, int], list[int]] = {}
     for b, ends in enumerate(zip(_ends(query_valid, Lq, B), _ends(key_valid, Lk, B))):
