@@ -97,11 +97,17 @@ def dropout_keep_mask(
     device: torch.device | str = "cpu",
     dropped: bool = False,
     batch_ids: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64);
     with ``dropped`` its complement (True = dropped), for ``masked_fill`` without a negation pass.
     ``batch_ids`` (``batch`` int64 indices) names the batch rows when they are not
-    ``0 .. batch-1`` (a backend that runs a subset of the batch draws that subset's mask)."""
+    ``0 .. batch-1`` (a backend that runs a subset of the batch draws that subset's mask).
+    ``dtype`` other than bool gives the mask as 0/1 of that dtype, written by the comparisons
+    themselves (no conversion pass over the mask). ``out``, a contiguous tensor of that shape
+    and dtype, receives the mask where ``cols`` is a multiple of 4 (a dead buffer reused saves
+    a fresh allocation, whose page faults cost as much as the pass); it is ignored otherwise."""
     rows = rows.to(device=device, dtype=torch.int64)
     groups = -(-cols // 4)
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
@@ -117,7 +123,7 @@ def dropout_keep_mask(
     # views, which Dynamo cannot trace: under torch.compile the whole-tensor rounds.
     if _mulhilo is not _mulhilo_wrapping or torch.compiler.is_compiling():
         keep = torch.stack([compare(w, threshold) for w in philox4x32(seed, j4, i, bh, d)], dim=-1)
-        return keep.flatten(-2)[..., :cols]  # key j takes word j % 4 of counter j // 4
+        return keep.flatten(-2)[..., :cols].to(dtype)  # key j takes word j % 4 of counter j // 4
     # The first round and most of the second on the broadcast counters (keys, rows and heads
     # vary apart, so they cost next to nothing): round 2's third word, hi_a ^ c3 ^ k1, is the
     # first full-size one, formed piece by piece in _rounds.
@@ -126,7 +132,12 @@ def dropout_keep_mask(
     hi_b, lo_b = _mulhilo(_ROUND_B, c2)
     hi_a, lo_a = _mulhilo(_ROUND_A, c0)
     c = (hi_b ^ (c1 ^ k0), lo_b, hi_a, c3 ^ k1, lo_a)
-    keep = torch.empty(batch, heads, len(rows), groups, 4, dtype=torch.bool, device=device)
+    shape = (batch, heads, len(rows), groups, 4)
+    if (out is not None and cols % 4 == 0 and out.dtype == dtype and out.is_contiguous()
+            and tuple(out.shape) == shape[:3] + (cols,) and out.device == torch.device(device)):
+        keep = out.view(shape)
+    else:
+        keep = torch.empty(shape, dtype=dtype, device=device)
     step = max(1, _PIECE // max(1, batch * heads * groups)) if keep.device.type == "cpu" else max(1, len(rows))
     # One state buffer for every piece: a fresh multi-MiB allocation per piece would be
     # mapped and page-faulted anew each time.

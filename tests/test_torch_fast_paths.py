@@ -82,3 +82,26 @@ def test_saved_p_is_chosen_by_size(monkeypatch):
     assert tb._saves_p(problem("full")) and not tb._saves_p(problem(None)) and not tb._saves_p(problem("mean"))
     assert tb._sdpa_serves(problem(None, 0.0)) and not tb._sdpa_serves(problem(None))
     assert not tb._sdpa_serves(problem("full", 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lk", [24, 23], ids=["keys%4==0", "keys%4!=0"])
+@pytest.mark.parametrize("need_weights", ["full", "mean"])
+def test_saved_p_dropout_matches_the_reference(monkeypatch, dtype, Lk, need_weights):
+    """The saved-P path with dropout keeps ``PD = P * keep`` (the mask drawn into the dead
+    logits buffer when Lk % 4 == 0, else a buffer of its own; float16 by row chunks) and
+    derives the softmax backward from it: outputs, weights and every gradient (grouped heads,
+    padding, a learnable temperature) against the float64 reference."""
+    from conftest import check_gradients
+
+    taken = []
+    real = tb._saves_p
+    monkeypatch.setattr(tb, "_saves_p", lambda p: taken.append(real(p)) or taken[-1])
+    q, _, _ = make_qkv(2, 4, 9, Lk, 16, dtype=dtype, requires_grad=True)
+    _, k, v = make_qkv(2, 2, 9, Lk, 16, 8, dtype=dtype, seed=1, requires_grad=True)
+    kpm = torch.zeros(2, Lk, dtype=torch.bool)
+    kpm[1, Lk - 5:] = True
+    kw = dict(key_padding_mask=kpm, temperature=torch.tensor([0.6, 1.0, 1.4, 2.0]), dropout_p=0.3)
+    check_gradients(lambda *a, **k: crossattn.cross_attention(*a, backend="torch", **k), q, k, v, kw,
+                    need_weights, dtype)
+    assert taken and all(taken)

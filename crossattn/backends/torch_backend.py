@@ -307,11 +307,6 @@ def _coef(cfg, temperature, ct):
     return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
 
 
-def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as 0/1 of ``dtype``, through its uint8 view (a fast vectorised copy)."""
-    return keep.view(torch.uint8).to(dtype)
-
-
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the saved-P path multiplies and normalises. bfloat16 stays in bfloat16, as eager
     does: its matmuls accumulate in float32 (oneDNN) and torch's softmax and softmax backward
@@ -325,14 +320,19 @@ class _SavedPAttention(torch.autograd.Function):
     """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
 
     ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
-    the caller holds anyway -- and, with dropout, the bool keep mask: nothing is
-    recomputed, and the saved state (P and one byte per score) stays below eager autograd's
-    (P, mask and dropped-out copy). The mask is applied as a 0/1 tensor of the work dtype:
-    a multiply vectorises, ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on
-    a CPU, and a bool tensor converts fast only through its uint8 view. The dropout scale ``1/(1-p)`` and the
-    ``scale / temperature`` factor are applied on the small side (q, out, dO, dq). float32,
-    float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by row chunks
-    (its ``P`` stored in float16, as eager would)."""
+    the caller holds anyway -- and, with dropout, the dropped-out ``PD = P * keep`` (stored
+    like ``P``) that the forward multiplies ``v`` with: nothing is recomputed, the backward
+    needs no keep mask (``P * keep * dP = PD * dP``, so the softmax backward
+    ``P * (g - rowsum(P * g))`` of ``g = keep * dP + dW`` is ``t - P * rowsum(t)`` with
+    ``t = PD * dP + P * dW``) and runs in place on ``dP``, and the saved state (``P``, ``PD``)
+    stays below eager autograd's (``P``, the mask and the dropped-out copy). The keep mask
+    is drawn as 0/1 of the work dtype and becomes ``PD`` in place: a multiply vectorises,
+    where ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on a CPU; every
+    [B, H, Lq, Lk] buffer is written once (at the seed's size each fresh one is a new
+    mapping whose page faults cost as much as the pass). The dropout scale ``1/(1-p)`` and
+    the ``scale / temperature`` factor are applied on the small side (q, out, dO, dq).
+    float32, float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by
+    row chunks (its ``P`` and ``PD`` stored in float16, as eager would)."""
 
     @staticmethod
     def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg):
@@ -343,10 +343,9 @@ class _SavedPAttention(torch.autograd.Function):
         kt, vc = k.to(wt).transpose(-1, -2), v.to(wt)
         rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         whole = rows >= Lq > 0 and wt == q.dtype
+        dropout = cfg.dropout_p > 0
         weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
-        keep_all = None
-        if cfg.dropout_p > 0 and not whole:
-            keep_all = torch.empty(B, H, Lq, Lk, dtype=torch.bool, device=q.device)
+        dropped = None if whole or not dropout else q.new_empty(B, H, Lq, Lk)  # PD
         f = _dropout_scale(cfg.dropout_p)
         out = q.new_empty(B, H, Lq, Dv)
         for r0 in range(0, Lq, rows):
@@ -357,26 +356,25 @@ class _SavedPAttention(torch.autograd.Function):
             if mask is not None:
                 s.masked_fill_(~mask, -math.inf)
             p = torch.softmax(s, dim=-1)
-            del s
             if mask is not None:
                 p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
             if whole:
                 weights = p
             else:
                 weights[:, :, sl] = p
-            keep = None
-            if cfg.dropout_p > 0:
-                keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
-                                         direction=cfg.direction, device=q.device,
-                                         batch_ids=_batch_ids(cfg, q.device))
+            pd = p
+            if dropout:  # the keep mask as 0/1 of the work dtype (in the logits' buffer), times P
+                pd = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
+                                       direction=cfg.direction, device=q.device,
+                                       batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s).mul_(p)
                 if whole:
-                    keep_all = keep
+                    dropped = pd
                 else:
-                    keep_all[:, :, sl] = keep
-            pd = p if keep is None else p * _as_factor(keep, wt)
+                    dropped[:, :, sl] = pd
+            del s
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            out[:, :, sl] = o if keep is None else o * f
-        ctx.save_for_backward(qs, k, v, temperature, weights, keep_all)
+            out[:, :, sl] = o * f if dropout else o
+        ctx.save_for_backward(qs, k, v, temperature, weights, dropped)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         if cfg.need_weights == "full":
@@ -386,7 +384,7 @@ class _SavedPAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_weights):
-        qs, k, v, temperature, weights, keep_all = ctx.saved_tensors
+        qs, k, v, temperature, weights, dropped = ctx.saved_tensors
         cfg = ctx.cfg
         B, H, Lq, _ = qs.shape
         Hkv, Lk = k.shape[1], k.shape[2]
@@ -400,25 +398,23 @@ class _SavedPAttention(torch.autograd.Function):
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
             p = weights[:, :, sl].to(wt)
-            keep = None if keep_all is None else _as_factor(keep_all[:, :, sl], wt)
-            if d_out is None:
-                dp = torch.zeros_like(p)
-            else:
+            t = None  # P * g for g = d loss / d P (both branches: dropped-out and returned)
+            if d_out is not None:
                 do = d_out[:, :, sl].to(wt)
-                if keep is not None:
+                pd = p
+                if dropped is not None:
                     do = do * f  # the 1/(1-p) of dP and dV, on the small side
-                dp = _ungrouped(_grouped(do, Hkv) @ vt, H)  # d loss / d (dropped-out P)
-                pd = p if keep is None else p * keep
+                    pd = dropped[:, :, sl].to(wt)
                 dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
+                t = _ungrouped(_grouped(do, Hkv) @ vt, H).mul_(pd)  # P * keep * dP = PD * dP
                 del pd
-                if keep is not None:
-                    dp *= keep
-            if d_weights is not None and cfg.need_weights == "full":
-                dp += d_weights[:, :, sl].to(wt)
-            elif d_weights is not None and cfg.need_weights == "mean":
-                dp += d_weights[:, None, sl].to(wt) / H
-            ds = torch._softmax_backward_data(dp, p, -1, wt)  # P * (dP - rowsum(P * dP))
-            del dp, p
+            if d_weights is not None and cfg.need_weights in ("full", "mean"):
+                dw = d_weights[:, :, sl] if cfg.need_weights == "full" else d_weights[:, None, sl] / H
+                t = p * dw.to(wt) if t is None else t.addcmul_(p, dw.to(wt))
+            if t is None:
+                t = torch.zeros_like(p)
+            ds = t.addcmul_(p, _rowsum(t), value=-1)  # P * (g - rowsum(P * g))
+            del t, p
             ds = _grouped(ds, Hkv)
             dq[:, :, sl] = _ungrouped(ds @ kc, H)
             dk += ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
@@ -432,6 +428,14 @@ class _SavedPAttention(torch.autograd.Function):
         return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None
 
 
+def _rowsum(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(-1, keepdim=True)``, accumulated and kept in float32 for bfloat16 (its rounding
+    would otherwise enter every ``dS`` of the row)."""
+    if t.dtype == torch.bfloat16:
+        return t.sum(-1, keepdim=True, dtype=torch.float32)
+    return t.sum(-1, keepdim=True)
+
+
 def _saves_p(p: AttentionProblem) -> bool:
     """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and the dropout
     mask fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
@@ -440,7 +444,7 @@ def _saves_p(p: AttentionProblem) -> bool:
     if p.need_weights == "full":
         return True
     B, H, Lq, Lk, _, _ = p.dims
-    per_score = p.q.element_size() + (1 if p.dropout_p > 0 else 0)  # P and the bool dropout mask
+    per_score = p.q.element_size() * (2 if p.dropout_p > 0 else 1)  # P and the dropped-out PD
     budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
     return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
 
