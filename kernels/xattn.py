@@ -188,7 +188,7 @@ def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_
         temp=temp, bias=_bias_args(attn_bias, q, k), heads=_heads_args(weight_heads, H, q[0].device),
         has_heads=bool(weight_heads),
         flags=dict(HAS_QV=flags[0], HAS_KV=flags[1], HAS_T=flags[2], PRUNE=prune, CAUSAL=bool(is_causal),
-                   HAS_BIAS=any(b is not None for b in attn_bias)),
+                   HAS_BIAS=any(b is not None for b in attn_bias), BIDIR=len(q) == 2),
         drop=(seed, thr, drop_scale), dropout=dropout,
         tiles=dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_dim(D), PREC=_precision(q[0].dtype),
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg),
@@ -272,7 +272,7 @@ def _launch_fwd(q, k, v, q_valid, k_valid, temperature, scale, seed, dropout_p, 
                 *[(dest_o[i], dest_s[i][0], dest_s[i][1], outs[i], stats[i][0], stats[i][1], q[i].shape[2],
                    v[i].shape[3], dest_a[i][0], ents[i], dest_a[i][2], tvs[i], tis[i]) for i in ends],
                 nblk[0], grid[0], n_split, BLOCK_M=cfg.block_m, BLOCK_DV=s.block_dv, num_warps=cfg.num_warps,
-                maxnreg=cfg.maxnreg, **aux_c,
+                maxnreg=cfg.maxnreg, BIDIR=s.flags["BIDIR"], **aux_c,
             )
     ws = [qq.new_empty(0) for qq in q]
     if weights:

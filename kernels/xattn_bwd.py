@@ -121,16 +121,19 @@ def _xattn_bwd_delta_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
+    BIDIR: tl.constexpr = True,
 ):
     """delta = rowsum(dO * O) + rowsum(P * (dW + dKM)) - dLSE (DELTA holds -dLSE on entry)."""
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if pid < nblk0:
-        prob, grad, mblk = dir0, g0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            prob, grad, mblk = dir0, g0, pid
+        else:
+            prob, grad, mblk = dir1, g1, pid - nblk0
     else:
-        prob, grad, mblk = dir1, g1, pid - nblk0
+        prob, grad, mblk = dir0, g0, pid
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,15 +174,18 @@ def _xattn_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
+    STREAM: tl.constexpr = False, BIDIR: tl.constexpr = True,
 ):
     """One key tile of kv head g: dK, dV summed over the group's query heads in-kernel. Slabs
     are batch * kv heads (of the direction with the most; the other's extra slabs idle)."""
     pid, slab = _tile_and_slab(ntiles)
-    if pid < nblk0:
-        prob, grad, direction, nblk = dir0, g0, 0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            prob, grad, direction, nblk = dir0, g0, 0, pid
+        else:
+            prob, grad, direction, nblk = dir1, g1, 1, pid - nblk0
     else:
-        prob, grad, direction, nblk = dir1, g1, 1, pid - nblk0
+        prob, grad, direction, nblk = dir0, g0, 0, pid
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     hkv = H // group
@@ -223,17 +229,17 @@ def _xattn_bwd_dkdv_kernel(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q, m2, r2, delta, do = _query_rows(prob, grad, b, h, bh, offs_m, BLOCK_D, BLOCK_DV)
                 row_ok = _row_valid(QV, b, offs_m, Lq, HAS_QV)
+                if STREAM:  # q.k and dO.v with both operands streamed (see _dot_streamed)
+                    qk = _dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, g, offs_n, lk, D, BLOCK_D, PREC)
+                else:
+                    qk = tl.dot(q, kt, input_precision=PREC)
+                s, _, _ = _mask_logits(qk * (coef * 1.4426950408889634), prob, b, h, offs_m, offs_n, row_ok, col_ok,
+                                       CAUSAL, HAS_BIAS)
+                p = _probs(s, m2, r2)
                 if STREAM:
-                    s, _, _ = _mask_logits(_dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, g, offs_n, lk, D, BLOCK_D,
-                                                         PREC) * (coef * 1.4426950408889634), prob, b, h, offs_m,
-                                           offs_n, row_ok, col_ok, CAUSAL, HAS_BIAS)
-                    p = _probs(s, m2, r2)
                     dp = _dot_streamed(DO, (0, Lq * DV, DV, 1), 0, bh.to(tl.int64), offs_m, Lq, V, sv, b, g, offs_n,
                                        lk, DV, BLOCK_DV, PREC)
                 else:
-                    s, _, _ = _logits(q, kt, coef * 1.4426950408889634, prob, b, h, offs_m, offs_n, row_ok, col_ok,
-                                      CAUSAL, HAS_BIAS, PREC)
-                    p = _probs(s, m2, r2)
                     dp = tl.dot(do, vt, input_precision=PREC)
                 pd = p
                 if DROPOUT:
@@ -264,16 +270,19 @@ def _xattn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_M: tl.constexpr, BIAS_N: tl.constexpr,
     HAS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, HAS_DH: tl.constexpr = False, HAS_DKM: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
+    STREAM: tl.constexpr = False, BIDIR: tl.constexpr = True,
 ):
     """One query tile: dQ, the temperature's partial sum and the bias gradient."""
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if pid < nblk0:
-        prob, grad, direction, mblk = dir0, g0, 0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            prob, grad, direction, mblk = dir0, g0, 0, pid
+        else:
+            prob, grad, direction, mblk = dir1, g1, 1, pid - nblk0
     else:
-        prob, grad, direction, mblk = dir1, g1, 1, pid - nblk0
+        prob, grad, direction, mblk = dir0, g0, 0, pid
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     O, DO, M, R, DELTA, DW, DQ, DK, DVG, DT, LT, DBIAS, sdbias, HPOS, nh, DH, DKM, _one = grad
     hk = h // group
@@ -299,16 +308,16 @@ def _xattn_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = _load_t(K, sk, b, hk, offs_n, Lk, offs_d, D)
             if STREAM:  # q.k and dO.v with their operands streamed (see _dot_streamed); kt for dQ only
-                s, s2, ok = _mask_logits(_dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, hk, offs_n, Lk, D, BLOCK_D,
-                                                       PREC) * coef2, prob, b, h, offs_m, offs_n, row_ok,
-                                         _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS)
-                p = _probs(s, m2, r2)
+                qk = _dot_streamed(Q, sq, b, h, offs_m, Lq, K, sk, b, hk, offs_n, Lk, D, BLOCK_D, PREC)
+            else:
+                qk = tl.dot(q, kt, input_precision=PREC)
+            s, s2, ok = _mask_logits(qk * coef2, prob, b, h, offs_m, offs_n, row_ok,
+                                     _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS)
+            p = _probs(s, m2, r2)
+            if STREAM:
                 dp = _dot_streamed(DO, (0, Lq * DV, DV, 1), 0, bh.to(tl.int64), offs_m, Lq, V, sv, b, hk, offs_n, Lk,
                                    DV, BLOCK_DV, PREC)
             else:
-                s, s2, ok = _logits(q, kt, coef2, prob, b, h, offs_m, offs_n, row_ok,
-                                    _col_valid(KV, b, offs_n, Lk, HAS_KV), CAUSAL, HAS_BIAS, PREC)
-                p = _probs(s, m2, r2)
                 dp = tl.dot(do, _load_t(V, sv, b, hk, offs_n, Lk, offs_dv, DV), input_precision=PREC)
             if DROPOUT:
                 keep = _keep_mask(seed, offs_m, offs_n, bh, direction, drop_threshold)

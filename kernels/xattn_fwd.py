@@ -4,7 +4,9 @@ One kernel serves both directions of a bidirectional call: program ids along axi
 ``nblk0`` work on direction 0 (x queries -> y keys, or the only direction), the rest on
 direction 1. Each direction travels as one tuple (``PROBLEM`` below: pointers, strides,
 lengths, head dims, scale), selected once per program; both share batch, heads, dtypes and
-compile-time flags.
+compile-time flags. One-direction launches pass ``BIDIR=False``, which compiles the selection
+away: the direction's scalars then stay kernel parameters (read from the constant bank where
+used) instead of values held in registers for the whole program.
 
 Conventions (the reference's, crossattn/reference.py):
 * logits are kept in base-2 units inside the kernels: ``s2 = q.k * scale / T * log2(e)``;
@@ -266,6 +268,7 @@ def _xattn_fwd_kernel(
     SPLIT: tl.constexpr, PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr, ENTROPY: tl.constexpr = False, TOPK: tl.constexpr = 0, KP: tl.constexpr = 2,
+    BIDIR: tl.constexpr = True,
 ):
     """Axis 0: query blocks of both directions x batch * head; axis 2: key splits.
 
@@ -282,10 +285,13 @@ def _xattn_fwd_kernel(
     split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if pid < nblk0:
-        prob, res, direction, mblk = dir0, res0, 0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            prob, res, direction, mblk = dir0, res0, 0, pid
+        else:
+            prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
     else:
-        prob, res, direction, mblk = dir1, res1, 1, pid - nblk0
+        prob, res, direction, mblk = dir0, res0, 0, pid
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     O, M, R, E, TV, TI = res
     hk = h // group
@@ -358,17 +364,21 @@ def _xattn_fwd_kernel(
 @triton.jit
 def _xattn_fwd_combine_kernel(part0, part1, nblk0, ntiles, n_split,
                               BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                              ENTROPY: tl.constexpr = False, TOPK: tl.constexpr = 0, KP: tl.constexpr = 2):
+                              ENTROPY: tl.constexpr = False, TOPK: tl.constexpr = 0, KP: tl.constexpr = 2,
+                              BIDIR: tl.constexpr = True):
     """Merges the split-key partial outputs, a softmax over the partial statistics;
     ``part`` is (OP, MP, RP, O, M, R, Lq, DV, EP, E, TKP, TV, TI) per direction: the optional
     statistics' partials EP (mean of s - M per split) and TKP (top-k keys per split) merge into
     the entropy E and the top-k TV, TI."""
     pid, bh = _tile_and_slab(ntiles)
     bh = bh.to(tl.int64)
-    if pid < nblk0:
-        part, mblk = part0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            part, mblk = part0, pid
+        else:
+            part, mblk = part1, pid - nblk0
     else:
-        part, mblk = part1, pid - nblk0
+        part, mblk = part0, pid
     OP, MP, RP, O, M, R, Lq, DV, EP, E, TKP, TV, TI = part
     BH = tl.num_programs(0) // ntiles
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -451,6 +461,7 @@ def _xattn_weights_kernel(
     MEAN: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr,
     PRUNE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BIDIR: tl.constexpr = True,
 ):
     """Writes the weights from the stored row statistics, one tile per program: no score
     matrix in memory and no softmax pass. ``res`` is (W, M, R, nkb, HEADS, nh): the weights
@@ -458,10 +469,13 @@ def _xattn_weights_kernel(
     MEAN: axis 1 is the batch and those heads are averaged here; otherwise batch * listed head
     (one grid axis: tiles x slabs)."""
     pid, slab = _tile_and_slab(ntiles)
-    if pid < ntiles0:
-        prob, res, tile = dir0, res0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < ntiles0:
+            prob, res, tile = dir0, res0, pid
+        else:
+            prob, res, tile = dir1, res1, pid - ntiles0
     else:
-        prob, res, tile = dir1, res1, pid - ntiles0
+        prob, res, tile = dir0, res0, pid
     W, M, R, nkb, HEADS, nh = res
     Lq, Lk = prob[13], prob[14]  # (PROBLEM)
     offs_m = (tile // nkb) * BLOCK_M + tl.arange(0, BLOCK_M)

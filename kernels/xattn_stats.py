@@ -46,7 +46,7 @@ def _xattn_key_mass_kernel(
     dir0, dir1, res0, res1, nblk0, ntiles, H, block_q, block_k,
     HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, HAS_T: tl.constexpr, PRUNE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, BIDIR: tl.constexpr = True,
 ):
     """``KM[b, h, j] = sum_i P[b, h, i, j]`` for one key tile of one query head (axis 0: key
     tiles of both directions x batch * head). ``res`` is (KM, M, R); the problem's BM is the
@@ -54,10 +54,13 @@ def _xattn_key_mass_kernel(
     pid, bh = _tile_and_slab(ntiles)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if pid < nblk0:
-        prob, res, nblk = dir0, res0, pid
+    if BIDIR:  # one direction: no select, its scalars stay kernel parameters
+        if pid < nblk0:
+            prob, res, nblk = dir0, res0, pid
+        else:
+            prob, res, nblk = dir1, res1, pid - nblk0
     else:
-        prob, res, nblk = dir1, res1, pid - nblk0
+        prob, res, nblk = dir0, res0, pid
     Q, K, V, QV, KV, KEND, T, BM, BIAS, sq, sk, sv, sbias, Lq, Lk, D, DV, scale, nqbp, nkbp, group, _one = prob
     KM, M, R = res
     n0 = nblk * BLOCK_N
@@ -130,7 +133,7 @@ def launch_key_mass(problems, k, stats, s) -> list[torch.Tensor]:
         _xattn_key_mass_kernel[_grid(sum(nkb), B * H)](
             *[problems[i] for i in ends], *[(kms[i], stats[i][0], stats[i][1]) for i in ends],
             nkb[0], sum(nkb), H, s.block_q, s.block_k,
-            **{n: s.flags[n] for n in ("HAS_QV", "HAS_KV", "HAS_T", "PRUNE", "CAUSAL", "HAS_BIAS")},
+            **{n: s.flags[n] for n in ("HAS_QV", "HAS_KV", "HAS_T", "PRUNE", "CAUSAL", "HAS_BIAS", "BIDIR")},
             **s.tiles,
         )
     return kms

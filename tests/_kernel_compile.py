@@ -107,8 +107,8 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
         return torch.randn(B, H, L, d, generator=g).to(tdtype).requires_grad_(True)
 
     calls = []
-    if features == "plain":
-        calls.append(dict(need_weights=False))
+    if features == "plain":  # both directions in one launch, and one direction (BIDIR=False)
+        calls += [dict(need_weights=False), dict(need_weights=False, single=True)]
     else:
         opts = dict(x_padding_mask=torch.arange(Lx)[None] >= 50, y_padding_mask=torch.arange(Ly)[None] >= 99,
                     temperature=torch.tensor([0.7, 1.3], requires_grad=True), dropout_p=0.3,
@@ -116,7 +116,7 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
         calls += [dict(opts, need_weights="full"), dict(opts, need_weights="mean")]
         # The options one direction takes on top: grouped kv heads, a learnable bias, causality,
         # ragged lengths, a head subset for the weights, every statistic (return_aux, k = 16).
-        calls.append(dict(opts, need_weights="full", single=True, is_causal=True, weight_heads=(1,),
+        calls.append(dict(opts, need_weights="full", single=True, ragged=True, is_causal=True, weight_heads=(1,),
                           attn_bias=torch.randn(1, H, 1, Ly, generator=g, requires_grad=True),
                           return_aux=crossattn.AuxRequest(lse=True, entropy=True, key_mass=True, top_k=16)))
     seen = {}
@@ -125,11 +125,14 @@ def capture(dtype: str, d: int, features: str) -> list[dict]:
         for kw in calls:
             with record_launches() as launches:
                 if kw.get("single"):
-                    kw = {n: x for n, x in kw.items() if n not in ("single", "x_padding_mask", "y_padding_mask")}
+                    lengths = torch.tensor([99]) if kw.get("ragged") else None
+                    kw = {n: x for n, x in kw.items()
+                          if n not in ("single", "ragged", "x_padding_mask", "y_padding_mask")}
                     res = crossattn.cross_attention(r(Lx), r(Ly)[:, :1], r(Ly)[:, :1], backend="triton",
-                                                    kv_lengths=torch.tensor([99]), **kw)
-                    aux = res[2]
-                    res = (res[0], res[1], aux.lse.masked_fill(aux.lse.isinf(), 0.0), aux.entropy, aux.key_mass)
+                                                    kv_lengths=lengths, **kw)
+                    if "return_aux" in kw:
+                        aux = res[2]
+                        res = (res[0], res[1], aux.lse.masked_fill(aux.lse.isinf(), 0.0), aux.entropy, aux.key_mass)
                 else:
                     res = crossattn.bidirectional_cross_attention(r(Lx), r(Lx), r(Lx), r(Ly), r(Ly), r(Ly),
                                                                   backend="triton", **kw)
@@ -153,6 +156,8 @@ def short_name(launch: dict) -> str:
         name += "_mean" if a.get("MEAN") else ("_full" if name == "weights" else "_dw")
     if a.get("ENTROPY") or a.get("TOPK") or a.get("HAS_DH") or a.get("HAS_DKM"):
         name += "_stats"  # return_aux statistics (or their gradients) fused in
+    if a.get("BIDIR") is False:
+        name += "_1dir"  # one direction: the direction select compiled away
     return name
 
 
