@@ -409,8 +409,8 @@ class _SavedPAttention(torch.autograd.Function):
                 t = _ungrouped(_grouped(do, Hkv) @ vt, H).mul_(pd)  # P * keep * dP = PD * dP
                 del pd
             if d_weights is not None and cfg.need_weights in ("full", "mean"):
-                dw = d_weights[:, :, sl] if cfg.need_weights == "full" else d_weights[:, None, sl] / H
-                t = p * dw.to(wt) if t is None else t.addcmul_(p, dw.to(wt))
+                dw = d_weights[:, :, sl].to(wt) if cfg.need_weights == "full" else d_weights[:, None, sl].to(wt) / H
+                t = p * dw if t is None else t.addcmul_(p, dw)
             if t is None:
                 t = torch.zeros_like(p)
             # P * (g - rowsum(P * g)); a bfloat16 row sum accumulates in float32 (one rounding of
@@ -433,7 +433,7 @@ class _SavedPAttention(torch.autograd.Function):
 
 def _saves_p(p: AttentionProblem) -> bool:
     """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and the dropout
-    mask fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
+    the dropped-out ``PD`` fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
     if p.aux is not None or p.attn_bias is not None or p.weight_heads is not None:
         return False
     if p.need_weights == "full":
