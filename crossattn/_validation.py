@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses import fake_tensor as _fake_tensor
 
 from .pruning import BlockPruning
 from .reference import AuxRequest, compute_dtype, default_scale, key_valid_mask
@@ -37,11 +38,7 @@ def values_unreadable(t: torch.Tensor) -> bool:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover - every torch crossattn supports has it
-        return False
-    return is_fake(t)
+    return _fake_tensor.is_fake(t)
 
 
 def _value_check_mode(t: torch.Tensor) -> str | None:

@@ -345,6 +345,7 @@ def test_meta_tensors_infer_shapes(backend):
     assert crossattn.select_blocks(q, k, crossattn.BlockPruning(block_q=16, block_k=16, top_k=1)).shape == (
         2, 4, 1, 1)
 
+
 def test_fake_tensors_infer_shapes_without_reading_values():
     """Under ``FakeTensorMode`` (export, compile's fake propagation) CPU lengths and padding
     masks have no values: the ragged-batch planner and the value checks must not read them
@@ -365,7 +366,6 @@ def test_fake_tensors_infer_shapes_without_reading_values():
     assert out.shape == real[0].shape and w.shape == real[1].shape
     assert a.lse.shape == real[2].lse.shape and a.top_k_indices.shape == real[2].top_k_indices.shape
     assert res.out_x.shape == (2, 4, 5, 6) and res.out_y.shape == (2, 4, 7, 6) and res.weights_yx.shape == (2, 7, 5)
-
 
 
 def test_backends_name_the_options_they_do_not_serve():

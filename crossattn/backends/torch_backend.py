@@ -327,9 +327,9 @@ class _SavedPAttention(torch.autograd.Function):
     ``t = PD * dP + P * dW``) and runs in place on ``dP``, and the saved state (``P``, ``PD``)
     stays below eager autograd's (``P``, the mask and the dropped-out copy). The keep mask
     is drawn as 0/1 of the work dtype and becomes ``PD`` in place: a multiply vectorises,
-    where ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on a CPU; every
-    [B, H, Lq, Lk] buffer is written once (at the seed's size each fresh one is a new
-    mapping whose page faults cost as much as the pass). The dropout scale ``1/(1-p)`` and
+    where ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on a CPU; no
+    [B, H, Lq, Lk] buffer is allocated beyond the logits, ``P`` and ``dP`` (at the seed's size
+    each fresh one is a new mapping whose page faults cost as much as the pass). The dropout scale ``1/(1-p)`` and
     the ``scale / temperature`` factor are applied on the small side (q, out, dO, dq).
     float32, float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by
     row chunks (its ``P`` and ``PD`` stored in float16, as eager would)."""
@@ -432,7 +432,7 @@ class _SavedPAttention(torch.autograd.Function):
 
 
 def _saves_p(p: AttentionProblem) -> bool:
-    """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and the dropout
+    """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and (with dropout)
     the dropped-out ``PD`` fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
     if p.aux is not None or p.attn_bias is not None or p.weight_heads is not None:
         return False
