@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _cpu_kernels
+
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
@@ -99,6 +101,8 @@ def dropout_keep_mask(
     batch_ids: torch.Tensor | None = None,
     dtype: torch.dtype = torch.bool,
     out: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Bool keep mask ``[batch, heads, len(rows), cols]`` for query rows ``rows`` (int64);
     with ``dropped`` its complement (True = dropped), for ``masked_fill`` without a negation pass.
@@ -107,8 +111,32 @@ def dropout_keep_mask(
     ``dtype`` other than bool gives the mask as 0/1 of that dtype, written by the comparisons
     themselves (no conversion pass over the mask). ``out``, a contiguous tensor of that shape
     and dtype, receives the mask where ``cols`` is a multiple of 4 (a dead buffer reused saves
-    a fresh allocation, whose page faults cost as much as the pass); it is ignored otherwise."""
+    a fresh allocation, whose page faults cost as much as the pass); it is ignored otherwise.
+    ``probs`` (that shape, ``dtype``, finite and >= 0) gives ``probs * mask`` instead of the mask.
+    On a CPU the compiled kernel of :mod:`crossattn._cpu_kernels` writes the same bits in one
+    pass where it can (``compiled=False`` forces the torch ops: the reference stays independent)."""
     rows = rows.to(device=device, dtype=torch.int64)
+    if (compiled and torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
+            and _cpu_kernels.library() is not None):
+        shape = (batch, heads, len(rows), cols)
+        target = out if (out is not None and out.dtype == dtype and tuple(out.shape) == shape
+                         and out.is_contiguous()) else None
+        if target is None:
+            target = torch.empty(shape, dtype=dtype, device=device)
+        if probs is None or (probs.dtype == dtype and tuple(probs.shape) == shape):
+            bh = torch.arange(batch * heads, dtype=torch.int64) if batch_ids is None else (
+                batch_ids.to(dtype=torch.int64).view(batch, 1) * heads + torch.arange(heads).view(1, heads)).flatten()
+            if _cpu_kernels.philox_mask(seed, dropout_threshold(p), bh=bh, rows=rows.contiguous(), cols=cols,
+                                        direction=direction, dropped=dropped, out=target,
+                                        src=None if probs is None else probs.contiguous()):
+                return target
+        out = target
+    keep = _torch_mask(seed, p, batch, heads, rows, cols, direction, device, dropped, batch_ids, dtype, out)
+    return keep if probs is None else keep.mul_(probs)
+
+
+def _torch_mask(seed, p, batch, heads, rows, cols, direction, device, dropped, batch_ids, dtype, out):
+    """dropout_keep_mask with torch ops."""
     groups = -(-cols // 4)
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
     i = rows.view(1, 1, -1, 1)

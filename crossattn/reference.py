@@ -386,7 +386,7 @@ def attention_reference(
         seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
         keep = dropout_keep_mask(
             seed, dropout_p, batch=B, heads=H, rows=torch.arange(Lq), cols=Lk,
-            direction=direction, device=q.device,
+            direction=direction, device=q.device, compiled=False,  # the oracle keeps to torch ops
         )
     inv_t = temperature_factor(temperature, H)
     if isinstance(inv_t, torch.Tensor):

@@ -363,10 +363,10 @@ class _SavedPAttention(torch.autograd.Function):
             else:
                 weights[:, :, sl] = p
             pd = p
-            if dropout:  # the keep mask as 0/1 of the work dtype (in the logits' buffer), times P
+            if dropout:  # P * keep (in the logits' buffer: no fresh [B, H, rows, Lk] allocation)
                 pd = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
                                        direction=cfg.direction, device=q.device,
-                                       batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s).mul_(p)
+                                       batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s, probs=p)
                 if whole:
                     dropped = pd
                 else:

@@ -1,0 +1,163 @@
+"""Compiled CPU helpers of the torch backend (``_cpu_kernels.c``), built at first use.
+
+Plain C, compiled with the system compiler (``$CC``, else ``cc``/``gcc``/``clang``) in a
+fraction of a second and loaded with ctypes -- no PyTorch headers, no build step at install.
+The library is cached per source, compiler and CPU under ``$CROSSATTN_CACHE_DIR`` (default
+``~/.cache/crossattn``). Where it cannot be built (no compiler, Windows, a read-only home and
+temp) or ``CROSSATTN_CPU_KERNELS=0``, callers run their torch-op versions, which give the
+same bits: the C code is only faster.
+
+Only eager CPU calls on plain tensors use it: fake, meta and traced tensors (and tensors that
+autograd records) take the torch ops, which the tracers understand.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("_cpu_kernels.c")
+_lock = threading.Lock()
+_lib = None
+_why_not: str | None = None  # why the library is unavailable, once tried
+
+# Bit pattern of 1 in each output format: the mask is written as 0 / one.
+_ONE = {torch.bool: 1, torch.uint8: 1, torch.float16: 0x3C00, torch.bfloat16: 0x3F80,
+        torch.float32: 0x3F800000, torch.float64: 0x3FF0000000000000}
+
+
+def _cpu_id() -> str:
+    """What the compiled code depends on (-march=native): the machine and its CPU flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))][:3]
+    except OSError:
+        info = []
+    return "|".join([platform.machine(), platform.processor(), *info])
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def _cache_dirs() -> list[Path]:
+    env = os.environ.get("CROSSATTN_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crossattn"
+    return [base, Path(tempfile.gettempdir()) / f"crossattn-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
+
+
+def _build() -> ctypes.CDLL:
+    if sys.platform == "win32":
+        raise OSError("compiled CPU kernels are built on POSIX systems only")
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC)")
+    source = _SOURCE.read_bytes()
+    attempts = (["-O3", "-march=native"], ["-O3"])  # a compiler without -march=native gets the portable build
+    last = ""
+    for flags in attempts:
+        tag = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
+                                         platform.python_version().encode()])).hexdigest()[:16]
+        for folder in _cache_dirs():
+            lib = folder / f"cpu_kernels-{tag}.so"
+            if lib.exists():
+                return ctypes.CDLL(str(lib))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+                os.close(fd)
+            except OSError as exc:
+                last = f"cannot write to {folder}: {exc}"
+                continue
+            try:
+                cmd = [cc, *flags, "-std=c11", "-fPIC", "-shared", "-pthread", "-o", tmp, str(_SOURCE)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    last = f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}"
+                    break  # the same flags fail in every folder: try the next flags
+                os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+                return ctypes.CDLL(str(lib))
+            except (OSError, subprocess.SubprocessError) as exc:
+                last = f"building {lib} failed: {exc}"
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    raise OSError(last or "the CPU kernels could not be built")
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the C signatures (ctypes would otherwise pass every integer as a C int)."""
+    u64, i64, ptr, c_int = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn = lib.crossattn_philox_mask
+    fn.argtypes = [u64, u64, c_int, ptr, i64, ptr, i64, i64, ctypes.c_uint32, c_int, u64, ptr, ptr, c_int]
+    fn.restype = c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, building it on first call; None where it is unavailable."""
+    global _lib, _why_not
+    if _lib is not None or _why_not is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _why_not is None:
+            if os.environ.get("CROSSATTN_CPU_KERNELS", "1") == "0":
+                _why_not = "CROSSATTN_CPU_KERNELS=0"
+                return None
+            try:
+                _lib = bind(_build())
+            except OSError as exc:
+                _why_not = str(exc)
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled CPU kernels are not used (None when they are), after trying to build them."""
+    library()
+    return _why_not
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A real CPU tensor whose memory the C code may read or write behind autograd's back."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
+            and not (t.requires_grad and torch.is_grad_enabled()))
+
+
+def philox_mask(seed, threshold: int, *, bh: torch.Tensor, rows: torch.Tensor, cols: int, direction: int,
+                dropped: bool, out: torch.Tensor, src: torch.Tensor | None = None, lib: ctypes.CDLL | None = None
+                ) -> bool:
+    """Writes the dropout mask of ``crossattn._philox`` into ``out`` ([len(bh), len(rows), cols]
+    elements, contiguous): 0/1 in ``out``'s dtype, or with ``src`` (same shape and dtype) ``src``
+    where kept and 0 where dropped. Returns False, touching nothing, where the compiled code
+    cannot serve the call (the caller then runs its torch ops). ``lib``: another build (tests)."""
+    if torch.compiler.is_compiling() or out.dtype not in _ONE:
+        return False
+    tensors = [out, bh, rows] + ([] if src is None else [src])
+    if isinstance(seed, torch.Tensor):
+        tensors.append(seed)
+    if not all(_plain_cpu(t) for t in tensors) or bh.dtype != torch.int64 or rows.dtype != torch.int64:
+        return False
+    if out.numel() != len(bh) * len(rows) * cols or (src is not None and (src.dtype != out.dtype
+                                                                           or src.shape != out.shape)):
+        return False
+    lib = library() if lib is None else lib
+    if lib is None:
+        return False
+    seed = int(seed)  # a CPU value: reading it costs no device sync
+    rc = lib.crossattn_philox_mask(
+        seed & 0xFFFFFFFFFFFFFFFF, threshold, int(dropped), bh.data_ptr(), len(bh), rows.data_ptr(), len(rows),
+        cols, direction, out.element_size(), _ONE[out.dtype], None if src is None else src.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
+    return rc == 0
