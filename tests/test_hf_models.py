@@ -55,12 +55,9 @@ def attention_fields(out):
             if getattr(out, f, None)]  # set and not empty (GPT-2 has no cross-attention)
 
 
-def compare(eager, ours, inputs, *, hidden="last_hidden_state", query_weight=None, tol=TOL,
-            grad_tol=TOL):
+def compare(eager, ours, inputs, *, hidden="last_hidden_state", tol=TOL, grad_tol=TOL):
     """Run both models with output_attentions; compare the hidden states, every attention map
-    and the gradients of a loss over both. ``query_weight`` [B, L] weighs the loss per query
-    position (0 to leave rows that see no key out of it: eager's gradient through their
-    rounded-to-uniform softmax is an artefact the kernels do not reproduce)."""
+    and the gradients of a loss over both (rows that see no key included)."""
     results = []
     for model in (eager, ours):
         model.zero_grad()
@@ -68,14 +65,10 @@ def compare(eager, ours, inputs, *, hidden="last_hidden_state", query_weight=Non
         g = torch.Generator().manual_seed(7)
         h = out[hidden]
         w = torch.randn(h.shape, generator=g, dtype=h.dtype)
-        if query_weight is not None:
-            w = w * query_weight[..., None]
         loss = (h * w).sum()
         for field in attention_fields(out):
             for a in out[field]:
                 c = torch.randn(a.shape, generator=g, dtype=a.dtype)
-                if query_weight is not None and a.shape[-2] == query_weight.shape[-1]:
-                    c = c * query_weight[:, None, :, None]
                 loss = loss + (a * c).sum()
         loss.backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters()}))
@@ -132,7 +125,9 @@ def test_llama_left_padding_rows_that_see_no_key_match_eager(name, kernel_calls)
     ids = torch.randint(1, 99, (2, 8), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :3] = 0
-    ref, got = compare(eager, ours, dict(input_ids=ids, attention_mask=mask), query_weight=mask.float(), **F32)
+    # The loss weighs the padded rows too: eager's softmax backward at their uniform rows
+    # reaches the queries and keys, and so does ours.
+    ref, got = compare(eager, ours, dict(input_ids=ids, attention_mask=mask), **F32)
     torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, **F32["tol"])  # padded rows too
     torch.testing.assert_close(got.attentions[0][1, :, 0], torch.full((4, 8), 1 / 8))
     assert len(kernel_calls) == 2
@@ -207,6 +202,9 @@ def test_a_fully_padded_encoder_item_matches_eager_through_cross_attention(name,
         torch.testing.assert_close(a, b, **TOL)
     assert torch.all(got.cross_attentions[0][0] == 1 / 6)
     assert len(kernel_calls) == 6
+    # Training: the loss sees item 0 too, and eager's softmax backward at its uniform rows
+    # reaches the queries, keys and the relative position bias.
+    compare(eager, ours, dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec))
 
 
 # -------------------------------------------------------------------------------- GPT-2
@@ -222,7 +220,10 @@ def test_gpt2_causal_on_the_kernels(name, kernel_calls):
 
 
 # ------------------------------------------------------------------- BERT, Wav2Vec2, Whisper
-def test_bert_with_padding(name, kernel_calls):
+@pytest.mark.parametrize("fully_padded", [False, True])
+def test_bert_with_padding(name, kernel_calls, fully_padded):
+    """Item 1 partly padded; with ``fully_padded`` item 0 is all padding too: eager's rows
+    that see no key (uniform) and their gradients into the queries and keys, matched."""
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=37,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -230,6 +231,8 @@ def test_bert_with_padding(name, kernel_calls):
     ids = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0
+    if fully_padded:
+        mask[0] = 0
     compare(eager, ours, dict(input_ids=ids, attention_mask=mask))
     assert len(kernel_calls) == 2
     assert all(kw["key_padding_mask"] is not None and not kw["is_causal"] for _, _, kw in kernel_calls)

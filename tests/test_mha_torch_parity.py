@@ -422,3 +422,21 @@ def test_compiles_fullgraph_with_masks():
     got = torch.compile(ours, fullgraph=True)(x, x, x, **kw)
     for a, b in zip(got, ours(x, x, x, **kw)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4), (5, 0, 4), (0, None, 4), (3, 2, 0)], ids=["no-queries", "no-batch",
+                                                                                     "unbatched-no-queries", "no-keys"])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("average", [True, False])
+def test_empty_queries_batch_or_keys_give_what_torch_gives(shape, need_weights, average):
+    L, B, S = shape
+    theirs, ours = pair()
+    q = torch.randn((L, 8) if B is None else (L, B, 8), dtype=D64)
+    k = torch.randn((S, 8) if B is None else (S, B, 8), dtype=D64)
+    ref_out, ref_w = theirs(q, k, k, need_weights=need_weights, average_attn_weights=average)
+    out, w = ours(q, k, k, need_weights=need_weights, average_attn_weights=average)
+    assert out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out)
+    assert (w is None) == (ref_w is None)
+    if w is not None:
+        assert w.shape == ref_w.shape

@@ -381,3 +381,49 @@ def test_from_pretrained_local_paths(tmp_path, monkeypatch):
     assert out["logits"].shape == (2, 7) and out["text_to_audio_attention"].shape[1] == text["input_ids"].shape[1]
     with pytest.raises(OSError):
         TextAudioEmotionModel.from_pretrained(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_encoder_layer_is_torchs_layer_without_its_nan_path(norm_first, mode):
+    """The models' TransformerEncoderLayer computes what torch's does (same state dict) in
+    every mode, and gives finite rows where a sequence is all padding (torch's fused eval
+    path gives NaN there)."""
+    from crossattn.models.encoders import TransformerEncoderLayer
+    torch.manual_seed(0)
+    args = (8, 2, 16, 0.0)
+    theirs = torch.nn.TransformerEncoderLayer(*args, batch_first=True, norm_first=norm_first, dtype=torch.float64)
+    ours = TransformerEncoderLayer(*args, batch_first=True, norm_first=norm_first, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        m.train(mode == "train")
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        torch.testing.assert_close(ours(x, src_key_padding_mask=pad), theirs(x, src_key_padding_mask=pad))
+        pad[2] = True  # all padding
+        out = ours(x, src_key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model", ["early", "late", "attention", "hctdmg"])
+def test_models_stay_finite_in_inference_when_a_modality_is_all_padding(model):
+    torch.manual_seed(0)
+    if model == "hctdmg":
+        m = HCTDMG(6, 5, 4, num_outputs=3, d_model=8, num_heads=2, layers=1)
+        kw = dict(primary="vision")
+    else:
+        m = FusionBaseline(model, (6, 5, 4), 4, d_model=8, num_heads=2)
+        kw = {}
+    x = [torch.randn(2, 7, 6), torch.randn(2, 9, 5), torch.randn(2, 5, 4)]
+    vision_pad = torch.zeros(2, 5, dtype=torch.bool)
+    vision_pad[1] = True
+    m.eval()
+    with torch.no_grad():
+        out = m(*x, vision_padding_mask=vision_pad, **kw)
+    result = out["logits"] if "logits" in out else out["output"]
+    assert torch.isfinite(result).all()
+    with torch.no_grad():  # the other example does not see example 1's padding
+        alone = m(*(t[:1] for t in x), vision_padding_mask=vision_pad[:1], **kw)
+    torch.testing.assert_close(result[:1], (alone["logits"] if "logits" in alone else alone["output"]))

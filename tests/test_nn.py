@@ -219,6 +219,16 @@ def test_modules_run_on_meta_tensors():
     assert out.shape == (2, 4, 16) and w.shape == (2, 4, 9)
 
 
+@pytest.mark.parametrize("factory", [dict(dtype=torch.float64), dict(device="meta")])
+def test_every_parameter_honours_the_factory_arguments(factory):
+    """dtype= / device= reach every parameter, the learnable temperature included."""
+    for m in (CrossModalAttention(12, 3, learnable_temperature=True, **factory),
+              BidirectionalCrossAttention(12, 3, learnable_temperature=True, **factory)):
+        for name, p in m.named_parameters():
+            for key, value in factory.items():
+                assert getattr(p, key) == torch.device(value) if key == "device" else getattr(p, key) == value, name
+
+
 def test_bidirectional_module_trains_temperature_and_prunes():
     m = BidirectionalCrossAttention(32, 4, learnable_temperature=True,
                                     prune=crossattn.BlockPruning(block_q=16, block_k=16, top_k=1))

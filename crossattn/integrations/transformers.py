@@ -15,7 +15,8 @@ grouped-query heads go as they are, and T5's ``position_bias`` is an ``attn_bias
 (differentiable: ``relative_attention_bias`` trains). Results match
 ``attn_implementation="eager"``, including rows that see no key at all: eager gives them
 uniform weights and the mean of the values, and so does this integration (the kernels give
-zeros there; only those rows are patched, gradients reach the values, not the queries/keys).
+zeros there; only those rows are patched, with eager's gradients: its softmax backward at the
+uniform row reaches the queries, keys and position bias too).
 
 An argument this function does not understand is never ignored: the call goes to the
 model's own eager attention function, and the reason is logged once.
@@ -33,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._validation import values_unreadable
 from ..functional import cross_attention
 
 DEFAULT_NAME = "crossattn"  # no "sdpa"/"flash" in it: transformers treats those specially
@@ -208,13 +210,46 @@ def crossattn_attention_forward(module, query, key, value, attention_mask, dropo
         scale=None if scaling is None else float(scaling), dropout_p=float(dropout),
         need_weights="full" if want_weights else False,
     )
-    if empty is not None:
-        # Eager gives rows that see no key uniform weights over all keys and the mean of all
-        # values; the kernels give zeros. Patch those rows only.
-        groups = query.shape[1] // value.shape[1]
-        mean_v = value.mean(2, keepdim=True).repeat_interleave(groups, dim=1)
-        out = torch.where(empty[..., None], mean_v.to(out.dtype), out)
-        if weights is not None:
-            weights = torch.where(empty[..., None], torch.full((), 1.0 / k_len, dtype=weights.dtype,
-                                                               device=weights.device), weights)
+    if empty is not None and not (empty.device.type == "cpu" and not values_unreadable(empty)
+                                  and not bool(empty.any())):  # free to know on a CPU: skip
+        out, weights = _as_eager_where_empty(out, weights, empty, query, key, value, scaling, position_bias)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _as_eager_where_empty(out, weights, empty, query, key, value, scaling, position_bias):
+    """Rows that see no key, as eager computes them (the kernels give zeros there).
+
+    Eager adds the dtype's minimum to every logit of such a row: the softmax is uniform, ``u =
+    1 / Lk``, so the output is the mean of the values -- but its backward is the softmax's at
+    ``u``, so the logits, and through them the queries, keys and a position bias, still get
+    gradients. Written as value + (z - z.detach()) with z linear in the logits, that Jacobian
+    costs O((Lq + Lk) D Dv) per head, no [Lq, Lk] logits (those only for returned weights)."""
+    B, H, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    g = H // Hkv
+    mean_v = value.mean(2, keepdim=True)  # [B, Hkv, 1, Dv]
+    patched = mean_v.repeat_interleave(g, dim=1)
+    trains = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, position_bias))
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    if trains and Lk > 0:
+        # d out_i / d s_ij = u (v_j - mean v): z_i = sum_j u s_ij (v_j - mean v), values detached
+        # (the values' own gradient, u each, comes through mean_v).
+        vc = (value - mean_v).detach()
+        a = vc.transpose(-1, -2) @ key / Lk  # [B, Hkv, Dv, D]: (1/Lk) sum_j (v_j - mean v) k_j^T
+        z = (query.reshape(B, Hkv, g * Lq, D) @ a.transpose(-1, -2) * scale).reshape(B, H, Lq, -1)
+        if position_bias is not None and position_bias.requires_grad:
+            vh = vc.repeat_interleave(g, dim=1)
+            z = z + position_bias.to(vh.dtype) @ vh / Lk
+        patched = patched + (z - z.detach())
+    out = torch.where(empty[..., None], patched.to(out.dtype), out)
+    if weights is not None:
+        uniform = torch.full((), 1.0 / Lk, dtype=weights.dtype, device=weights.device)
+        if trains:  # d P_ij / d s_il = u (delta_jl - u) at the uniform row
+            s = (query.reshape(B, Hkv, g * Lq, D) @ key.transpose(-1, -2) * scale).reshape(B, H, Lq, Lk)
+            if position_bias is not None and position_bias.requires_grad:
+                s = s + position_bias
+            y = (s - s.mean(-1, keepdim=True)) / Lk
+            uniform = uniform + (y - y.detach()).to(weights.dtype)
+        weights = torch.where(empty[..., None], uniform, weights)
+    return out, weights

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from crossattn.nn import MultiheadAttention, convert_multihead_attention
 
 from ._inputs import check_modalities
-from .encoders import masked_mean
+from .encoders import TransformerEncoderLayer, masked_mean
 
 __all__ = ["FusionBaseline", "ModalityTransformer"]
 
@@ -32,7 +32,7 @@ class ModalityTransformer(nn.Module):
         pe[:, 0::2] = torch.sin(pos * div)
         pe[:, 1::2] = torch.cos(pos * div[: d_model // 2])
         self.register_buffer("pe", pe, persistent=False)
-        layer = nn.TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout, batch_first=True)
+        layer = TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, x: Tensor, pad: Tensor | None = None) -> Tensor:

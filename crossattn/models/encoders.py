@@ -35,6 +35,32 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- log-mel front-end
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` (same arguments, parameters and state dict) whose
+    self-attention always runs through its ``self_attn`` module, converted to crossattn's
+    ``MultiheadAttention``. torch's fused inference path (eval, no grad) bypasses the module
+    and gives NaN for a sequence that is all padding; here such rows attend to nothing (0)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from crossattn.nn import convert_multihead_attention  # crossattn.nn imports nothing from models
+        convert_multihead_attention(self)
+
+    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        src_key_padding_mask = nn.functional._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=nn.functional._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype)
+        src_mask = nn.functional._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None,
+                                                 other_name="", target_type=src.dtype, check_other=False)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
                    f_max: float | None = None) -> Tensor:
     """Triangular filters on the HTK mel scale, ``[n_fft // 2 + 1, n_mels]``."""

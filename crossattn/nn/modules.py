@@ -88,9 +88,9 @@ def _hf_padding(mask: Tensor | None, name: str, like: Tensor, like_name: str) ->
 class _Temperature(nn.Module):
     """Per-head learnable temperature, parametrised as exp(log_t) so it stays positive."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, device=None, dtype=None):
         super().__init__()
-        self.log_temperature = nn.Parameter(torch.zeros(shape))
+        self.log_temperature = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self) -> Tensor:
         return self.log_temperature.exp()
@@ -133,7 +133,7 @@ class CrossModalAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.temperature = _Temperature(num_heads) if learnable_temperature else None
+        self.temperature = _Temperature(num_heads, **factory) if learnable_temperature else None
 
     def forward(self, query: Tensor, context: Tensor, context_padding_mask: Tensor | None = None,
                 query_padding_mask: Tensor | None = None, need_weights=False,
@@ -205,7 +205,7 @@ class BidirectionalCrossAttention(nn.Module):
         self.text_out, self.audio_out = linear(), linear()
         self.text_norm = nn.LayerNorm(d_model, **factory)
         self.audio_norm = nn.LayerNorm(d_model, **factory)
-        self.temperature = _Temperature((2, num_heads)) if learnable_temperature else None
+        self.temperature = _Temperature((2, num_heads), **factory) if learnable_temperature else None
 
     def forward(self, text: Tensor, audio: Tensor, text_mask: Tensor | None = None,
                 audio_mask: Tensor | None = None, need_weights=False, return_aux=None):

@@ -153,7 +153,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             need_weights=mode, backend=getattr(self, "backend", "auto"),
         )
         out = F.linear(out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim),
-                       self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, -1)
+                       self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, embed_dim)
         if not is_batched:
             out = out.squeeze(1)
             weights = weights.squeeze(0) if weights is not None else None
