@@ -383,6 +383,23 @@ def test_convert_swaps_every_mha_in_place_keeping_weights_and_mode():
     torch.testing.assert_close(w, ref_w)
 
 
+def test_convert_leaves_user_subclasses_and_keeps_torchs_signature():
+    import inspect
+
+    class Custom(nn.MultiheadAttention):  # a user's own forward stays theirs
+        def forward(self, *args, **kwargs):
+            return "custom"
+
+    model = nn.Sequential(Custom(8, 2), nn.MultiheadAttention(8, 2), MultiheadAttention(8, 2))
+    crossattn.convert_multihead_attention(model, backend="torch")
+    assert type(model[0]) is Custom and model[0](None) == "custom"
+    assert type(model[1]) is MultiheadAttention and model[1].backend == "torch" and model[2].backend == "torch"
+    ours = inspect.signature(MultiheadAttention.__init__).parameters
+    theirs = inspect.signature(nn.MultiheadAttention.__init__).parameters
+    assert [(p.name, p.default) for p in ours.values()][:len(theirs)] == [(p.name, p.default) for p in theirs.values()]
+    assert list(ours)[len(theirs):] == ["backend"] and ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
 def test_convert_routes_the_encoder_layer_through_crossattn(monkeypatch):
     import crossattn.nn.multihead as mh
 

@@ -43,8 +43,13 @@ class MultiheadAttention(nn.MultiheadAttention):
     backend; ``fallback_reason(...)`` says why a call would go to torch.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
         self.backend = backend
 
     def fallback_reason(self, query: Tensor, key: Tensor, value: Tensor,
@@ -195,15 +200,17 @@ def convert_multihead_attention(model: nn.Module, backend: str = "auto") -> nn.M
     ``nn.TransformerEncoderLayer``) for :class:`MultiheadAttention`, in place.
 
     The modules keep their parameters (the same tensors, so optimizers stay valid), buffers,
-    hooks, training mode and device: only their class changes. Returns ``model``.
+    hooks, training mode and device: only their class changes. Returns ``model``. Subclasses
+    of ``torch.nn.MultiheadAttention`` other than crossattn's are left as they are: their own
+    ``forward`` is theirs to keep.
 
     Note: ``nn.TransformerEncoderLayer`` in eval mode without gradients may take torch's
-    native fused path and not call its attention module at all; results are the same.
+    native fused path and not call its attention module at all (and gives NaN for a sequence
+    that is all padding); ``crossattn.models.encoders.TransformerEncoderLayer`` never does.
     """
     for module in model.modules():  # includes model itself
-        if not isinstance(module, nn.MultiheadAttention):
-            continue
-        if not isinstance(module, MultiheadAttention):
+        if type(module) is nn.MultiheadAttention:
             module.__class__ = MultiheadAttention
-        module.backend = backend
+        if isinstance(module, MultiheadAttention):
+            module.backend = backend
     return model
