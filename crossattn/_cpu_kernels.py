@@ -159,5 +159,5 @@ def philox_mask(seed, threshold: int, *, bh: torch.Tensor, rows: torch.Tensor, c
     rc = lib.crossattn_philox_mask(
         seed & 0xFFFFFFFFFFFFFFFF, threshold, int(dropped), bh.data_ptr(), len(bh), rows.data_ptr(), len(rows),
         cols, direction, out.element_size(), _ONE[out.dtype], None if src is None else src.data_ptr(),
-        out.data_ptr(), torch.get_num_threads())
+        out.data_ptr(), min(torch.get_num_threads(), max(1, out.numel() >> 16)))  # a thread per 64 Ki keys or more
     return rc == 0

@@ -52,6 +52,20 @@ def test_mask_bits_match_the_torch_ops(dtype, cols, threads):
 
 
 @needs_cc
+@pytest.mark.parametrize("threads", [2, 5])
+def test_rows_split_over_threads_give_the_same_bits(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # 3 x 7 x 101 rows x 517 keys: above 64 Ki keys per thread, rows split unevenly
+        kw = dict(batch=3, heads=7, rows=torch.arange(9, 110), cols=517, direction=1, dtype=torch.float32)
+        probs = torch.rand(3, 7, 101, 517)
+        want = dropout_keep_mask(77, 0.2, compiled=False, **kw) * probs
+        assert torch.equal(dropout_keep_mask(77, 0.2, probs=probs, **kw), want)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_cc
 def test_the_mask_has_the_requested_rate():
     keep = dropout_keep_mask(99, 0.3, batch=4, heads=8, rows=torch.arange(256), cols=1000)
     assert abs(keep.float().mean().item() - 0.7) < 0.005
