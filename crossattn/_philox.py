@@ -67,9 +67,12 @@ def philox4x32(seed, c0, c1, c2, c3, n_rounds: int = N_ROUNDS, broadcast: bool =
     # small for the first rounds, which then cost next to nothing.
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
+    # Compiled code must not overflow: Inductor's C++ makes int64 wrapping signed overflow,
+    # which the C++ compiler may assume away (a different mask). The split form never overflows.
+    mulhilo = _mulhilo_split if torch.compiler.is_compiling() else _mulhilo
     for _ in range(n_rounds):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        hi_b, lo_b = mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = mulhilo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ (c1 ^ k0), lo_b, hi_a ^ (c3 ^ k1), lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32

@@ -410,11 +410,13 @@ def check_attention(
     mask_names=("key_padding_mask", "kv_lengths", "query_padding_mask"),
     suffix: str = "",
     direction: int = 0,
+    prune_name: str | None = None,
 ) -> AttentionProblem:
     """Validate one direction and return the normalised problem.
 
     ``names``/``mask_names`` are the caller's argument names, used in error messages;
-    ``suffix`` is appended to the names of scale, temperature and prune.
+    ``suffix`` is appended to the names of scale, temperature and prune (``prune_name``, when
+    given, is the caller's name for ``prune``).
     """
     _check_qkv(q, k, v, names)
     B, H, Lq, D = q.shape
@@ -434,6 +436,9 @@ def check_attention(
     temperature = check_temperature(temperature, H, q.device, temp_name, scale=scale, dtype=q.dtype)
     scale, temperature = fold_scale(scale, temperature, q.dtype, (scale_name, temp_name))
     need_weights = check_need_weights(need_weights)
+    if need_weights == "mean" and H == 0:
+        raise ValueError(f"need_weights='mean' averages the query heads, but {names[0]} has none "
+                         f"(shape {list(q.shape)}); ask for 'full' (an empty [B, 0, Lq, Lk]) or False")
     aux = check_aux(return_aux)
     return AttentionProblem(
         q=q, k=k, v=v,
@@ -444,7 +449,7 @@ def check_attention(
         temperature=temperature,
         dropout_p=check_dropout(dropout_p),
         need_weights=need_weights,
-        pruning=check_pruning(prune, q, Lq, Lk, "prune" + suffix),
+        pruning=check_pruning(prune, q, Lq, Lk, prune_name or "prune" + suffix),
         direction=direction,
         attn_bias=check_attn_bias(attn_bias, q, Lk),
         is_causal=is_causal,

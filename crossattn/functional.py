@@ -135,6 +135,11 @@ def _check_bidirectional(
         raise ValueError(f"q_y must be on the device of q_x ({q_x.device}), got {q_y.device}")
     if q_y.dtype != q_x.dtype:
         raise TypeError(f"q_y must have the dtype of q_x ({q_x.dtype}), got {q_y.dtype}")
+    if q_y.shape[1] != q_x.shape[1]:
+        raise ValueError(
+            f"q_y must have as many heads as q_x (H = {q_x.shape[1]}: both directions share the "
+            f"per-head temperature and one launch), got q_y of shape {list(q_y.shape)}"
+        )
     if k_x.shape[2] != q_x.shape[2]:
         raise ValueError(
             f"k_x must have as many positions as q_x (Lx = {q_x.shape[2]}), "
@@ -228,7 +233,7 @@ def select_blocks(
     problem = check_attention(
         q, k, k, key_padding_mask=key_padding_mask, kv_lengths=kv_lengths,
         query_padding_mask=query_padding_mask, scale=scale, temperature=temperature,
-        prune=pruning, is_causal=is_causal, names=("q", "k", "k"),
+        prune=pruning, is_causal=is_causal, names=("q", "k", "k"), prune_name="pruning",
     )
     return select_blocks_reference(
         problem.q, problem.k, problem.pruning, key_valid=problem.key_valid(),

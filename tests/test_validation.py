@@ -133,8 +133,27 @@ def test_select_blocks_validates():
     q, k, _ = make_qkv(B, H, LQ, LK, D)
     with pytest.raises(TypeError, match="pruning must be"):
         crossattn.select_blocks(q, k, None)
-    with pytest.raises(TypeError, match="prune must be None, a crossattn.BlockPruning"):
+    with pytest.raises(TypeError, match="pruning must be None, a crossattn.BlockPruning"):  # the caller's name
         crossattn.select_blocks(q, k, "top2")
+    with pytest.raises(TypeError, match="pruning as a tensor must be a bool block mask"):
+        crossattn.select_blocks(q, k, torch.zeros(1, 1, 1, 1))
+
+
+def test_zero_heads_give_empty_results_and_no_head_mean():
+    q, k, v = (torch.randn(2, 0, n, 16, requires_grad=True) for n in (5, 7, 7))
+    out, w = crossattn.cross_attention(q, k, v, need_weights="full", dropout_p=0.1, backend="torch")
+    assert out.shape == (2, 0, 5, 16) and w.shape == (2, 0, 5, 7)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    with pytest.raises(ValueError, match=r"need_weights='mean' averages the query heads, but q has none"):
+        crossattn.cross_attention(q, k, v, need_weights="mean")
+
+
+def test_bidirectional_sides_need_the_same_query_heads():
+    qx, kx, vx = make_qkv(B, 4, 6, 6, D, seed=1)
+    qy, ky, vy = make_qkv(B, 2, 9, 9, D, seed=2)
+    with pytest.raises(ValueError, match=r"q_y must have as many heads as q_x \(H = 4"):
+        crossattn.bidirectional_cross_attention(qx, kx[:, :2], vx[:, :2], qy, ky[:, :1], vy[:, :1])
 
 
 def test_value_checks_can_be_switched_off(monkeypatch):

@@ -84,12 +84,12 @@ class _Config(NamedTuple):
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """``[B, H, R, X]`` -> ``[B, Hkv, G * R, X]`` (query heads of a group stacked by rows)."""
     B, H, R, X = x.shape
-    return x.reshape(B, kv_heads, (H // kv_heads) * R, X)
+    return x.reshape(B, kv_heads, (H // kv_heads if kv_heads else 1) * R, X)  # H = Hkv = 0: no heads
 
 
 def _ungrouped(x: torch.Tensor, heads: int) -> torch.Tensor:
     B, Hkv, GR, X = x.shape
-    return x.view(B, heads, GR * Hkv // heads, X)
+    return x.view(B, heads, GR * Hkv // heads if heads else GR, X)
 
 
 class _Chunk:
