@@ -1,6 +1,7 @@
 """``torch.nn.MultiheadAttention`` served by crossattn, weights included."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -51,6 +52,14 @@ class MultiheadAttention(nn.MultiheadAttention):
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
+        """``torch.jit.script``: crossattn's Python dispatch is not TorchScript, so the scripted
+        module is torch's own ``MultiheadAttention`` on these very parameters (as before the
+        conversion); eager calls and ``torch.compile`` keep the kernels."""
+        scriptable = copy.copy(self)  # shares parameters, buffers and hooks
+        scriptable.__class__ = nn.MultiheadAttention
+        return scriptable
 
     def fallback_reason(self, query: Tensor, key: Tensor, value: Tensor,
                         key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
