@@ -339,8 +339,14 @@ class _SavedPAttention(torch.autograd.Function):
         B, H, Lq, _ = q.shape
         Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
         ct, wt = compute_dtype(q.dtype), _work_dtype(q.dtype)
-        qs = (q.to(ct) * _coef(cfg, temperature, ct)).to(wt)  # logits = qs @ k^T
-        kt, vc = k.to(wt).transpose(-1, -2), v.to(wt)
+        coef = _coef(cfg, temperature, ct)
+        # logits = qs @ k^T. A float factor multiplies q in its own dtype (computed in float32
+        # and rounded once, as the float32 product would be: no conversion passes).
+        qs = q * coef if isinstance(coef, float) and q.dtype == wt else (q.to(ct) * coef).to(wt)
+        # Batch-contiguous once: a head-split projection ([B, L, H, D] viewed as [B, H, L, D])
+        # would be copied by every matmul reading it, twice more in the backward.
+        kc, vc = k.to(wt).contiguous(), v.to(wt).contiguous()
+        kt = kc.transpose(-1, -2)
         rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         whole = rows >= Lq > 0 and wt == q.dtype
         dropout = cfg.dropout_p > 0
@@ -374,7 +380,8 @@ class _SavedPAttention(torch.autograd.Function):
             del s
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
             out[:, :, sl] = o * f if dropout else o
-        ctx.save_for_backward(qs, k, v, temperature, weights, dropped)
+        same = wt == k.dtype  # keep the copies (else the inputs: no float32 copy of float16 kept)
+        ctx.save_for_backward(qs, kc if same else k, vc if same else v, temperature, weights, dropped)
         ctx.cfg, ctx.q_dtype = cfg, q.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         if cfg.need_weights == "full":
@@ -391,21 +398,25 @@ class _SavedPAttention(torch.autograd.Function):
         wt, ct = qs.dtype, compute_dtype(qs.dtype)
         kc, vt = k.to(wt), v.to(wt).transpose(-1, -2)
         f = _dropout_scale(cfg.dropout_p)
-        dq = torch.empty(qs.shape, dtype=ct, device=qs.device)  # before the scale / temperature factor
-        dk = torch.zeros(k.shape, dtype=ct, device=k.device)
-        dv = torch.zeros(v.shape, dtype=ct, device=v.device)
         rows = max(Lq, 1) if wt == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
+        # One chunk: the gradients are the matmuls' results themselves (as eager's autograd
+        # has them); several: float32 accumulators. dq is before the scale / temperature factor.
+        single = rows >= Lq
+        dq, dk, dv = (None, None, None) if single else (
+            torch.empty(qs.shape, dtype=ct, device=qs.device),
+            torch.zeros(k.shape, dtype=ct, device=k.device), torch.zeros(v.shape, dtype=ct, device=v.device))
         for r0 in range(0, Lq, rows):
             sl = slice(r0, min(Lq, r0 + rows))
             p = weights[:, :, sl].to(wt)
             t = None  # P * g for g = d loss / d P (both branches: dropped-out and returned)
             if d_out is not None:
-                do = d_out[:, :, sl].to(wt)
+                do = d_out[:, :, sl].to(wt).contiguous()  # read by two matmuls: copied once if strided
                 pd = p
                 if dropped is not None:
                     do = do * f  # the 1/(1-p) of dP and dV, on the small side
                     pd = dropped[:, :, sl].to(wt)
-                dv += _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
+                dv_part = _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
+                dv = dv_part if single else dv.add_(dv_part)
                 t = _ungrouped(_grouped(do, Hkv) @ vt, H).mul_(pd)  # P * keep * dP = PD * dP
                 del pd
             if d_weights is not None and cfg.need_weights in ("full", "mean"):
@@ -419,8 +430,17 @@ class _SavedPAttention(torch.autograd.Function):
             ds = t.addcmul_(p, t.sum(-1, keepdim=True), value=-1)
             del t, p
             ds = _grouped(ds, Hkv)
-            dq[:, :, sl] = _ungrouped(ds @ kc, H)
-            dk += ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
+            dq_part = _ungrouped(ds @ kc, H)
+            dk_part = ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
+            if single:
+                dq, dk = dq_part, dk_part
+            else:
+                dq[:, :, sl] = dq_part
+                dk += dk_part
+        if dv is None:  # no gradient reached the output (or no query rows)
+            dv = torch.zeros_like(v)
+        if dq is None:  # no query rows
+            dq, dk = torch.zeros_like(qs), torch.zeros_like(k)
         d_temp = None
         if temperature is not None and ctx.needs_input_grad[3]:
             # logits = q.k * scale / T: sum_j dS_ij * S_ij = qs_i . (dS @ k)_i, so
