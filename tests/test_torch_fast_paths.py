@@ -2,6 +2,8 @@
 recomputing path and the float64 reference compute, including their edge cases."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -105,3 +107,17 @@ def test_saved_p_dropout_matches_the_reference(monkeypatch, dtype, Lk, need_weig
     check_gradients(lambda *a, **k: crossattn.cross_attention(*a, backend="torch", **k), q, k, v, kw,
                     need_weights.split(",")[0], dtype, out_loss="weights-only" not in need_weights)
     assert taken and all(taken)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_cpu_softmax_in_place_equals_out_of_place(dtype):
+    """The saved-P forward without dropout writes P over the logits (torch.softmax(s, out=s)):
+    torch's CPU softmax must keep giving the same bits that way (rows of -inf included)."""
+    for shape in [(2, 3, 7, 33), (1, 2, 5, 1000), (2, 1, 3, 0)]:
+        s = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
+        if s.numel():
+            s[0, 0, 0] = -math.inf
+        want = torch.softmax(s, -1)
+        got = s.clone()
+        torch.softmax(got, dim=-1, out=got)
+        assert torch.equal(got.nan_to_num(2.0), want.nan_to_num(2.0))

@@ -162,7 +162,7 @@ class _ChunkedAttention(torch.autograd.Function):
             if cfg.need_weights == "full":
                 weights[:, :, sl] = pw
             elif cfg.need_weights == "mean":
-                weights[:, sl] = pw.mean(1)
+                weights[:, sl] = _head_mean(pw)
         lse = q.new_empty(0)
         if aux and aux.lse:
             lse = torch.where(m_all == math.inf, -math.inf, m_all + lnl_all).squeeze(-1)
@@ -307,6 +307,18 @@ def _coef(cfg, temperature, ct):
     return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
 
 
+def _head_mean(w: torch.Tensor) -> torch.Tensor:
+    """Mean over the heads (dim 1) of ``[B, H, L, S]``. Half precision accumulates in float32
+    head by head: torch's mean would first convert all of ``w`` to float32 (a ``[B, H, L, S]``
+    float32 temporary, twice the weights' own size, at the forward's peak)."""
+    if w.dtype not in (torch.float16, torch.bfloat16) or w.shape[1] == 0:
+        return w.mean(1)
+    acc = w[:, 0].float()
+    for h in range(1, w.shape[1]):
+        acc += w[:, h]
+    return acc.div_(w.shape[1]).to(w.dtype)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the saved-P path multiplies and normalises. bfloat16 stays in bfloat16, as eager
     does: its matmuls accumulate in float32 (oneDNN) and torch's softmax and softmax backward
@@ -364,7 +376,10 @@ class _SavedPAttention(torch.autograd.Function):
             mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, r, q.device)
             if mask is not None:
                 s.masked_fill_(~mask, -math.inf)
-            p = torch.softmax(s, dim=-1)
+            # Without dropout the logits die here: P takes their buffer on a CPU (its softmax
+            # reads each row whole before writing it; tested), one [B, H, Lq, Lk] fewer at peak.
+            in_place = s.device.type == "cpu" and not dropout and not torch.compiler.is_compiling()
+            p = torch.softmax(s, dim=-1, out=s if in_place else None)
             if mask is not None:
                 p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
             if whole:
@@ -389,7 +404,7 @@ class _SavedPAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
         if cfg.need_weights == "full":
             return out, weights
-        return out, weights.mean(1) if cfg.need_weights == "mean" else q.new_empty(0)
+        return out, _head_mean(weights) if cfg.need_weights == "mean" else q.new_empty(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
