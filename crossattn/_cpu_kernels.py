@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,17 +46,36 @@ def _cpu_id() -> str:
     return "|".join([platform.machine(), platform.processor(), *info])
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` (which may carry a wrapper, e.g. ``ccache gcc``), else the
+    first of cc, gcc, clang on the PATH."""
+    cc = shlex.split(os.environ.get("CC", ""))
     if cc:
-        return shutil.which(cc)
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+        first = shutil.which(cc[0])
+        return None if first is None else [first, *cc[1:]]
+    found = next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+    return None if found is None else [found]
 
 
 def _cache_dirs() -> list[Path]:
     env = os.environ.get("CROSSATTN_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crossattn"
-    return [base, Path(tempfile.gettempdir()) / f"crossattn-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
+    dirs = [Path(env)] if env else []
+    if not env:
+        try:
+            dirs.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crossattn")
+        except RuntimeError:  # no home directory
+            pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return dirs + [Path(tempfile.gettempdir()) / f"crossattn-{uid}"]
+
+
+def _private(path: Path) -> bool:
+    """Ours alone to write (a library loaded from a folder others can write could be theirs)."""
+    st = path.stat()
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022
+
+
+_BUILD_TIMEOUT_S = 60
 
 
 def _build() -> ctypes.CDLL:
@@ -68,27 +88,36 @@ def _build() -> ctypes.CDLL:
     attempts = (["-O3", "-march=native"], ["-O3"])  # a compiler without -march=native gets the portable build
     last = ""
     for flags in attempts:
-        tag = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
-                                         platform.python_version().encode()])).hexdigest()[:16]
+        tag = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(flags).encode(),
+                                         _cpu_id().encode(), platform.python_version().encode()])).hexdigest()[:16]
         for folder in _cache_dirs():
             lib = folder / f"cpu_kernels-{tag}.so"
-            if lib.exists():
-                return ctypes.CDLL(str(lib))
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not _private(folder):
+                    last = f"{folder} is writable by others: not used"
+                    continue
+                if lib.exists() and _private(lib):
+                    try:
+                        return ctypes.CDLL(str(lib))
+                    except OSError:
+                        pass  # a broken file (a full disk, another machine's build): rebuilt below
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
                 os.close(fd)
             except OSError as exc:
-                last = f"cannot write to {folder}: {exc}"
+                last = f"cannot use {folder}: {exc}"
                 continue
             try:
-                cmd = [cc, *flags, "-std=c11", "-fPIC", "-shared", "-pthread", "-o", tmp, str(_SOURCE)]
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                cmd = [*cc, *flags, "-std=c11", "-fPIC", "-shared", "-pthread", "-o", tmp, str(_SOURCE)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
                 if done.returncode != 0:
                     last = f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}"
                     break  # the same flags fail in every folder: try the next flags
+                os.chmod(tmp, 0o755)
                 os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
                 return ctypes.CDLL(str(lib))
+            except subprocess.TimeoutExpired:
+                raise OSError(f"{' '.join(cmd)} took over {_BUILD_TIMEOUT_S} s: not retried") from None
             except (OSError, subprocess.SubprocessError) as exc:
                 last = f"building {lib} failed: {exc}"
             finally:

@@ -125,7 +125,7 @@ def test_every_vector_path_gives_the_same_bits(tmp_path, flags):
     if platform.machine() not in ("x86_64", "AMD64"):
         flags = [f for f in flags if not f.startswith("-m")]  # x86 switches
     lib_path = tmp_path / "k.so"
-    done = subprocess.run([_cpu_kernels._compiler(), *flags, "-std=c11", "-fPIC", "-shared", "-pthread", "-o",
+    done = subprocess.run([*_cpu_kernels._compiler(), *flags, "-std=c11", "-fPIC", "-shared", "-pthread", "-o",
                            str(lib_path), str(_cpu_kernels._SOURCE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lib = _cpu_kernels.bind(ctypes.CDLL(str(lib_path)))
@@ -135,3 +135,20 @@ def test_every_vector_path_gives_the_same_bits(tmp_path, flags):
     assert _cpu_kernels.philox_mask(2**40 + 17, dropout_threshold(0.3), bh=torch.arange(6), rows=rows, cols=cols,
                                     direction=1, dropped=False, out=got, lib=lib)
     assert torch.equal(got, want)
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_folder_others_can_write_is_not_used(tmp_path):
+    """A library loaded from a folder others can write could be theirs: such a cache folder
+    is skipped for the private one in the temp folder."""
+    shared, private = tmp_path / "shared", tmp_path / "tmp"
+    shared.mkdir()
+    private.mkdir()
+    shared.chmod(0o777)
+    script = "from crossattn import _cpu_kernels; print(_cpu_kernels.unavailable_reason())"
+    env = {**os.environ, "CROSSATTN_CACHE_DIR": str(shared), "TMPDIR": str(private)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    assert not list(shared.glob("*.so"))
+    assert len(list(private.glob(f"crossattn-{os.getuid()}/cpu_kernels-*.so"))) == 1

@@ -191,3 +191,46 @@ def test_a_dense_mask_goes_to_the_kernels_as_a_bias(kind, kernel_calls):
     torch.testing.assert_close(w, ref_w)
     torch.testing.assert_close(w[1, :, 2], torch.full((4, 6), 1 / 6, dtype=torch.float64))
     assert len(kernel_calls) == 1 and kernel_calls[0]["attn_bias"] is not None
+
+
+def _attention_pair(q, k, v, mask, **kw):
+    """Eager (T5's eager function: no softmax upcast) and crossattn on the same bool mask."""
+    from transformers.models.t5.modeling_t5 import eager_attention_forward as t5_eager
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    results = []
+    for fn in ("eager", "crossattn"):
+        xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if fn == "eager":
+            out, w = t5_eager(module, *xs, ca_hf._eager_mask(mask, xs[0], xs[1], False), scaling=None)
+        else:
+            out, w = ca_hf.crossattn_attention_forward(module, *xs, mask, **kw)
+        if out.numel():
+            out.float().sum().backward()
+        results.append((out, w, [x.grad for x in xs]))
+    return results
+
+
+def test_rows_without_keys_in_float16_stay_finite_as_eager():
+    """The eager gradient of a row that sees no key sums over the keys: in float16 that sum
+    must not overflow (and poison the other rows of the item through the backward)."""
+    B, H, Lq, Lk, D = 2, 1, 4, 128, 8
+    sign = torch.ones(Lk)
+    sign[::2] = -1
+    k = (30 * sign[:, None].expand(Lk, D)).expand(B, H, Lk, D).clone()
+    q = 0.01 * torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool)
+    mask[0, 0, 0] = False  # item 0, row 0 sees no key
+    (ref, _, ref_g), (out, _, g) = _attention_pair(q.half(), k.half(), k.half(), mask)
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)  # eager: a float16 softmax
+
+
+def test_no_keys_at_all_gives_eagers_zeros():
+    q, k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 0, 4), torch.randn(2, 2, 0, 4)
+    mask = torch.ones(2, 1, 3, 0, dtype=torch.bool)
+    for output_attentions in (False, True):
+        (ref, ref_w, _), (out, w, _) = _attention_pair(q, k, v, mask, output_attentions=output_attentions)
+        torch.testing.assert_close(out, ref)
+        assert (w is None) != output_attentions and (w is None or w.shape == ref_w.shape)

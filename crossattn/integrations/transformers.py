@@ -227,28 +227,32 @@ def _as_eager_where_empty(out, weights, empty, query, key, value, scaling, posit
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     g = H // Hkv
-    mean_v = value.mean(2, keepdim=True)  # [B, Hkv, 1, Dv]
+    if Lk == 0:  # eager: an empty softmax, output 0 (the kernels' zeros), weights [.., 0]
+        return out, weights
+    # Half precision sums over the keys in float32 (a float16 sum of Lk products overflows).
+    ct = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    mean_v = value.to(ct).mean(2, keepdim=True)  # [B, Hkv, 1, Dv]
     patched = mean_v.repeat_interleave(g, dim=1)
     trains = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, position_bias))
     scale = D ** -0.5 if scaling is None else float(scaling)
-    if trains and Lk > 0:
+    bias_grad = position_bias is not None and position_bias.requires_grad
+    if trains:
         # d out_i / d s_ij = u (v_j - mean v): z_i = sum_j u s_ij (v_j - mean v), values detached
         # (the values' own gradient, u each, comes through mean_v).
-        vc = (value - mean_v).detach()
-        a = vc.transpose(-1, -2) @ key / Lk  # [B, Hkv, Dv, D]: (1/Lk) sum_j (v_j - mean v) k_j^T
-        z = (query.reshape(B, Hkv, g * Lq, D) @ a.transpose(-1, -2) * scale).reshape(B, H, Lq, -1)
-        if position_bias is not None and position_bias.requires_grad:
-            vh = vc.repeat_interleave(g, dim=1)
-            z = z + position_bias.to(vh.dtype) @ vh / Lk
+        vc = ((value.to(ct) - mean_v) / Lk).detach()
+        a = vc.transpose(-1, -2) @ key.to(ct)  # [B, Hkv, Dv, D]: (1/Lk) sum_j (v_j - mean v) k_j^T
+        z = (query.to(ct).reshape(B, Hkv, g * Lq, D) @ a.transpose(-1, -2) * scale).reshape(B, H, Lq, -1)
+        if bias_grad:
+            z = z + position_bias.to(ct) @ vc.repeat_interleave(g, dim=1)
         patched = patched + (z - z.detach())
     out = torch.where(empty[..., None], patched.to(out.dtype), out)
     if weights is not None:
         uniform = torch.full((), 1.0 / Lk, dtype=weights.dtype, device=weights.device)
         if trains:  # d P_ij / d s_il = u (delta_jl - u) at the uniform row
-            s = (query.reshape(B, Hkv, g * Lq, D) @ key.transpose(-1, -2) * scale).reshape(B, H, Lq, Lk)
-            if position_bias is not None and position_bias.requires_grad:
-                s = s + position_bias
+            s = (query.to(ct).reshape(B, Hkv, g * Lq, D) @ key.to(ct).transpose(-1, -2) * scale).reshape(B, H, Lq, Lk)
+            if bias_grad:
+                s = s + position_bias.to(ct)
             y = (s - s.mean(-1, keepdim=True)) / Lk
             uniform = uniform + (y - y.detach()).to(weights.dtype)
         weights = torch.where(empty[..., None], uniform, weights)

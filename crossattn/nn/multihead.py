@@ -1,7 +1,6 @@
 """``torch.nn.MultiheadAttention`` served by crossattn, weights included."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -53,13 +52,13 @@ class MultiheadAttention(nn.MultiheadAttention):
                          device=device, dtype=dtype)
         self.backend = backend
 
-    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
-        """``torch.jit.script``: crossattn's Python dispatch is not TorchScript, so the scripted
-        module is torch's own ``MultiheadAttention`` on these very parameters (as before the
-        conversion); eager calls and ``torch.compile`` keep the kernels."""
-        scriptable = copy.copy(self)  # shares parameters, buffers and hooks
-        scriptable.__class__ = nn.MultiheadAttention
-        return scriptable
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` cannot compile crossattn's Python dispatch; say so plainly (torch
+        would replace this module by whatever is returned here, in the caller's model too)."""
+        raise RuntimeError(
+            "crossattn.nn.MultiheadAttention cannot be scripted with torch.jit.script (deprecated by "
+            "torch): use torch.compile or torch.export, which trace the kernels, or script the model "
+            "before crossattn.convert_multihead_attention")
 
     def fallback_reason(self, query: Tensor, key: Tensor, value: Tensor,
                         key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
