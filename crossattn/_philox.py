@@ -127,8 +127,7 @@ def dropout_keep_mask(
         if target is None:
             target = torch.empty(shape, dtype=dtype, device=device)
         if probs is None or (probs.dtype == dtype and tuple(probs.shape) == shape):
-            bh = torch.arange(batch * heads, dtype=torch.int64) if batch_ids is None else (
-                batch_ids.to(dtype=torch.int64).view(batch, 1) * heads + torch.arange(heads).view(1, heads)).flatten()
+            bh = _bh_counters(batch, heads, batch_ids, device).flatten()
             if _cpu_kernels.philox_mask(seed, dropout_threshold(p), bh=bh, rows=rows.contiguous(), cols=cols,
                                         direction=direction, dropped=dropped, out=target,
                                         src=None if probs is None else probs.contiguous()):
@@ -138,15 +137,19 @@ def dropout_keep_mask(
     return keep if probs is None else keep.mul_(probs)
 
 
+def _bh_counters(batch, heads, batch_ids, device) -> torch.Tensor:
+    """Counter word 2 of every (batch row, head): ``b * H + h``, int64 ``[batch, heads]``."""
+    b = (torch.arange(batch, device=device, dtype=torch.int64) if batch_ids is None
+         else batch_ids.to(device=device, dtype=torch.int64))
+    return b.view(batch, 1) * heads + torch.arange(heads, device=device, dtype=torch.int64)
+
+
 def _torch_mask(seed, p, batch, heads, rows, cols, direction, device, dropped, batch_ids, dtype, out):
     """dropout_keep_mask with torch ops."""
     groups = -(-cols // 4)
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
     i = rows.view(1, 1, -1, 1)
-    bh = torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
-    if batch_ids is not None:
-        bh = (batch_ids.to(device=device, dtype=torch.int64).view(batch, 1, 1, 1) * heads
-              + torch.arange(heads, device=device, dtype=torch.int64).view(1, heads, 1, 1))
+    bh = _bh_counters(batch, heads, batch_ids, device).view(batch, heads, 1, 1)
     d = torch.tensor(direction, device=device, dtype=torch.int64)
     threshold = dropout_threshold(p)
     compare = torch.lt if dropped else torch.ge

@@ -210,8 +210,7 @@ def crossattn_attention_forward(module, query, key, value, attention_mask, dropo
         scale=None if scaling is None else float(scaling), dropout_p=float(dropout),
         need_weights="full" if want_weights else False,
     )
-    if empty is not None and not (empty.device.type == "cpu" and not values_unreadable(empty)
-                                  and not bool(empty.any())):  # free to know on a CPU: skip
+    if empty is not None:
         out, weights = _as_eager_where_empty(out, weights, empty, query, key, value, scaling, position_bias)
     return out.transpose(1, 2).contiguous(), weights
 
@@ -229,6 +228,8 @@ def _as_eager_where_empty(out, weights, empty, query, key, value, scaling, posit
     g = H // Hkv
     if Lk == 0:  # eager: an empty softmax, output 0 (the kernels' zeros), weights [.., 0]
         return out, weights
+    if empty.device.type == "cpu" and not values_unreadable(empty) and not bool(empty.any()):
+        return out, weights  # no such row, and on a CPU knowing it costs no device sync
     # Half precision sums over the keys in float32 (a float16 sum of Lk products overflows).
     ct = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     mean_v = value.to(ct).mean(2, keepdim=True)  # [B, Hkv, 1, Dv]

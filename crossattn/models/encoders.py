@@ -18,6 +18,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from crossattn.nn import convert_multihead_attention
+
 __all__ = [
     "LogMelEncoder", "WordTokenizer", "encode_audio", "encode_text", "hidden_size",
     "load_audio_encoder", "load_text_encoder", "local_minilm_path", "masked_mean", "tiny_bert",
@@ -34,7 +36,6 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-# --------------------------------------------------------------------------- log-mel front-end
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` (same arguments, parameters and state dict) whose
     self-attention always runs through its ``self_attn`` module, converted to crossattn's
@@ -43,7 +44,6 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from crossattn.nn import convert_multihead_attention  # crossattn.nn imports nothing from models
         convert_multihead_attention(self)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
@@ -61,6 +61,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         return self.norm2(x + self._ff_block(x))
 
 
+# --------------------------------------------------------------------------- log-mel front-end
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
                    f_max: float | None = None) -> Tensor:
     """Triangular filters on the HTK mel scale, ``[n_fft // 2 + 1, n_mels]``."""

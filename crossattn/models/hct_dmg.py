@@ -106,7 +106,7 @@ class HCTDMG(nn.Module):
         self.stage2 = nn.ModuleDict({p: nn.ModuleList([cmt(), cmt()]) for p in MODALITIES})
         self.concat_weights = nn.Parameter(torch.ones(len(MODALITIES), 2))
         self.self_attn = TransformerEncoderLayer(2 * d_model, num_heads, 4 * d_model, dropout,
-                                                    batch_first=True, norm_first=True)
+                                                 batch_first=True, norm_first=True)
         self.head = nn.Sequential(nn.Linear(2 * d_model, d_model), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(d_model, num_outputs))
 
