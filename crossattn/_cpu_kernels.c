@@ -8,7 +8,10 @@
  * 0 / `one` (the bit pattern of 1 in the output's format: bool, float16, bfloat16, float32,
  * float64) or, given `src`, writes src where kept and 0 where dropped (P * keep in one pass:
  * the select is exact, P * 1 = P and P * 0 = +0 for the non-negative, finite P).
- * Torch's elementwise ops need ~10 passes over int64 state per round for the same mask. */
+ * Torch's elementwise ops need ~10 passes over int64 state per round for the same mask.
+ *
+ * crossattn_softmax_f32 / crossattn_softmax_bwd_f32: the torch backend's saved-P softmax with
+ * the same dropout (and its 1 / (1 - p) scale) in one pass, and its backward in one pass. */
 #include <pthread.h>
 #include <stdint.h>
 
@@ -46,7 +49,7 @@ static inline void philox_block(uint32_t key0, uint32_t key1, uint32_t j0, uint3
     /* NV independent vectors advance round by round together: one vector's round is a chain of
      * dependent multiply, shift and xors (latency-bound alone), NV of them fill the pipeline. */
     const uint64_t m = 0xFFFFFFFFull;
-    u64x8 c0[NV], c1[NV], c2[NV], c3[NV];
+    u64x8 c0[NV] = {{0}}, c1[NV] = {{0}}, c2[NV] = {{0}}, c3[NV] = {{0}};
     for (int v = 0; v < NV; v++)
         for (int l = 0; l < VL; l++) {
             c0[v][l] = (uint32_t)(j0 + (uint32_t)(v * VL + l));
@@ -133,6 +136,47 @@ static void *run(void *arg) {
     return 0;
 }
 
+/* Runs fn(arg, begin, end) over rows [0, total) split in nthreads contiguous shares; the
+ * caller's thread takes the first. Where a thread cannot be had, its share runs here. */
+typedef void (*rows_fn)(const void *arg, int64_t begin, int64_t end);
+typedef struct {
+    rows_fn fn;
+    const void *arg;
+    int64_t begin, end;
+} share_t;
+
+static void *run_share(void *s) {
+    const share_t *sh = (const share_t *)s;
+    sh->fn(sh->arg, sh->begin, sh->end);
+    return 0;
+}
+
+static void parallel_rows(rows_fn fn, const void *arg, int64_t total, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > total) nthreads = (int)total;
+    if (nthreads < 1) nthreads = 1;
+    share_t shares[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int k = 0; k < nthreads; k++) {
+        shares[k] = (share_t){fn, arg, total * k / nthreads, total * (k + 1) / nthreads};
+        started[k] = 0;
+    }
+    for (int k = 1; k < nthreads; k++) started[k] = pthread_create(&tid[k], 0, run_share, &shares[k]) == 0;
+    run_share(&shares[0]);
+    for (int k = 1; k < nthreads; k++) {
+        if (started[k]) pthread_join(tid[k], 0);
+        else run_share(&shares[k]);
+    }
+}
+
+static void mask_rows(const void *arg, int64_t begin, int64_t end) {
+    job_t j = *(const job_t *)arg;
+    j.begin = begin;
+    j.end = end;
+    run(&j);
+}
+
 /* out (and src), contiguous [nbh, nrows, cols] of esize-byte elements; bh [nbh] and rows [nrows]
  * int64 counters < 2**32. Splits the rows over nthreads threads (the caller's thread is one). */
 int crossattn_philox_mask(uint64_t seed, uint64_t threshold, int dropped, const int64_t *bh, int64_t nbh,
@@ -141,22 +185,224 @@ int crossattn_philox_mask(uint64_t seed, uint64_t threshold, int dropped, const 
     if (esize != 1 && esize != 2 && esize != 4 && esize != 8) return 1;
     const int64_t total = nbh * nrows;
     if (total <= 0 || cols <= 0) return 0;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > total) nthreads = (int)total;
-    if (nthreads < 1) nthreads = 1;
-    job_t jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int k = 0; k < nthreads; k++) {
-        jobs[k] = (job_t){seed, threshold, one, bh, rows, nrows, cols,
-                          total * k / nthreads, total * (k + 1) / nthreads, dir, dropped != 0, esize, src, out};
-        started[k] = 0;
+    const job_t job = {seed, threshold, one, bh, rows, nrows, cols, 0, 0, dir, dropped != 0, esize, src, out};
+    parallel_rows(mask_rows, &job, total, nthreads);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ softmax
+ * float32 rows on 16-lane vectors (the compiler lowers them to AVX-512, AVX2, NEON or scalars).
+ * Torch runs the softmax, the dropout select and the softmax backward as 2 + 1 + 4 passes over
+ * [B, H, Lq, Lk]; here each is one pass whose row stays in the L1/L2 cache between its loops. */
+typedef float f32v __attribute__((vector_size(64)));
+typedef int32_t i32v __attribute__((vector_size(64)));
+typedef float f32u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
+#define FL 16
+
+static inline f32v splat(float x) { return (f32v){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline f32v select_v(i32v m, f32v a, f32v b) { return (f32v)((m & (i32v)a) | (~m & (i32v)b)); }
+
+/* max(a, b) lane by lane, b where either is NaN (x86's maxps; one instruction where there is one) */
+static inline f32v vmax(f32v a, f32v b) {
+#if defined(__AVX512F__)
+    return (f32v)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return select_v(a > b, a, b);
+#endif
+}
+
+/* exp(x) for x <= 0, within 2 ulp (Cephes' expf polynomial on r = x - n ln 2, |r| <= ln 2 / 2);
+ * exp(-inf) = 0 and results below about 2**-125 flush to 0 (far under a float32 ulp of a softmax
+ * row sum, which is >= 1); NaN stays NaN. n is rounded with the 1.5 * 2**23 trick and 2**n built
+ * in the exponent bits: no float-to-int conversion, whose NaN case C leaves undefined. */
+static inline f32v exp_neg(f32v x) {
+    const f32v magic = splat(12582912.0f);
+    const f32v tm = x * splat(1.44269504088896341f) + magic;
+    const f32v n = tm - magic;
+    const f32v r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    f32v y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    y = y * (r * r) + r + splat(1.0f);
+    const i32v e = ((i32v)tm - (i32v)magic + 127) << 23;  /* 2**n, garbage below n = -126: selected away */
+    return select_v(x < splat(-87.0f), splat(0.0f), y * (f32v)e);
+}
+
+static inline f32v load_tail(const float *s, int64_t n, float fill) {
+    f32v v = splat(fill);
+    for (int64_t e = 0; e < n; e++) v[e] = s[e];
+    return v;
+}
+
+static inline float hmax(f32v v) {
+    float m = v[0];
+    for (int e = 1; e < FL; e++) m = v[e] > m ? v[e] : m;
+    return m;
+}
+
+static inline float hsum(f32v v) {
+    float s = 0.0f;
+    for (int e = 0; e < FL; e++) s += v[e];
+    return s;
+}
+
+typedef struct {
+    const float *s, *coef;
+    float *p, *pd;
+    int64_t heads, coef_heads, nrows, cols;
+    float keep_scale;
+    job_t drop;  /* the dropout counters (pd != NULL) */
+} softmax_t;
+
+static void softmax_rows(const void *arg, int64_t begin, int64_t end) {
+    const softmax_t *a = (const softmax_t *)arg;
+    const int64_t cols = a->cols, full = cols / FL * FL;
+    const uint32_t key0 = (uint32_t)a->drop.seed, key1 = (uint32_t)(a->drop.seed >> 32);
+    const f32v ninf = splat(-__builtin_inff());
+    uint32_t w[BLK] __attribute__((aligned(64)));
+    for (int64_t t = begin; t < end; t++) {
+        const float *s = a->s + t * cols;
+        float *p = a->p + t * cols, *pd = a->pd ? a->pd + t * cols : 0;
+        const int64_t bh = t / a->nrows;
+        const float cf = a->coef[a->coef_heads == 1 ? 0 : bh % a->heads];
+        const f32v cv = splat(cf);
+        /* the row maximum of the logits z = s * coef (a masked -inf stays -inf whatever coef's
+         * sign: z is selected where coef <= 0). A NaN anywhere makes the row sum, so the row, NaN. */
+        const int pos = cf > 0.0f;
+        f32v m = ninf;
+        for (int64_t c = 0; c < full; c += FL) {
+            const f32v x = *(const f32u *)(s + c);
+            m = vmax(pos ? x : select_v(x == ninf, ninf, x * cv), m);
+        }
+        float mx = hmax(m);
+        for (int64_t c = full; c < cols; c++) {
+            const float z = pos || s[c] == -__builtin_inff() ? s[c] : s[c] * cf;
+            mx = z > mx ? z : mx;
+        }
+        if (pos) mx *= cf;
+        if (mx == -__builtin_inff()) {  /* every key masked: 0 -- unless a logit is NaN (a NaN row) */
+            int nan = 0;
+            for (int64_t c = 0; c < cols; c++) nan |= s[c] != s[c];
+            if (!nan) {
+                for (int64_t c = 0; c < cols; c++) p[c] = 0.0f;
+                if (pd)
+                    for (int64_t c = 0; c < cols; c++) pd[c] = 0.0f;
+                continue;
+            }
+            mx = __builtin_nanf("");
+        }
+        const f32v mv = splat(mx);
+        f32v acc = splat(0.0f);
+        for (int64_t c = 0; c < full; c += FL) {
+            const f32v x = *(const f32u *)(s + c);
+            const f32v e = exp_neg((pos ? x * cv : select_v(x == ninf, ninf, x * cv)) - mv);
+            *(f32u *)(p + c) = e;
+            acc += e;
+        }
+        if (full < cols) {
+            const f32v x = load_tail(s + full, cols - full, -__builtin_inff());
+            const f32v e = exp_neg((pos ? x * cv : select_v(x == ninf, ninf, x * cv)) - mv);
+            for (int64_t c = full; c < cols; c++) p[c] = e[c - full];
+            acc += e;
+        }
+        /* a division, not a multiply by 1 / sum: one rounding (half an ulp of P), at the same speed */
+        const float sum = hsum(acc);
+        if (!pd) {
+            for (int64_t c = 0; c < full; c += FL) *(f32u *)(p + c) = *(f32u *)(p + c) / splat(sum);
+            for (int64_t c = full; c < cols; c++) p[c] /= sum;
+            continue;
+        }
+        /* PD = P * keep / (1 - dropout_p): the dropout and its scale in the same pass */
+        const uint32_t row = (uint32_t)a->drop.rows[t % a->nrows], ctr = (uint32_t)a->drop.bh[bh];
+        const uint64_t thr = a->drop.threshold;
+        const float ks = a->keep_scale;
+        for (int64_t c0 = 0; c0 < cols; c0 += BLK) {
+            philox_block(key0, key1, (uint32_t)(c0 / 4), row, ctr, a->drop.dir, w);
+            const int64_t n = cols - c0 < BLK ? cols - c0 : BLK;
+            for (int64_t e = 0; e < n; e++) {
+                const float v = p[c0 + e] / sum;
+                p[c0 + e] = v;
+                pd[c0 + e] = (uint64_t)w[e] >= thr ? v * ks : 0.0f;
+            }
+        }
     }
-    for (int k = 1; k < nthreads; k++) started[k] = pthread_create(&tid[k], 0, run, &jobs[k]) == 0;
-    run(&jobs[0]);
-    for (int k = 1; k < nthreads; k++) {
-        if (started[k]) pthread_join(tid[k], 0);
-        else run(&jobs[k]);  /* no thread to be had: do its share here */
+}
+
+/* Over the rows of contiguous float32 [nbh * nrows, cols] logits s (row t: batch-head t / nrows,
+ * head (t / nrows) % heads): P = softmax(s * coef[head]) (coef: coef_heads = 1 or heads floats;
+ * an s of -inf is a masked key whatever coef's sign) into p (which may be s). With pd (which may
+ * be s), also PD = P * keep_scale where the dropout mask of crossattn_philox_mask keeps (counter
+ * words bh[t / nrows], rows[t % nrows], dir; dropped iff the word < threshold) and 0 where it
+ * drops. A row without a valid key gives P = PD = 0. */
+int crossattn_softmax_f32(const float *s, float *p, float *pd, const float *coef, int64_t coef_heads,
+                          int64_t heads, int64_t nbh, int64_t nrows, int64_t cols, float keep_scale, uint64_t seed,
+                          uint64_t threshold, const int64_t *bh, const int64_t *rows, uint32_t dir, int nthreads) {
+    const int64_t total = nbh * nrows;
+    if (total <= 0 || cols <= 0) return 0;
+    if (heads <= 0 || (coef_heads != 1 && coef_heads != heads)) return 1;
+    const softmax_t a = {s, coef, p, pd, heads, coef_heads, nrows, cols, keep_scale,
+                         {seed, threshold, 0, bh, rows, nrows, cols, 0, 0, dir, 0, 4, 0, 0}};
+    parallel_rows(softmax_rows, &a, total, nthreads);
+    return 0;
+}
+
+typedef struct {
+    float *out;
+    const float *dp, *pd, *p, *dw, *coef;
+    int64_t dw_sb, dw_sh, dw_sr, coef_heads, heads, nrows, cols;
+    float dw_scale;
+} softmax_bwd_t;
+
+static void softmax_bwd_rows(const void *arg, int64_t begin, int64_t end) {
+    const softmax_bwd_t *a = (const softmax_bwd_t *)arg;
+    const int64_t cols = a->cols, full = cols / FL * FL;
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t bh = t / a->nrows, r = t % a->nrows;
+        const float *p = a->p + t * cols;
+        const float *dp = a->dp ? a->dp + t * cols : 0, *pd = a->pd ? a->pd + t * cols : p;
+        const float *dw = a->dw ? a->dw + bh / a->heads * a->dw_sb + bh % a->heads * a->dw_sh + r * a->dw_sr : 0;
+        float *o = a->out + t * cols;
+        const f32v ws = splat(a->dw_scale);
+        /* t = PD * dP + P * dW * scale, into out, and its row sum */
+        f32v acc = splat(0.0f);
+        int64_t c = 0;
+        for (; c < full; c += FL) {
+            f32v v = splat(0.0f);
+            if (dp) v = *(const f32u *)(pd + c) * *(const f32u *)(dp + c);
+            if (dw) v += *(const f32u *)(p + c) * (*(const f32u *)(dw + c) * ws);
+            *(f32u *)(o + c) = v;
+            acc += v;
+        }
+        float sum = hsum(acc);
+        for (; c < cols; c++) {
+            float v = 0.0f;
+            if (dp) v = pd[c] * dp[c];
+            if (dw) v += p[c] * (dw[c] * a->dw_scale);
+            o[c] = v;
+            sum += v;
+        }
+        /* dS = coef * (t - P * rowsum(t)): the gradient of s (dq = dS k, dk = dS^T q) */
+        const float cf = a->coef[a->coef_heads == 1 ? 0 : bh % a->heads];
+        const f32v cv = splat(cf), sv = splat(sum);
+        for (c = 0; c < full; c += FL) *(f32u *)(o + c) = (*(f32u *)(o + c) - *(const f32u *)(p + c) * sv) * cv;
+        for (; c < cols; c++) o[c] = (o[c] - p[c] * sum) * cf;
     }
+}
+
+/* The backward of crossattn_softmax_f32 over the same rows (out may be dp): the gradient of s,
+ * out = coef[head] * (t - P * rowsum(t)), t = PD * dP (dp given; pd NULL: PD = P) + P * dW *
+ * dw_scale (dw given: row r of (batch b, head h) at dw + b * dw_sb + h * dw_sh + r * dw_sr). */
+int crossattn_softmax_bwd_f32(float *out, const float *dp, const float *pd, const float *p, const float *dw,
+                              int64_t dw_sb, int64_t dw_sh, int64_t dw_sr, float dw_scale, const float *coef,
+                              int64_t coef_heads, int64_t heads, int64_t nbh, int64_t nrows, int64_t cols,
+                              int nthreads) {
+    const int64_t total = nbh * nrows;
+    if (total <= 0 || cols <= 0) return 0;
+    if (heads <= 0 || (coef_heads != 1 && coef_heads != heads)) return 1;
+    const softmax_bwd_t a = {out, dp, pd, p, dw, coef, dw_sb, dw_sh, dw_sr, coef_heads, heads, nrows, cols, dw_scale};
+    parallel_rows(softmax_bwd_rows, &a, total, nthreads);
     return 0;
 }

@@ -1,11 +1,12 @@
-"""Compiled CPU helpers of the torch backend (``_cpu_kernels.c``), built at first use.
+"""Compiled CPU helpers of the torch backend (``_cpu_kernels.c``), built at first use: the
+Philox dropout mask, and float32 softmax (+ dropout) and softmax-backward kernels.
 
 Plain C, compiled with the system compiler (``$CC``, else ``cc``/``gcc``/``clang``) in a
 fraction of a second and loaded with ctypes -- no PyTorch headers, no build step at install.
 The library is cached per source, compiler and CPU under ``$CROSSATTN_CACHE_DIR`` (default
 ``~/.cache/crossattn``). Where it cannot be built (no compiler, Windows, a read-only home and
-temp) or ``CROSSATTN_CPU_KERNELS=0``, callers run their torch-op versions, which give the
-same bits: the C code is only faster.
+temp) or ``CROSSATTN_CPU_KERNELS=0``, callers run their torch-op versions: the same dropout
+bits, and torch's softmax (the kernels' softmax is within twice its float32 error).
 
 Only eager CPU calls on plain tensors use it: fake, meta and traced tensors (and tensors that
 autograd records) take the torch ops, which the tracers understand.
@@ -85,7 +86,9 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise OSError("no C compiler found (set CC)")
     source = _SOURCE.read_bytes()
-    attempts = (["-O3", "-march=native"], ["-O3"])  # a compiler without -march=native gets the portable build
+    # a compiler without -march=native gets the portable build; -ffp-contract=fast: FMAs (ISO C
+    # mode would forbid contracting a * b + c, doubling the softmax's arithmetic)
+    attempts = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"], ["-O3"])
     last = ""
     for flags in attempts:
         tag = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), " ".join(flags).encode(),
@@ -129,9 +132,14 @@ def _build() -> ctypes.CDLL:
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the C signatures (ctypes would otherwise pass every integer as a C int)."""
     u64, i64, ptr, c_int = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn = lib.crossattn_philox_mask
-    fn.argtypes = [u64, u64, c_int, ptr, i64, ptr, i64, i64, ctypes.c_uint32, c_int, u64, ptr, ptr, c_int]
-    fn.restype = c_int
+    f32, u32 = ctypes.c_float, ctypes.c_uint32
+    for fn, args in ((lib.crossattn_philox_mask, [u64, u64, c_int, ptr, i64, ptr, i64, i64, u32, c_int, u64, ptr, ptr,
+                                                  c_int]),
+                     (lib.crossattn_softmax_f32, [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, u64, u64, ptr,
+                                                  ptr, u32, c_int]),
+                     (lib.crossattn_softmax_bwd_f32, [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, ptr, i64, i64,
+                                                      i64, i64, i64, c_int])):
+        fn.argtypes, fn.restype = args, c_int
     return lib
 
 
@@ -188,5 +196,76 @@ def philox_mask(seed, threshold: int, *, bh: torch.Tensor, rows: torch.Tensor, c
     rc = lib.crossattn_philox_mask(
         seed & 0xFFFFFFFFFFFFFFFF, threshold, int(dropped), bh.data_ptr(), len(bh), rows.data_ptr(), len(rows),
         cols, direction, out.element_size(), _ONE[out.dtype], None if src is None else src.data_ptr(),
-        out.data_ptr(), min(torch.get_num_threads(), max(1, out.numel() >> 16)))  # a thread per 64 Ki keys or more
+        out.data_ptr(), _threads(out.numel()))
+    return rc == 0
+
+
+def _threads(numel: int) -> int:
+    return min(torch.get_num_threads(), max(1, numel >> 16))  # a thread per 64 Ki elements or more
+
+
+def _f32_rows(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (_plain_cpu(t) and t.dtype == torch.float32) for t in tensors)
+
+
+def can_softmax() -> bool:
+    """Whether eager calls here may take the fused float32 softmax kernels (the library is
+    built, nothing is being traced): the caller then keeps its buffers in their layout."""
+    return not torch.compiler.is_compiling() and library() is not None
+
+
+def softmax(s: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, *, heads: int, pd: torch.Tensor | None = None,
+            keep_scale: float = 1.0, seed=0, threshold: int = 0, bh: torch.Tensor | None = None,
+            rows: torch.Tensor | None = None, direction: int = 0, lib: ctypes.CDLL | None = None) -> bool:
+    """``p = softmax(s * coef[head])`` over the last dim of float32 ``[B, H, R, Lk]`` logits
+    (``p`` may be ``s``; a -inf logit is a masked key, a row without one gives 0), and with
+    ``pd`` the dropout of :mod:`crossattn._philox` (``seed``, ``threshold``, counters ``bh``
+    ``[B * H]`` and ``rows`` ``[R]``, ``direction``): ``pd = p * keep_scale`` where kept, 0
+    where dropped (``pd`` may be ``s``). ``coef``: float32, 1 or H values. Returns False,
+    touching nothing, where the compiled code cannot serve the call. ``lib``: another build (tests)."""
+    lib = (library() if lib is None else lib) if can_softmax() else None
+    if lib is None or s.dim() != 4 or not _f32_rows(s, p, pd, coef) or p.shape != s.shape:
+        return False
+    B, H, R, Lk = s.shape
+    if H != heads or coef.numel() not in (1, heads) or (pd is not None and (
+            pd.shape != s.shape or bh is None or rows is None or not all(_plain_cpu(t) for t in (bh, rows))
+            or bh.dtype != torch.int64 or rows.dtype != torch.int64 or bh.numel() != B * H or rows.numel() != R)):
+        return False
+    rc = lib.crossattn_softmax_f32(
+        s.data_ptr(), p.data_ptr(), None if pd is None else pd.data_ptr(), coef.data_ptr(), coef.numel(), H, B * H,
+        R, Lk, keep_scale, int(seed) & 0xFFFFFFFFFFFFFFFF, threshold, None if bh is None else bh.data_ptr(),
+        None if rows is None else rows.data_ptr(), direction, _threads(s.numel()))
+    return rc == 0
+
+
+def softmax_backward(out: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, *, heads: int,
+                     dp: torch.Tensor | None = None, pd: torch.Tensor | None = None, dw: torch.Tensor | None = None,
+                     dw_scale: float = 1.0, lib: ctypes.CDLL | None = None) -> bool:
+    """The gradient of the logits ``s`` of :func:`softmax`, into ``out`` (which may be
+    ``dp``): ``coef * (t - p * rowsum(t))`` with ``t = pd * dp + p * dw * dw_scale`` (``pd``
+    None: ``p``; ``dp`` or ``dw`` None: that term is 0). float32 ``[B, H, R, Lk]`` for all
+    but ``dw``: ``[B, H, R, Lk]`` or ``[B, R, Lk]`` (head means: the same for every head),
+    any strides with contiguous keys. Returns False, touching nothing, where it cannot serve."""
+    lib = (library() if lib is None else lib) if can_softmax() else None
+    if lib is None or p.dim() != 4 or not _f32_rows(out, p, coef, dp, pd):
+        return False
+    B, H, R, Lk = p.shape
+    if (H != heads or coef.numel() not in (1, heads) or out.shape != p.shape
+            or any(t is not None and t.shape != p.shape for t in (dp, pd))):
+        return False
+    strides = (0, 0, 0)
+    if dw is not None:
+        if type(dw) is not torch.Tensor or dw.device.type != "cpu" or dw.dtype != torch.float32 or (
+                dw.requires_grad and torch.is_grad_enabled()):
+            return False
+        if dw.shape == p.shape and (dw.stride(-1) == 1 or Lk <= 1):
+            strides = (dw.stride(0), dw.stride(1), dw.stride(2))
+        elif dw.shape == (B, R, Lk) and (dw.stride(-1) == 1 or Lk <= 1):
+            strides = (dw.stride(0), 0, dw.stride(1))
+        else:
+            return False
+    rc = lib.crossattn_softmax_bwd_f32(
+        out.data_ptr(), None if dp is None else dp.data_ptr(), None if pd is None else pd.data_ptr(), p.data_ptr(),
+        None if dw is None else dw.data_ptr(), *strides, dw_scale, coef.data_ptr(), coef.numel(), H, B * H, R, Lk,
+        _threads(p.numel()))
     return rc == 0

@@ -1,4 +1,6 @@
-"""The compiled CPU dropout mask (crossattn/_cpu_kernels.c) against the torch-op Philox."""
+"""The compiled CPU kernels (crossattn/_cpu_kernels.c): the dropout mask against the torch-op
+Philox, the fused softmax (+ dropout) and softmax backward against float64."""
+import math
 import os
 import subprocess
 import sys
@@ -135,6 +137,8 @@ def test_every_vector_path_gives_the_same_bits(tmp_path, flags):
     assert _cpu_kernels.philox_mask(2**40 + 17, dropout_threshold(0.3), bh=torch.arange(6), rows=rows, cols=cols,
                                     direction=1, dropped=False, out=got, lib=lib)
     assert torch.equal(got, want)
+    _check_softmax(2, 3, 5, 203, torch.tensor([0.4, -1.1, 2.5]), 0.3, lib)  # the float kernels: within tolerance
+    _check_softmax_backward(2, 3, 5, 203, torch.tensor([0.4, -1.1, 2.5]), "mean", True, True, lib)
 
 
 @needs_cc
@@ -152,3 +156,118 @@ def test_a_folder_others_can_write_is_not_used(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
     assert not list(shared.glob("*.so"))
     assert len(list(private.glob(f"crossattn-{os.getuid()}/cpu_kernels-*.so"))) == 1
+
+
+def _softmax_ref(s, coef):
+    """float64 softmax of s * coef per head, -inf staying masked, a row without a key 0."""
+    z = torch.where(s == -math.inf, -math.inf, s.double() * coef.double().reshape(1, -1, 1, 1))
+    p = torch.softmax(z, -1)
+    return torch.where((z == -math.inf).all(-1, keepdim=True), 0.0, p)
+
+
+def _check_softmax(B, H, R, Lk, coef, dropout_p, lib=None, seed=2**33 + 5, row0=3):
+    g = torch.Generator().manual_seed(Lk)
+    s = torch.randn(B, H, R, Lk, generator=g) * 4
+    s[0, 0, 1] = -math.inf  # a row without a valid key
+    s[:, :, 0, ::3] = -math.inf  # masked keys
+    if B * H > 1:
+        s[-1, -1, -1, 0] = math.nan  # a NaN logit: a NaN row, as torch's softmax
+    want = _softmax_ref(s, coef)
+    # tolerance: twice the error of torch's float32 softmax of the same logits, in float32 ulps of
+    # each weight (normal numbers: exp's results below 2**-126 may flush to 0)
+    ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.log2(want.abs().clamp(min=2.0**-126)).floor())
+    z32 = torch.where(s == -math.inf, -math.inf, s * coef.reshape(1, -1, 1, 1))
+
+    def ulps(x):
+        return ((x.double() - want).abs() / ulp).nan_to_num(0).max().item()
+    torch_err = ulps(torch.softmax(z32, -1).masked_fill((z32 == -math.inf).all(-1, keepdim=True), 0.0))
+    rows = torch.arange(row0, row0 + R)
+    batch_ids = torch.arange(B) * 2 + 1  # a subset of a batch's rows: counters b * H + h of those
+    bh = (batch_ids[:, None] * H + torch.arange(H)).flatten()
+    for pd_in_s in (False, True):
+        src = s.clone()
+        p = torch.empty_like(s)
+        pd = src if pd_in_s else torch.empty_like(s)
+        keep_scale = 1 / (1 - dropout_p)
+        assert _cpu_kernels.softmax(src, p, coef, heads=H, pd=pd, keep_scale=keep_scale, seed=seed,
+                                    threshold=dropout_threshold(dropout_p), bh=bh, rows=rows, direction=1, lib=lib)
+        nan = want.isnan()
+        assert torch.equal(p.isnan(), nan)
+        assert ulps(p) <= 2 * max(torch_err, 1.0), (ulps(p), torch_err)
+        assert not p[0, 0, 1].any() and not pd[0, 0, 1].any()  # 0, not NaN
+        keep = dropout_keep_mask(seed, dropout_p, batch=B, heads=H, rows=rows, cols=Lk, direction=1,
+                                 batch_ids=batch_ids, compiled=False)
+        assert torch.equal(pd.nan_to_num(9.0), torch.where(keep, p * keep_scale, 0.0).nan_to_num(9.0))
+    in_place = s.clone()  # no dropout, P over the logits
+    assert _cpu_kernels.softmax(in_place, in_place, coef, heads=H, lib=lib)
+    assert torch.equal(in_place.nan_to_num(9.0), p.nan_to_num(9.0))
+
+
+@needs_cc
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 130, 1000])
+@pytest.mark.parametrize("coef", ["scalar", "per head, signed"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_softmax_kernel_against_float64(cols, coef, threads):
+    """P within twice torch's float32 softmax error of float64 (the 16-lane body and the
+    tail), masked keys, a row without a key (0), a NaN logit (NaN row); PD the torch-op keep
+    mask's selection of P * scale, bit for bit, in a buffer of its own or over the logits."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = torch.tensor([0.37]) if coef == "scalar" else torch.tensor([0.5, -0.8, 0.0])
+        _check_softmax(2, 3, 9, cols, c, 0.25)
+        _check_softmax(3, 3, 40, max(cols, 600), c, 0.5)  # above 64 Ki elements: split over threads
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_softmax_backward(B, H, R, Lk, coef, weights, with_dp, with_dropout, lib=None):
+    g = torch.Generator().manual_seed(R * Lk)
+    p = torch.softmax(torch.randn(B, H, R, Lk, generator=g, dtype=torch.float64), -1)
+    keep = torch.rand(B, H, R, Lk, generator=g, dtype=torch.float64) > 0.3
+    pd = p * keep / 0.7
+    dp = torch.randn(B, H, R, Lk, generator=g, dtype=torch.float64)
+    full = torch.randn(B, H, R + 2, Lk, generator=g, dtype=torch.float64)[:, :, 1:-1]  # rows strided
+    mean = torch.randn(B, R, Lk, generator=g, dtype=torch.float64)
+    dw = {"full": full, "mean": mean, None: None}[weights]
+    scale = 1 / H if weights == "mean" else 1.0
+    t = torch.zeros_like(p)
+    if with_dp:
+        t = t + (pd if with_dropout else p) * dp
+    if dw is not None:
+        t = t + p * (dw if weights == "full" else dw[:, None]) * scale
+    want = (t - p * t.sum(-1, keepdim=True)) * coef.double().reshape(1, -1, 1, 1)
+    f32 = [None if x is None else x.float() for x in (p, pd, dp, dw)]
+    p32, pd32, dp32, dw32 = f32
+    if dw32 is not None and weights == "full":
+        dw32 = torch.randn(B, H, R + 2, Lk).float()[:, :, 1:-1].copy_(dw32)  # keep the strided rows
+    out = dp32.clone() if with_dp else torch.empty_like(p32)
+    assert _cpu_kernels.softmax_backward(out, p32, coef, heads=H, dp=out if with_dp else None,
+                                         pd=pd32 if with_dropout else None, dw=dw32, dw_scale=scale, lib=lib)
+    # float32 inputs rounded once: the float64 formula on them bounds the kernel's own rounding
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@needs_cc
+@pytest.mark.parametrize("weights, with_dp, with_dropout", [
+    (w, dp, drop) for w in ("full", "mean", None) for dp, drop in ((True, True), (True, False), (False, False))
+    if dp or w], ids=str)
+@pytest.mark.parametrize("cols", [1, 17, 1000])
+def test_softmax_backward_kernel_against_float64(weights, with_dp, with_dropout, cols):
+    _check_softmax_backward(2, 3, 7, cols, torch.tensor([0.3, -0.6, 1.2]), weights, with_dp, with_dropout)
+    _check_softmax_backward(1, 2, 3, cols, torch.tensor([0.125]), weights, with_dp, with_dropout)
+
+
+@needs_cc
+def test_softmax_kernels_refuse_what_they_cannot_serve():
+    s = torch.randn(1, 2, 3, 8)
+    coef = torch.tensor([0.5])
+    assert not _cpu_kernels.softmax(s.double(), s.double(), coef, heads=2)  # float64
+    assert not _cpu_kernels.softmax(s.transpose(-1, -2), s.transpose(-1, -2), coef, heads=2)  # strided
+    assert not _cpu_kernels.softmax(s, s, torch.tensor([0.5, 1.0, 2.0]), heads=2)  # coef per 3 heads
+    assert not _cpu_kernels.softmax(s, s, coef, heads=2, pd=torch.empty_like(s))  # dropout without counters
+    leaf = s.clone().requires_grad_(True)
+    assert not _cpu_kernels.softmax(leaf, leaf, coef, heads=2)  # autograd would miss the write
+    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 2, 3, 8)[..., ::2])
+    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 3, 8).expand(1, 3, 8)
+                                             .unsqueeze(1).expand(1, 2, 3, 8).transpose(-1, -2))

@@ -86,16 +86,41 @@ def test_saved_p_is_chosen_by_size(monkeypatch):
     assert not tb._sdpa_serves(problem("full", 0.0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def _fused_kernels(monkeypatch, fused):
+    """Forces the saved-P path's fused float32 CPU kernels off (``fused`` False) and returns the
+    list of their calls."""
+    from crossattn import _cpu_kernels
+    from crossattn.backends import _torch_saved_p
+
+    if not fused:
+        monkeypatch.setattr(_torch_saved_p, "_fused_coefs", lambda *a: None)
+    calls = []
+    for name in ("softmax", "softmax_backward"):
+        real = getattr(_cpu_kernels, name)
+        monkeypatch.setattr(_cpu_kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    return calls
+
+
+HAVE_KERNELS = __import__("crossattn._cpu_kernels", fromlist=["x"]).unavailable_reason() is None
+PATHS = [pytest.param(True, id="fused", marks=pytest.mark.skipif(not HAVE_KERNELS, reason="no compiled CPU kernels")),
+         pytest.param(False, id="torch-ops")]
+
+
+@pytest.mark.parametrize("dtype, fused", [
+    pytest.param(torch.float32, True, id="float32-fused", marks=PATHS[0].marks),
+    pytest.param(torch.float32, False, id="float32-torch-ops"),
+    pytest.param(torch.bfloat16, False, id="bfloat16"), pytest.param(torch.float16, False, id="float16")])
 @pytest.mark.parametrize("Lk", [24, 23], ids=["keys%4==0", "keys%4!=0"])
 @pytest.mark.parametrize("need_weights", ["full", "mean", "full, weights-only loss"])
-def test_saved_p_dropout_matches_the_reference(monkeypatch, dtype, Lk, need_weights):
+def test_saved_p_dropout_matches_the_reference(monkeypatch, dtype, Lk, need_weights, fused):
     """The saved-P path with dropout keeps ``PD = P * keep`` (the mask drawn into the dead
-    logits buffer when Lk % 4 == 0, else a buffer of its own; float16 by row chunks) and
-    derives the softmax backward from it: outputs, weights and every gradient (grouped heads,
-    padding, a learnable temperature) against the float64 reference."""
+    logits buffer when Lk % 4 == 0, else a buffer of its own; float16 by row chunks; float32
+    on a CPU: the fused kernels, ``PD`` carrying the dropout scale) and derives the softmax
+    backward from it: outputs, weights and every gradient (grouped heads, padding, a learnable
+    temperature) against the float64 reference."""
     from conftest import check_gradients
 
+    calls = _fused_kernels(monkeypatch, fused)
     taken = []
     real = tb._saves_p
     monkeypatch.setattr(tb, "_saves_p", lambda p: taken.append(real(p)) or taken[-1])
@@ -107,6 +132,38 @@ def test_saved_p_dropout_matches_the_reference(monkeypatch, dtype, Lk, need_weig
     check_gradients(lambda *a, **k: crossattn.cross_attention(*a, backend="torch", **k), q, k, v, kw,
                     need_weights.split(",")[0], dtype, out_loss="weights-only" not in need_weights)
     assert taken and all(taken)
+    assert set(calls) == ({"softmax", "softmax_backward"} if fused else set())
+
+
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("case", ["no dropout, empty rows", "negative scale", "zero scale", "float temperature, mean"])
+def test_saved_p_float32_edge_cases_match_the_reference(monkeypatch, case, fused):
+    """float32 on the fused kernels and on torch ops alike: a batch item without a valid key
+    and a padded query row (0, never NaN; P in the logits' buffer without dropout), a
+    negative or zero scale (a masked key stays masked when the factor flips sign or vanishes), a
+    float temperature with head-mean weights."""
+    from conftest import check_gradients
+
+    calls = _fused_kernels(monkeypatch, fused)
+    q, k, v = make_qkv(2, 3, 6, 17, 8, dtype=torch.float32, requires_grad=True)
+    kpm = torch.zeros(2, 17, dtype=torch.bool)
+    kpm[0, 11:] = True
+    kw = dict(key_padding_mask=kpm)
+    need_weights = "full"
+    if case == "no dropout, empty rows":
+        kpm[1] = True
+        qpm = torch.zeros(2, 6, dtype=torch.bool)
+        qpm[0, 4] = True
+        kw["query_padding_mask"] = qpm
+    elif case.endswith("scale"):
+        kw.update(scale=-0.4 if case.startswith("negative") else 0.0, temperature=torch.tensor([0.7, 1.3, 2.0]),
+                  dropout_p=0.2)
+    else:
+        kw.update(temperature=1.7, dropout_p=0.5)
+        need_weights = "mean"
+    check_gradients(lambda *a, **k: crossattn.cross_attention(*a, backend="torch", **k), q, k, v, kw,
+                    need_weights, torch.float32)
+    assert set(calls) == ({"softmax", "softmax_backward"} if fused else set())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)

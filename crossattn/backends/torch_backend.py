@@ -17,10 +17,11 @@ backend must be at least as fast as the code users would otherwise write):
 * no weights, no statistics, no dropout, bias, causality or pruning, below float64: PyTorch's
   own ``scaled_dot_product_attention`` (a fused kernel with its own backward), with rows that
   attend to nothing patched to 0 afterwards;
-* weights ``"full"`` of every head (no statistics, no bias): the caller holds ``P`` anyway, so
-  the backward reuses it, with the dropout keep mask saved as bool, as eager autograd would,
-  instead of recomputing the logits: fused softmax and softmax-backward, the dropout scale
-  and the ``scale / temperature`` factor folded into the small tensors.
+* weights ``"full"`` of every head, or ``P`` small enough to keep (no statistics, no bias):
+  ``_torch_saved_p`` saves ``P`` (the caller holds it anyway) and the dropped-out ``PD`` and
+  reuses them in the backward instead of recomputing the logits; float32 on a CPU runs the
+  softmax + dropout and the softmax backward as one-pass compiled kernels
+  (:mod:`crossattn._cpu_kernels`).
 
 On CPU tensors every path skips the keys past each row's last valid key, the query rows
 past its last valid query and the keys above the causal diagonal: ``_torch_skip`` runs the
@@ -31,65 +32,29 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
-from .._philox import dropout_keep_mask
 from .._validation import AttentionProblem
-from ..reference import AuxOutput, compute_dtype, element_mask, select_blocks_reference
+from ..reference import AuxOutput, compute_dtype, select_blocks_reference
 from . import _torch_skip
+from ._torch_common import (
+    _DEFAULT_CHUNK_MB,
+    _Config,
+    _drop,
+    _dropout_scale,
+    _grouped,
+    _head_mean,
+    _pair_mask,
+    _ungrouped,
+    chunk_rows,
+)
+from ._torch_saved_p import _SavedPAttention
 from .base import Backend
 
-_DEFAULT_CHUNK_MB = 128
 # Without returned weights, P is saved for the backward while it takes at most this many
 # chunk budgets (512 MiB by default); beyond that the backward recomputes it by chunks.
 _SAVED_P_CHUNKS = 4
-# Per score element: ~7 compute-dtype temporaries in backward (s, s+bias, p, dp, ds, masks)
-# plus the int64 Philox state (5 words) while a dropout mask is drawn.
-_TEMPS = 7
-_PHILOX_BYTES = 5 * 8
-
-
-def chunk_rows(batch: int, heads: int, lq: int, lk: int, dtype: torch.dtype, dropout: bool) -> int:
-    """Query rows per chunk so that one chunk's temporaries fit the budget."""
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
-    per_row = max(1, batch * heads * lk) * (
-        _TEMPS * torch.finfo(dtype).bits // 8 + (_PHILOX_BYTES if dropout else 0)
-    )
-    return max(1, min(max(lq, 1), int(budget // per_row)))
-
-
-class _Config(NamedTuple):
-    """The non-tensor arguments of one direction."""
-
-    scale: float
-    block_q: int
-    block_k: int
-    dropout_p: float
-    direction: int
-    need_weights: str | None
-    weight_heads: tuple[int, ...] | None
-    is_causal: bool
-    aux: object  # AuxRequest | None
-    # Where a part of the problem sits in the whole (``_torch_skip`` runs ragged batches by
-    # parts): its first query row, its batch rows (None: all, in order) and the causal
-    # diagonal ``j <= i + causal_shift`` of the whole (Lk - Lq), so that masks and dropout
-    # see the caller's coordinates.
-    row0: int = 0
-    batch_ids: tuple[int, ...] | None = None
-    causal_shift: int = 0
-
-
-def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[B, H, R, X]`` -> ``[B, Hkv, G * R, X]`` (query heads of a group stacked by rows)."""
-    B, H, R, X = x.shape
-    return x.reshape(B, kv_heads, (H // kv_heads if kv_heads else 1) * R, X)  # H = Hkv = 0: no heads
-
-
-def _ungrouped(x: torch.Tensor, heads: int) -> torch.Tensor:
-    B, Hkv, GR, X = x.shape
-    return x.view(B, heads, GR * Hkv // heads if heads else GR, X)
 
 
 class _Chunk:
@@ -270,203 +235,6 @@ def _new_weights(q, cfg, lk):
     if cfg.need_weights == "mean":
         return q.new_empty(B, Lq, lk)
     return q.new_empty(0)
-
-
-def _pair_mask(batch, lk, key_valid, query_valid, block_mask, cfg, rows, device):
-    """Bool ``[B|1, H|1, R, Lk]``: the (query, key) pairs that attend for query rows ``rows``
-    (the whole problem's indices), or None when all do."""
-    mask = element_mask(
-        batch, 0, lk, key_valid=key_valid, query_valid=query_valid, block_mask=block_mask,
-        block_q=cfg.block_q, block_k=cfg.block_k, rows=rows, device=device,
-    )
-    if cfg.is_causal:
-        seen = (torch.arange(lk, device=device)[None, :] <= rows[:, None] + cfg.causal_shift)[None, None]
-        mask = seen if mask is None else mask & seen
-    return mask
-
-
-def _batch_ids(cfg, device):
-    return None if cfg.batch_ids is None else torch.tensor(cfg.batch_ids, dtype=torch.int64, device=device)
-
-
-def _drop(seed, cfg, batch, heads, rows, lk, device):
-    """Bool ``[B, H, rows, Lk]``, True where dropout drops (None without dropout)."""
-    if cfg.dropout_p <= 0.0:
-        return None
-    return dropout_keep_mask(seed, cfg.dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
-                             direction=cfg.direction, device=device, dropped=True,
-                             batch_ids=_batch_ids(cfg, device))
-
-
-def _dropout_scale(dropout_p: float) -> float:
-    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-
-
-def _coef(cfg, temperature, ct):
-    """``scale / temperature``: a float, or ``[1, H, 1, 1]`` for a tensor temperature."""
-    return cfg.scale if temperature is None else cfg.scale / temperature.to(ct).reshape(1, -1, 1, 1)
-
-
-def _head_mean(w: torch.Tensor) -> torch.Tensor:
-    """Mean over the heads (dim 1) of ``[B, H, L, S]``. Half precision accumulates in float32
-    head by head: torch's mean would first convert all of ``w`` to float32 (a ``[B, H, L, S]``
-    float32 temporary, twice the weights' own size, at the forward's peak)."""
-    if w.dtype not in (torch.float16, torch.bfloat16) or w.shape[1] == 0:
-        return w.mean(1)
-    acc = w[:, 0].float()
-    for h in range(1, w.shape[1]):
-        acc += w[:, h]
-    return acc.div_(w.shape[1]).to(w.dtype)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where the saved-P path multiplies and normalises. bfloat16 stays in bfloat16, as eager
-    does: its matmuls accumulate in float32 (oneDNN) and torch's softmax and softmax backward
-    compute in float32 inside, so only the stored logits, P and dP round to bfloat16 -- well
-    within the bfloat16 tolerance, at 2-3x the speed of float32 matmuls. float16 keeps
-    float32 (its tolerance is 8x tighter, and CPUs rarely multiply it natively)."""
-    return dtype if dtype == torch.bfloat16 else compute_dtype(dtype)
-
-
-class _SavedPAttention(torch.autograd.Function):
-    """(q, k, v, temperature) -> (out, weights "full" / "mean" / empty), every head.
-
-    ``P`` is saved for the backward -- with weights "full" it is the returned tensor, which
-    the caller holds anyway -- and, with dropout, the dropped-out ``PD = P * keep`` (stored
-    like ``P``) that the forward multiplies ``v`` with: nothing is recomputed, the backward
-    needs no keep mask (``P * keep * dP = PD * dP``, so the softmax backward
-    ``P * (g - rowsum(P * g))`` of ``g = keep * dP + dW`` is ``t - P * rowsum(t)`` with
-    ``t = PD * dP + P * dW``) and runs in place on ``dP``, and the saved state (``P``, ``PD``)
-    stays below eager autograd's (``P``, the mask and the dropped-out copy). The keep mask
-    is drawn as 0/1 of the work dtype and becomes ``PD`` in place: a multiply vectorises,
-    where ``masked_fill`` / ``where`` with a bool mask run 3-6x slower on a CPU; no
-    [B, H, Lq, Lk] buffer is allocated beyond the logits, ``P`` and ``dP`` (at the seed's size
-    each fresh one is a new mapping whose page faults cost as much as the pass). The dropout scale ``1/(1-p)`` and
-    the ``scale / temperature`` factor are applied on the small side (q, out, dO, dq).
-    float32, float64 and bfloat16 compute ``P`` whole; float16 is computed in float32 by
-    row chunks (its ``P`` and ``PD`` stored in float16, as eager would)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, temperature, key_valid, query_valid, block_mask, seed, cfg, train):
-        B, H, Lq, _ = q.shape
-        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        ct, wt = compute_dtype(q.dtype), _work_dtype(q.dtype)
-        coef = _coef(cfg, temperature, ct)
-        # logits = qs @ k^T. A float factor multiplies q in its own dtype (computed in float32
-        # and rounded once, as the float32 product would be: no conversion passes).
-        qs = q * coef if isinstance(coef, float) and q.dtype == wt else (q.to(ct) * coef).to(wt)
-        # Training: batch-contiguous once, and saved so -- a head-split projection ([B, L, H, D]
-        # viewed as [B, H, L, D]) would be copied by every matmul reading it, twice more in the
-        # backward. Inference keeps the views: each matmul's copy is transient (a lower peak).
-        kc, vc = k.to(wt), v.to(wt)
-        if train:
-            kc, vc = kc.contiguous(), vc.contiguous()
-        kt = kc.transpose(-1, -2)
-        rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
-        whole = rows >= Lq > 0 and wt == q.dtype
-        dropout = cfg.dropout_p > 0
-        weights = None if whole else q.new_empty(B, H, Lq, Lk)  # P (whole: P itself, no copy)
-        dropped = None if whole or not dropout else q.new_empty(B, H, Lq, Lk)  # PD
-        f = _dropout_scale(cfg.dropout_p)
-        out = q.new_empty(B, H, Lq, Dv)
-        for r0 in range(0, Lq, rows):
-            sl = slice(r0, min(Lq, r0 + rows))
-            r = torch.arange(cfg.row0 + sl.start, cfg.row0 + sl.stop, device=q.device)
-            s = _ungrouped(_grouped(qs[:, :, sl], Hkv) @ kt, H)
-            mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, r, q.device)
-            if mask is not None:
-                s.masked_fill_(~mask, -math.inf)
-            # Without dropout the logits die here: P takes their buffer on a CPU (its softmax
-            # reads each row whole before writing it; tested), one [B, H, Lq, Lk] fewer at peak.
-            in_place = s.device.type == "cpu" and not dropout and not torch.compiler.is_compiling()
-            p = torch.softmax(s, dim=-1, out=s if in_place else None)
-            if mask is not None:
-                p.masked_fill_(~mask.any(-1, keepdim=True), 0.0)  # softmax of an all -inf row is NaN
-            if whole:
-                weights = p
-            else:
-                weights[:, :, sl] = p
-            pd = p
-            if dropout:  # P * keep (in the logits' buffer: no fresh [B, H, rows, Lk] allocation)
-                pd = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
-                                       direction=cfg.direction, device=q.device,
-                                       batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s, probs=p)
-                if whole:
-                    dropped = pd
-                else:
-                    dropped[:, :, sl] = pd
-            del s
-            o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            out[:, :, sl] = o * f if dropout else o
-        same = wt == k.dtype  # keep the copies (else the inputs: no float32 copy of float16 kept)
-        ctx.save_for_backward(qs, kc if same else k, vc if same else v, temperature, weights, dropped)
-        ctx.cfg, ctx.q_dtype = cfg, q.dtype
-        ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
-        if cfg.need_weights == "full":
-            return out, weights
-        return out, _head_mean(weights) if cfg.need_weights == "mean" else q.new_empty(0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_weights):
-        qs, k, v, temperature, weights, dropped = ctx.saved_tensors
-        cfg = ctx.cfg
-        B, H, Lq, _ = qs.shape
-        Hkv, Lk = k.shape[1], k.shape[2]
-        wt, ct = qs.dtype, compute_dtype(qs.dtype)
-        kc, vt = k.to(wt), v.to(wt).transpose(-1, -2)
-        f = _dropout_scale(cfg.dropout_p)
-        rows = max(Lq, 1) if wt == ctx.q_dtype else chunk_rows(B, H, Lq, Lk, ct, False)
-        # One chunk: the gradients are the matmuls' results themselves (as eager's autograd
-        # has them); several: float32 accumulators. dq is before the scale / temperature factor.
-        single = rows >= Lq
-        dq, dk, dv = (None, None, None) if single else (
-            torch.empty(qs.shape, dtype=ct, device=qs.device),
-            torch.zeros(k.shape, dtype=ct, device=k.device), torch.zeros(v.shape, dtype=ct, device=v.device))
-        for r0 in range(0, Lq, rows):
-            sl = slice(r0, min(Lq, r0 + rows))
-            p = weights[:, :, sl].to(wt)
-            t = None  # P * g for g = d loss / d P (both branches: dropped-out and returned)
-            if d_out is not None:
-                do = d_out[:, :, sl].to(wt).contiguous()  # read by two matmuls: copied once if strided
-                pd = p
-                if dropped is not None:
-                    do = do * f  # the 1/(1-p) of dP and dV, on the small side
-                    pd = dropped[:, :, sl].to(wt)
-                dv_part = _grouped(pd, Hkv).transpose(-1, -2) @ _grouped(do, Hkv)
-                dv = dv_part if single else dv.add_(dv_part)
-                t = _ungrouped(_grouped(do, Hkv) @ vt, H).mul_(pd)  # P * keep * dP = PD * dP
-                del pd
-            if d_weights is not None and cfg.need_weights in ("full", "mean"):
-                dw = d_weights[:, :, sl].to(wt) if cfg.need_weights == "full" else d_weights[:, None, sl].to(wt) / H
-                t = p * dw if t is None else t.addcmul_(p, dw)
-            if t is None:
-                t = torch.zeros_like(p)
-            # P * (g - rowsum(P * g)); a bfloat16 row sum accumulates in float32 (one rounding of
-            # the sum, as eager's dropout backward rounds each dP); a float32 one would make
-            # addcmul_ mixed-dtype, 20x slower on a CPU
-            ds = t.addcmul_(p, t.sum(-1, keepdim=True), value=-1)
-            del t, p
-            ds = _grouped(ds, Hkv)
-            dq_part = _ungrouped(ds @ kc, H)
-            dk_part = ds.transpose(-1, -2) @ _grouped(qs[:, :, sl], Hkv)
-            if single:
-                dq, dk = dq_part, dk_part
-            else:
-                dq[:, :, sl] = dq_part
-                dk += dk_part
-        if dv is None:  # no gradient reached the output (or no query rows)
-            dv = torch.zeros_like(v)
-        if dq is None:  # no query rows
-            dq, dk = torch.zeros_like(qs), torch.zeros_like(k)
-        d_temp = None
-        if temperature is not None and ctx.needs_input_grad[3]:
-            # logits = q.k * scale / T: sum_j dS_ij * S_ij = qs_i . (dS @ k)_i, so
-            # dL/dT_h = -(1/T_h) * sum_{b,i} qs_i . dq_raw_i
-            dt = -(qs.to(ct) * dq).sum((0, 2, 3)) / temperature.to(ct).reshape(-1).expand(H)
-            d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
-        dq = dq * _coef(cfg, temperature, ct)
-        return dq.to(ctx.q_dtype), dk.to(k.dtype), dv.to(v.dtype), d_temp, None, None, None, None, None, None
 
 
 def _saves_p(p: AttentionProblem) -> bool:
