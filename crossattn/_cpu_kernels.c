@@ -196,6 +196,7 @@ int crossattn_philox_mask(uint64_t seed, uint64_t threshold, int dropped, const 
  * [B, H, Lq, Lk]; here each is one pass whose row stays in the L1/L2 cache between its loops. */
 typedef float f32v __attribute__((vector_size(64)));
 typedef int32_t i32v __attribute__((vector_size(64)));
+typedef uint32_t u32v __attribute__((vector_size(64)));
 typedef float f32u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
 #define FL 16
 
@@ -211,11 +212,12 @@ static inline f32v vmax(f32v a, f32v b) {
 #endif
 }
 
-/* exp(x) for x <= 0, within 2 ulp (Cephes' expf polynomial on r = x - n ln 2, |r| <= ln 2 / 2);
+/* exp(x) for x <= 0 (x > 0 gives 1), within 1 ulp (Cephes' expf polynomial on r = x - n ln 2, |r| <= ln 2 / 2);
  * exp(-inf) = 0 and results below about 2**-125 flush to 0 (far under a float32 ulp of a softmax
  * row sum, which is >= 1); NaN stays NaN. n is rounded with the 1.5 * 2**23 trick and 2**n built
  * in the exponent bits: no float-to-int conversion, whose NaN case C leaves undefined. */
 static inline f32v exp_neg(f32v x) {
+    x = select_v(x > splat(0.0f), splat(0.0f), x);  /* a caller's rounding can leave a tiny x > 0 */
     const f32v magic = splat(12582912.0f);
     const f32v tm = x * splat(1.44269504088896341f) + magic;
     const f32v n = tm - magic;
@@ -227,7 +229,7 @@ static inline f32v exp_neg(f32v x) {
     y = y * r + splat(1.6666665459e-1f);
     y = y * r + splat(5.0000001201e-1f);
     y = y * (r * r) + r + splat(1.0f);
-    const i32v e = ((i32v)tm - (i32v)magic + 127) << 23;  /* 2**n, garbage below n = -126: selected away */
+    const u32v e = ((u32v)tm - (u32v)magic + 127u) << 23;  /* 2**n, garbage below n = -126: selected away */
     return select_v(x < splat(-87.0f), splat(0.0f), y * (f32v)e);
 }
 
@@ -247,6 +249,30 @@ static inline float hsum(f32v v) {
     float s = 0.0f;
     for (int e = 0; e < FL; e++) s += v[e];
     return s;
+}
+
+enum { MASKED, FUSED, EXACT };  /* how exp_row forms z - max z */
+
+/* p = exp(z - max z) over a row and its sum, z - max z formed as: MASKED, (s == -inf ? -inf : s *
+ * coef) - mz; FUSED (coef > 0), s * coef - mz in one rounding; EXACT, (s - max s) * coef. */
+static inline __attribute__((always_inline)) float exp_row(const float *s, float *p, int64_t cols, int how,
+                                                           f32v cv, f32v mv, f32v mzv) {
+    const int64_t full = cols / FL * FL;
+    const f32v ninf = splat(-__builtin_inff());
+#define Z(x) (how == MASKED ? select_v((x) == ninf, ninf, (x) * cv) - mzv : how == FUSED ? (x) * cv - mzv : ((x) - mv) * cv)
+    f32v acc = splat(0.0f);
+    for (int64_t c = 0; c < full; c += FL) {
+        const f32v e = exp_neg(Z(*(const f32u *)(s + c)));
+        *(f32u *)(p + c) = e;
+        acc += e;
+    }
+    if (full < cols) {
+        const f32v e = exp_neg(Z(load_tail(s + full, cols - full, -__builtin_inff())));
+        for (int64_t c = full; c < cols; c++) p[c] = e[c - full];
+        acc += e;
+    }
+#undef Z
+    return hsum(acc);
 }
 
 typedef struct {
@@ -269,8 +295,8 @@ static void softmax_rows(const void *arg, int64_t begin, int64_t end) {
         const int64_t bh = t / a->nrows;
         const float cf = a->coef[a->coef_heads == 1 ? 0 : bh % a->heads];
         const f32v cv = splat(cf);
-        /* the row maximum of the logits z = s * coef (a masked -inf stays -inf whatever coef's
-         * sign: z is selected where coef <= 0). A NaN anywhere makes the row sum, so the row, NaN. */
+        /* the row maximum: of s where coef > 0 (z = s * coef peaks with s), else of z itself (a
+         * masked -inf stays -inf whatever coef's sign). A NaN anywhere makes the row sum NaN. */
         const int pos = cf > 0.0f;
         f32v m = ninf;
         for (int64_t c = 0; c < full; c += FL) {
@@ -282,7 +308,6 @@ static void softmax_rows(const void *arg, int64_t begin, int64_t end) {
             const float z = pos || s[c] == -__builtin_inff() ? s[c] : s[c] * cf;
             mx = z > mx ? z : mx;
         }
-        if (pos) mx *= cf;
         if (mx == -__builtin_inff()) {  /* every key masked: 0 -- unless a logit is NaN (a NaN row) */
             int nan = 0;
             for (int64_t c = 0; c < cols; c++) nan |= s[c] != s[c];
@@ -295,21 +320,13 @@ static void softmax_rows(const void *arg, int64_t begin, int64_t end) {
             mx = __builtin_nanf("");
         }
         const f32v mv = splat(mx);
-        f32v acc = splat(0.0f);
-        for (int64_t c = 0; c < full; c += FL) {
-            const f32v x = *(const f32u *)(s + c);
-            const f32v e = exp_neg((pos ? x * cv : select_v(x == ninf, ninf, x * cv)) - mv);
-            *(f32u *)(p + c) = e;
-            acc += e;
-        }
-        if (full < cols) {
-            const f32v x = load_tail(s + full, cols - full, -__builtin_inff());
-            const f32v e = exp_neg((pos ? x * cv : select_v(x == ninf, ninf, x * cv)) - mv);
-            for (int64_t c = full; c < cols; c++) p[c] = e[c - full];
-            acc += e;
-        }
+        float sum = exp_row(s, p, cols, pos ? FUSED : MASKED, cv, mv, splat(pos ? mx * cf : mx));
+        /* The maximum's term is ~1, unless the fused s * coef - max z left the product's rounding
+         * error there and that exceeded exp's range (|z| > 2**30): then no term survives and the
+         * row would be 0 / 0. Again as coef * (s - max s), exactly 0 at the maximum (one more
+         * rounding than the fused form, so only here). */
+        if (pos && !(sum >= 0.5f) && sum == sum) sum = exp_row(s, p, cols, EXACT, cv, mv, mv);
         /* a division, not a multiply by 1 / sum: one rounding (half an ulp of P), at the same speed */
-        const float sum = hsum(acc);
         if (!pd) {
             for (int64_t c = 0; c < full; c += FL) *(f32u *)(p + c) = *(f32u *)(p + c) / splat(sum);
             for (int64_t c = full; c < cols; c++) p[c] /= sum;

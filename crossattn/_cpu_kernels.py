@@ -227,6 +227,8 @@ def softmax(s: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, *, heads: int,
     if lib is None or s.dim() != 4 or not _f32_rows(s, p, pd, coef) or p.shape != s.shape:
         return False
     B, H, R, Lk = s.shape
+    if s.numel() == 0:
+        return True  # nothing to write
     if H != heads or coef.numel() not in (1, heads) or (pd is not None and (
             pd.shape != s.shape or bh is None or rows is None or not all(_plain_cpu(t) for t in (bh, rows))
             or bh.dtype != torch.int64 or rows.dtype != torch.int64 or bh.numel() != B * H or rows.numel() != R)):
@@ -253,6 +255,8 @@ def softmax_backward(out: torch.Tensor, p: torch.Tensor, coef: torch.Tensor, *, 
     if (H != heads or coef.numel() not in (1, heads) or out.shape != p.shape
             or any(t is not None and t.shape != p.shape for t in (dp, pd))):
         return False
+    if p.numel() == 0:
+        return True  # nothing to write (an empty dw may have any strides)
     strides = (0, 0, 0)
     if dw is not None:
         if type(dw) is not torch.Tensor or dw.device.type != "cpu" or dw.dtype != torch.float32 or (

@@ -268,6 +268,30 @@ def test_softmax_kernels_refuse_what_they_cannot_serve():
     assert not _cpu_kernels.softmax(s, s, coef, heads=2, pd=torch.empty_like(s))  # dropout without counters
     leaf = s.clone().requires_grad_(True)
     assert not _cpu_kernels.softmax(leaf, leaf, coef, heads=2)  # autograd would miss the write
-    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 2, 3, 8)[..., ::2])
-    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 3, 8).expand(1, 3, 8)
-                                             .unsqueeze(1).expand(1, 2, 3, 8).transpose(-1, -2))
+    strided_keys = torch.randn(1, 2, 8, 3).transpose(-1, -2)  # the right shape, keys 3 apart
+    assert strided_keys.shape == s.shape
+    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=strided_keys)
+    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 8, 3).transpose(-1, -2))
+    assert not _cpu_kernels.softmax_backward(s, s, coef, heads=2, dw=torch.randn(1, 1, 3, 8))  # no broadcast
+    empty = torch.empty(0, 2, 3, 8)  # nothing to write: served, whatever the gradient's strides
+    assert _cpu_kernels.softmax_backward(empty, empty, coef, heads=2, dw=torch.zeros(()).expand(0, 2, 3, 8))
+
+
+@needs_cc
+def test_softmax_kernel_huge_logits_and_lone_nan():
+    """Logits of 1e9: the fused x * coef - max of the maximum is its rounding error, > 0 --
+    exp gives 1 there, a one-hot row as torch's, never NaN. A row whose only unmasked logit is
+    NaN is NaN (as torch), one of -inf only 0."""
+    s = torch.randn(1, 2, 64, 48, generator=torch.Generator().manual_seed(0)) * 3e9
+    p = torch.empty_like(s)
+    assert _cpu_kernels.softmax(s, p, torch.tensor([0.37]), heads=2)
+    assert not p.isnan().any()
+    torch.testing.assert_close(p, torch.softmax(s * 0.37, -1), rtol=0, atol=1e-6)
+    s = torch.full((1, 1, 3, 5), -math.inf)
+    s[0, 0, 0, 2] = math.nan
+    s[0, 0, 2, 4] = 1.0
+    assert _cpu_kernels.softmax(s, p[:, :1, :3, :5].contiguous(), torch.tensor([2.0]), heads=1)
+    p = torch.empty_like(s)
+    assert _cpu_kernels.softmax(s, p, torch.tensor([2.0]), heads=1)
+    assert p[0, 0, 0].isnan().all() and torch.equal(p[0, 0, 1], torch.zeros(5))
+    assert torch.equal(p[0, 0, 2], torch.tensor([0.0, 0, 0, 0, 1]))

@@ -178,3 +178,76 @@ def test_cpu_softmax_in_place_equals_out_of_place(dtype):
         got = s.clone()
         torch.softmax(got, dim=-1, out=got)
         assert torch.equal(got.nan_to_num(2.0), want.nan_to_num(2.0))
+
+
+@pytest.mark.parametrize("refused", ["softmax", "softmax_backward"])
+def test_fused_path_falls_back_to_torch_ops_where_a_kernel_refuses(monkeypatch, refused):
+    """A kernel refuses tensors it cannot serve (a dispatch mode's, a traced backward's, a
+    gradient with strided keys): the same computation in torch ops, never an error."""
+    from conftest import check_gradients
+    from crossattn import _cpu_kernels
+
+    calls = _fused_kernels(monkeypatch, True)
+    monkeypatch.setattr(_cpu_kernels, refused, lambda *a, **k: calls.append("refused") or False)
+    q, _, _ = make_qkv(2, 4, 7, 13, 8, requires_grad=True)
+    _, k, v = make_qkv(2, 2, 7, 13, 8, seed=1, requires_grad=True)
+    kpm = torch.zeros(2, 13, dtype=torch.bool)
+    kpm[1] = True  # a batch item without a key: 0
+    kw = dict(key_padding_mask=kpm, temperature=torch.tensor([0.6, 1.0, 1.4, 2.0]), dropout_p=0.3)
+    check_gradients(lambda *a, **k: crossattn.cross_attention(*a, backend="torch", **k), q, k, v, kw,
+                    "full", torch.float32)
+    assert "refused" in calls
+
+
+def test_fused_path_huge_logits_empty_heads_and_a_parameter_temperature(monkeypatch):
+    calls = _fused_kernels(monkeypatch, True)
+    q, k, v = make_qkv(1, 2, 5, 48, 16)
+    out, w = crossattn.cross_attention(q * 1e5, k * 1e5, v, need_weights="full", backend="torch")
+    ref_out, ref_w = reference(q * 1e5, k * 1e5, v, need_weights="full")
+    assert not out.isnan().any() and not w.isnan().any()
+    torch.testing.assert_close(w.double(), ref_w, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+    for shape in [(2, 0, 5, 8), (0, 2, 5, 8)]:  # no heads / no batch, a loss whose gradient is expanded
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        out, w = crossattn.cross_attention(q, k, v, need_weights="full", backend="torch")
+        (out.sum() + w.sum()).backward()
+        assert q.grad.shape == shape and k.grad.shape == shape
+    calls.clear()
+    temp = torch.nn.Parameter(torch.tensor([0.5, 2.0]))
+    q, k, v = make_qkv(1, 2, 5, 9, 8, requires_grad=True)
+    out, w = crossattn.cross_attention(q, k, v, temperature=temp, need_weights="full", dropout_p=0.2,
+                                       backend="torch")
+    (out.sum() + (w * w).sum()).backward()
+    assert set(calls) == {"softmax", "softmax_backward"} and temp.grad is not None
+
+
+@pytest.mark.skipif(not hasattr(getattr(torch._dynamo, "compiled_autograd", None), "_enable"),
+                    reason="this torch has no compiled autograd")
+def test_fused_forward_with_a_compiled_backward(monkeypatch):
+    """The forward ran eagerly on the fused kernels; compiled autograd traces the backward,
+    where the kernels step aside for torch ops: the eager gradients."""
+    from torch._dynamo import compiled_autograd
+
+    from crossattn.backends import _torch_saved_p
+
+    ops = []
+    real = _torch_saved_p._fused_softmax_backward_ops
+    monkeypatch.setattr(_torch_saved_p, "_fused_softmax_backward_ops", lambda *a: ops.append(1) or real(*a))
+    grads = []
+    for compiled in (False, True):
+        q, k, v = make_qkv(2, 2, 6, 11, 8, requires_grad=True)
+        temp = torch.tensor([0.7, 1.3], requires_grad=True)
+        torch.manual_seed(5)  # the same dropout seed
+        out, w = crossattn.cross_attention(q, k, v, temperature=temp, need_weights="full", dropout_p=0.25,
+                                           backend="torch")
+        loss = out.sum() + (w * w).sum()
+        if compiled:
+            torch._dynamo.reset()
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append([q.grad, k.grad, v.grad, temp.grad])
+        assert bool(ops) == compiled  # the kernel served the eager backward, torch ops the traced one
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -83,12 +83,13 @@ class _SavedPAttention(torch.autograd.Function):
             if coefs is not None:  # whole: P into the logits' buffer, or PD there and P fresh
                 weights = q.new_empty(B, H, Lq, Lk) if dropout else s
                 dropped = s if dropout else None
+                bh = _bh_counters(B, H, _batch_ids(cfg, q.device), q.device).flatten()
                 if not _cpu_kernels.softmax(
                         s, weights, coefs, heads=H, pd=dropped, keep_scale=f, seed=seed if dropout else 0,
                         threshold=dropout_threshold(cfg.dropout_p) if dropout else 0, direction=cfg.direction,
-                        bh=_bh_counters(B, H, _batch_ids(cfg, q.device), q.device).flatten(), rows=r):
-                    raise RuntimeError("crossattn: the fused CPU softmax refused tensors it was promised")
-                out = _ungrouped(_grouped(s, Hkv) @ vc, H)  # PD holds the dropout scale
+                        bh=bh, rows=r):  # refused (a dispatch mode's tensors): the same in torch ops
+                    weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, bh, r)
+                out = _ungrouped(_grouped(weights if dropped is None else dropped, Hkv) @ vc, H)  # PD: scaled
                 del s
                 continue
             # Without dropout the logits die here: P takes their buffer on a CPU (its softmax
@@ -195,9 +196,9 @@ class _SavedPAttention(torch.autograd.Function):
 def _fused_coefs(q, k, v, temperature, cfg) -> torch.Tensor | None:
     """The ``scale / temperature`` factors (float32 ``[1]`` or ``[H]``) for the fused CPU
     kernels where they serve this call (float32 plain CPU tensors, eager), else None."""
-    ts = (q, k, v) if temperature is None else (q, k, v, temperature)
     if not (q.dtype == k.dtype == v.dtype == torch.float32 and all(
-            type(t) is torch.Tensor and t.device.type == "cpu" for t in ts) and _cpu_kernels.can_softmax()):
+            type(t) is torch.Tensor and t.device.type == "cpu" for t in (q, k, v)) and _cpu_kernels.can_softmax()
+            and (temperature is None or temperature.device.type == "cpu")):  # an nn.Parameter too
         return None
     if temperature is None:
         return torch.tensor([cfg.scale], dtype=torch.float32)
@@ -222,10 +223,10 @@ def _fused_backward(ctx, d_out, d_weights):
         ds = None
     else:
         ds = dp if dp is not None else torch.empty_like(p)
-        kw = dict(heads=H, dp=dp, pd=pd, dw_scale=1.0 / H if cfg.need_weights == "mean" else 1.0)
-        if not (_cpu_kernels.softmax_backward(ds, p, ctx.coefs, dw=dw, **kw)
-                or dw is not None and _cpu_kernels.softmax_backward(ds, p, ctx.coefs, dw=dw.contiguous(), **kw)):
-            raise RuntimeError("crossattn: the fused CPU softmax backward refused tensors it was promised")
+        scale = 1.0 / H if cfg.need_weights == "mean" else 1.0
+        if not _cpu_kernels.softmax_backward(ds, p, ctx.coefs, heads=H, dp=dp, pd=pd, dw=dw, dw_scale=scale):
+            # refused (a traced backward -- compiled autograd --, a gradient with strided keys)
+            ds = _fused_softmax_backward_ops(p, ctx.coefs, dp, pd, dw, scale)
     if ds is None:
         dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     else:
@@ -237,3 +238,24 @@ def _fused_backward(ctx, d_out, d_weights):
         dt = -(q * dq).sum((0, 2, 3)) / temperature.to(torch.float32).reshape(-1).expand(H)
         d_temp = (dt.sum().reshape(temperature.shape) if temperature.numel() == 1 else dt).to(temperature.dtype)
     return dq, dk, torch.zeros_like(v) if dv is None else dv, d_temp, None, None, None, None, None, None
+
+
+def _fused_softmax_ops(s, coefs, cfg, seed, bh, rows):
+    """What the fused softmax kernel computes, in torch ops: ``(P, PD or None)``."""
+    B, H, _, Lk = s.shape
+    z = torch.where(s == -math.inf, s, s * coefs.reshape(1, -1, 1, 1))
+    p = torch.softmax(z, -1).masked_fill((z == -math.inf).all(-1, keepdim=True), 0.0)  # no key: 0
+    if cfg.dropout_p <= 0:
+        return p, None
+    keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=rows, cols=Lk, direction=cfg.direction,
+                             device=s.device, batch_ids=torch.div(bh.view(B, H)[:, 0], H, rounding_mode="floor"),
+                             dtype=p.dtype)
+    return p, p * keep * _dropout_scale(cfg.dropout_p)
+
+
+def _fused_softmax_backward_ops(p, coefs, dp, pd, dw, dw_scale):
+    """What the fused softmax-backward kernel computes, in torch ops (``dp`` is overwritten)."""
+    t = torch.zeros_like(p) if dp is None else dp.mul_(p if pd is None else pd)
+    if dw is not None:
+        t.addcmul_(p, dw if dw.dim() == 4 else dw[:, None], value=dw_scale)
+    return t.addcmul_(p, t.sum(-1, keepdim=True), value=-1).mul_(coefs.reshape(1, -1, 1, 1))
