@@ -251,3 +251,35 @@ def test_fused_forward_with_a_compiled_backward(monkeypatch):
         assert bool(ops) == compiled  # the kernel served the eager backward, torch ops the traced one
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="no compiled CPU kernels")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_fused_path_keeps_head_split_layouts_without_copies(dropout_p):
+    """Head-split projections ([B, L, H, D] seen as [B, H, L, D], as attention layers make
+    them) are read in place and the output and gradients come back in their layouts: no copy
+    of a q, k, v, output or gradient sized tensor, forward or backward; merging the heads of
+    the output is free; the values are the reference's."""
+    B, H, Lq, Lk, D = 2, 3, 7, 11, 8
+    bases = [torch.randn(B, L, H, D, requires_grad=True) for L in (Lq, Lk, Lk)]
+    g_out, g_w = torch.randn(B, H, Lq, D), torch.randn(B, H, Lq, Lk)
+    torch.manual_seed(0)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        q, k, v = ((b * 1).transpose(1, 2) for b in bases)  # non-leaf views: no grad accumulation copy
+        out, w = crossattn.cross_attention(q, k, v, need_weights="full", dropout_p=dropout_p, backend="torch")
+        ((out * g_out).sum() + (w * g_w).sum()).backward()
+    copies = [e.input_shapes for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+              and any(math.prod(s) > 1 for s in e.input_shapes if s)]
+    assert not copies
+    assert out.transpose(1, 2).is_contiguous()
+    from crossattn.reference import attention_reference, draw_dropout_seed
+    torch.manual_seed(0)
+    seed = draw_dropout_seed() if dropout_p else None
+    b64 = [b.detach().double().requires_grad_(True) for b in bases]
+    ref_out, ref_w = attention_reference(*(b.transpose(1, 2) for b in b64), need_weights="full",
+                                         dropout_p=dropout_p, dropout_seed=seed)
+    torch.testing.assert_close(out.double(), ref_out, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    torch.testing.assert_close(w.double(), ref_w, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    ((ref_out * g_out.double()).sum() + (ref_w * g_w.double()).sum()).backward()
+    for b, r in zip(bases, b64):
+        torch.testing.assert_close(b.grad.double(), r.grad, rtol=1e-4, atol=1e-5)

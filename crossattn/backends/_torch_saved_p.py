@@ -54,13 +54,18 @@ class _SavedPAttention(torch.autograd.Function):
         ct, wt = compute_dtype(q.dtype), _work_dtype(q.dtype)
         rows = max(Lq, 1) if wt == q.dtype else chunk_rows(B, H, Lq, Lk, ct, False)
         whole = rows >= Lq > 0 and wt == q.dtype
-        coefs = _fused_coefs(q, k, v, temperature, cfg) if whole else None  # None: torch ops
+        coefs = _fused_coefs(q, k, v, temperature, cfg) if whole else None
+        if coefs is not None:  # float32 on a CPU: the compiled kernels
+            out, weights, dropped, k, v = _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg,
+                                                         coefs, train)
+            ctx.save_for_backward(q, k, v, temperature, weights, dropped)
+            ctx.cfg, ctx.q_dtype, ctx.coefs = cfg, q.dtype, coefs
+            ctx.set_materialize_grads(False)
+            return _results(out, weights, cfg)
         coef = _coef(cfg, temperature, ct)
         # logits = qs @ k^T. A float factor multiplies q in its own dtype (computed in float32
-        # and rounded once, as the float32 product would be: no conversion passes). The fused
-        # kernels take the factor themselves.
-        qs = q if coefs is not None else (
-            q * coef if isinstance(coef, float) and q.dtype == wt else (q.to(ct) * coef).to(wt))
+        # and rounded once, as the float32 product would be: no conversion passes).
+        qs = q * coef if isinstance(coef, float) and q.dtype == wt else (q.to(ct) * coef).to(wt)
         # Training: batch-contiguous once, and saved so -- a head-split projection ([B, L, H, D]
         # viewed as [B, H, L, D]) would be copied by every matmul reading it, twice more in the
         # backward. Inference keeps the views: each matmul's copy is transient (a lower peak).
@@ -80,18 +85,6 @@ class _SavedPAttention(torch.autograd.Function):
             mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, r, q.device)
             if mask is not None:
                 s.masked_fill_(~mask, -math.inf)
-            if coefs is not None:  # whole: P into the logits' buffer, or PD there and P fresh
-                weights = q.new_empty(B, H, Lq, Lk) if dropout else s
-                dropped = s if dropout else None
-                bh = _bh_counters(B, H, _batch_ids(cfg, q.device), q.device).flatten()
-                if not _cpu_kernels.softmax(
-                        s, weights, coefs, heads=H, pd=dropped, keep_scale=f, seed=seed if dropout else 0,
-                        threshold=dropout_threshold(cfg.dropout_p) if dropout else 0, direction=cfg.direction,
-                        bh=bh, rows=r):  # refused (a dispatch mode's tensors): the same in torch ops
-                    weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, bh, r)
-                out = _ungrouped(_grouped(weights if dropped is None else dropped, Hkv) @ vc, H)  # PD: scaled
-                del s
-                continue
             # Without dropout the logits die here: P takes their buffer on a CPU (its softmax
             # reads each row whole before writing it; tested), one [B, H, Lq, Lk] fewer at peak.
             in_place = s.device.type == "cpu" and not dropout and not torch.compiler.is_compiling()
@@ -122,11 +115,9 @@ class _SavedPAttention(torch.autograd.Function):
             out = q.new_empty(B, H, Lq, Dv)
         same = wt == k.dtype  # keep the copies (else the inputs: no float32 copy of float16 kept)
         ctx.save_for_backward(qs, kc if same else k, vc if same else v, temperature, weights, dropped)
-        ctx.cfg, ctx.q_dtype, ctx.coefs = cfg, q.dtype, coefs
+        ctx.cfg, ctx.q_dtype, ctx.coefs = cfg, q.dtype, None
         ctx.set_materialize_grads(False)  # an unused output costs no [B, H, Lq, Lk] of zeros
-        if cfg.need_weights == "full":
-            return out, weights
-        return out, _head_mean(weights) if cfg.need_weights == "mean" else q.new_empty(0)
+        return _results(out, weights, cfg)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -205,19 +196,91 @@ def _fused_coefs(q, k, v, temperature, cfg) -> torch.Tensor | None:
     return (cfg.scale / temperature.detach().to(torch.float32)).reshape(-1).contiguous()
 
 
+def _results(out, weights, cfg):
+    if cfg.need_weights == "full":
+        return out, weights
+    return out, _head_mean(weights) if cfg.need_weights == "mean" else out.new_empty(0)
+
+
+def _like(t: torch.Tensor, last: int) -> torch.Tensor:
+    """An empty ``[B, H, L, last]`` in ``t``'s memory layout: a head-split projection's layout
+    ([B, L, H, D] seen as [B, H, L, D]) is kept, so a caller merging heads back, or a projection
+    taking the gradient, reads it without a copy (as SDPA's CPU flash kernel returns its output)."""
+    B, H, L, _ = t.shape
+    if t.stride(1) < t.stride(2) and H > 1 and L > 1:
+        return t.new_empty(B, L, H, last).transpose(1, 2)
+    return t.new_empty(B, H, L, last)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` for ``[B, H, ., .]`` operands and ``out`` of any layout, copying nothing:
+    one bmm over B * H where all three view as ``[B * H, ., .]``, else one per batch item -- a
+    head-split projection ([B, L, H, D] seen as [B, H, L, D]) is a strided batch of H matrices
+    that BLAS reads in place, where ``torch.matmul`` would copy it first."""
+    if torch.compiler.is_compiling():  # traced (compiled autograd): out= stays out of graphs
+        return out.copy_(a @ b)
+    B, H = out.shape[:2]
+    try:
+        torch.bmm(*(t.view(B * H, *t.shape[2:]) for t in (a, b)), out=out.view(B * H, *out.shape[2:]))
+    except RuntimeError:  # a strided batch: per item
+        for i in range(B):
+            torch.bmm(a[i], b[i], out=out[i])
+    return out
+
+
+def _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg, coefs, train):
+    """The saved-P forward on the compiled kernels: ``(out, P, PD or None, k, v to save)``.
+    Same heads: no copy of a strided q, k, v (``_mm``), ``out`` in q's layout. Grouped heads
+    stack the query heads of a group by rows (k, v batch-contiguous once when training)."""
+    B, H, Lq, _ = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Hkv != H and train:
+        k, v = k.contiguous(), v.contiguous()
+    s = q.new_empty(B, H, Lq, Lk)
+    if Hkv == H:
+        _mm(q, k.transpose(-1, -2), s)
+    else:
+        s = _ungrouped(_grouped(q, Hkv) @ k.transpose(-1, -2), H)
+    r = torch.arange(cfg.row0, cfg.row0 + Lq, device=q.device)
+    mask = _pair_mask(B, Lk, key_valid, query_valid, block_mask, cfg, r, q.device)
+    if mask is not None:
+        s.masked_fill_(~mask, -math.inf)
+    dropout = cfg.dropout_p > 0
+    weights = q.new_empty(B, H, Lq, Lk) if dropout else s  # P over the logits, or PD there and P fresh
+    dropped = s if dropout else None
+    bh = _bh_counters(B, H, _batch_ids(cfg, q.device), q.device).flatten()
+    if not _cpu_kernels.softmax(s, weights, coefs, heads=H, pd=dropped, keep_scale=_dropout_scale(cfg.dropout_p),
+                                seed=seed if dropout else 0, threshold=dropout_threshold(cfg.dropout_p) if dropout
+                                else 0, direction=cfg.direction, bh=bh, rows=r):
+        weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, bh, r)  # refused (a dispatch mode's tensors)
+    pd = weights if dropped is None else dropped  # PD carries the dropout scale
+    if Hkv == H:
+        out = _mm(pd, v, _like(q, Dv))
+    else:
+        out = _ungrouped(_grouped(pd, Hkv) @ v, H)
+    return out, weights, dropped, k, v
+
+
 def _fused_backward(ctx, d_out, d_weights):
     """The backward of the fused forward: ``PD`` (when dropout) holds the dropout scale and the
     kernel's gradient of the logits the ``scale / temperature`` factor, so ``dq = dS k`` and
-    ``dk = dS^T q`` need no further pass."""
+    ``dk = dS^T q`` need no further pass. Same heads: the gradients in their inputs' layouts,
+    nothing copied (``_mm``)."""
     q, k, v, temperature, p, pd = ctx.saved_tensors
     cfg = ctx.cfg
     B, H, Lq, _ = q.shape
     Hkv = k.shape[1]
+    same = Hkv == H
     dp = dv = None
     if d_out is not None:
-        do = _grouped(d_out.contiguous(), Hkv)  # read by two matmuls: copied once if strided
-        dv = _grouped(p if pd is None else pd, Hkv).transpose(-1, -2) @ do
-        dp = _ungrouped(do @ v.transpose(-1, -2), H)
+        pdt = (p if pd is None else pd).transpose(-1, -2)
+        if same:
+            dv = _mm(pdt, d_out, torch.empty_like(v))
+            dp = _mm(d_out, v.transpose(-1, -2), p.new_empty(p.shape))
+        else:
+            do = _grouped(d_out.contiguous(), Hkv)  # read by two matmuls: copied once if strided
+            dv = _grouped(pdt.transpose(-1, -2), Hkv).transpose(-1, -2) @ do
+            dp = _ungrouped(do @ v.transpose(-1, -2), H)
     dw = d_weights if d_weights is not None and cfg.need_weights in ("full", "mean") else None
     if dp is None and dw is None:
         ds = None
@@ -229,6 +292,9 @@ def _fused_backward(ctx, d_out, d_weights):
             ds = _fused_softmax_backward_ops(p, ctx.coefs, dp, pd, dw, scale)
     if ds is None:
         dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    elif same:
+        dq = _mm(ds, k, torch.empty_like(q))
+        dk = _mm(ds.transpose(-1, -2), q, torch.empty_like(k))
     else:
         ds = _grouped(ds, Hkv)
         dq, dk = _ungrouped(ds @ k, H), ds.transpose(-1, -2) @ _grouped(q, Hkv)
