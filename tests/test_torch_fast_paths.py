@@ -283,3 +283,25 @@ def test_fused_path_keeps_head_split_layouts_without_copies(dropout_p):
     ((ref_out * g_out.double()).sum() + (ref_w * g_w.double()).sum()).backward()
     for b, r in zip(bases, b64):
         torch.testing.assert_close(b.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="no compiled CPU kernels")
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_path_keeps_no_reference_to_its_results(train):
+    """Nothing of a call outlives its results: a strided batch once went through a caught
+    view error whose frames kept the logits' buffer -- 16 MiB a call at the seed's shape."""
+    import gc
+    import weakref
+
+    B, H, Lq, Lk, D = 2, 3, 5, 9, 8
+    bases = [torch.randn(B, L, H, D, requires_grad=train) for L in (Lq, Lk, Lk)]
+    with torch.set_grad_enabled(train):
+        q, k, v = (b.transpose(1, 2) for b in bases)
+        out, w = crossattn.cross_attention(q, k, v, need_weights="full", dropout_p=0.1 if train else 0.0,
+                                           backend="torch")
+        if train:
+            (out.sum() + w.sum()).backward()
+    refs = [weakref.ref(t) for t in (out, w)]
+    del out, w
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -220,9 +220,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced (compiled autograd): out= stays out of graphs
         return out.copy_(a @ b)
     B, H = out.shape[:2]
-    try:
-        torch.bmm(*(t.view(B * H, *t.shape[2:]) for t in (a, b)), out=out.view(B * H, *out.shape[2:]))
-    except RuntimeError:  # a strided batch: per item
+    if all(B == 1 or H == 1 or t.stride(0) == t.stride(1) * H for t in (a, b, out)):
+        torch.bmm(*(t.reshape(B * H, *t.shape[2:]) for t in (a, b)), out=out.view(B * H, *out.shape[2:]))
+    else:  # a strided batch: per item (no try/except on view: a caught error kept `out` alive)
         for i in range(B):
             torch.bmm(a[i], b[i], out=out[i])
     return out
