@@ -54,7 +54,11 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def _ungrouped(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of ``_grouped``; ``x`` itself with one query head per key head (not a view: an
+    autograd Function's output that is a view may not be modified in place)."""
     B, Hkv, GR, X = x.shape
+    if Hkv == heads:
+        return x
     return x.view(B, heads, GR * Hkv // heads if heads else GR, X)
 
 

@@ -106,7 +106,7 @@ class _SavedPAttention(torch.autograd.Function):
                     dropped[:, :, sl] = pd
             del s
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            o = o * f if dropout else o
+            o = o * f if dropout else (o.clone() if Hkv != H else o)  # grouped heads: `o` was a view
             if whole:
                 out = o
             else:
@@ -203,13 +203,27 @@ def _results(out, weights, cfg):
 
 
 def _like(t: torch.Tensor, last: int) -> torch.Tensor:
-    """An empty ``[B, H, L, last]`` in ``t``'s memory layout: a head-split projection's layout
-    ([B, L, H, D] seen as [B, H, L, D]) is kept, so a caller merging heads back, or a projection
-    taking the gradient, reads it without a copy (as SDPA's CPU flash kernel returns its output)."""
+    """An empty ``[B, H, L, last]`` in ``t``'s memory layout where ``t`` is a head-split
+    projection ([B, L, H, D] seen as [B, H, L, D]), so that a caller merging heads back, or a
+    projection taking the gradient, reads it without a copy (as SDPA's CPU flash kernel returns
+    its output); else contiguous. Not a view (in-place ops on the result stay allowed)."""
     B, H, L, _ = t.shape
-    if t.stride(1) < t.stride(2) and H > 1 and L > 1:
-        return t.new_empty(B, L, H, last).transpose(1, 2)
+    if t.stride(0) > t.stride(2) > t.stride(1) and H > 1 and L > 1:
+        return torch.empty_strided((B, H, L, last), (L * H * last, last, H * last, 1), dtype=t.dtype,
+                                   device=t.device)
     return t.new_empty(B, H, L, last)
+
+
+# Below this many multiply-adds per (batch, head) score matrix the fused path multiplies as
+# torch.matmul does (strided operands copied once, contiguous results): reading small matrices
+# in place, rows a whole projection apart, costs more than the copies (MultiheadAttention at
+# L = 4..64 ran 15-20 % slower).
+_STRIDED_MIN_MACS = 1 << 18
+
+
+def _strided(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the fused path reads q, k, v in place and returns results in their layouts."""
+    return q.shape[1] == k.shape[1] and q.shape[2] * k.shape[2] * q.shape[3] >= _STRIDED_MIN_MACS
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -217,9 +231,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     one bmm over B * H where all three view as ``[B * H, ., .]``, else one per batch item -- a
     head-split projection ([B, L, H, D] seen as [B, H, L, D]) is a strided batch of H matrices
     that BLAS reads in place, where ``torch.matmul`` would copy it first."""
-    if torch.compiler.is_compiling():  # traced (compiled autograd): out= stays out of graphs
-        return out.copy_(a @ b)
     B, H = out.shape[:2]
+    if torch.compiler.is_compiling():  # traced (compiled autograd): no out= in graphs
+        return out.copy_(a @ b)
     if all(B == 1 or H == 1 or t.stride(0) == t.stride(1) * H for t in (a, b, out)):
         torch.bmm(*(t.reshape(B * H, *t.shape[2:]) for t in (a, b)), out=out.view(B * H, *out.shape[2:]))
     else:  # a strided batch: per item (no try/except on view: a caught error kept `out` alive)
@@ -230,15 +244,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg, coefs, train):
     """The saved-P forward on the compiled kernels: ``(out, P, PD or None, k, v to save)``.
-    Same heads: no copy of a strided q, k, v (``_mm``), ``out`` in q's layout. Grouped heads
-    stack the query heads of a group by rows (k, v batch-contiguous once when training)."""
+    Same heads and large matrices (``_strided``): no copy of a strided q, k, v (``_mm``),
+    ``out`` in q's layout. Otherwise torch.matmul's way, grouped heads stacking the query heads
+    of a group by rows (k, v batch-contiguous once when training)."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if Hkv != H and train:
+    strided = _strided(q, k)
+    if not strided and train:
         k, v = k.contiguous(), v.contiguous()
-    s = q.new_empty(B, H, Lq, Lk)
-    if Hkv == H:
-        _mm(q, k.transpose(-1, -2), s)
+    if strided:
+        s = _mm(q, k.transpose(-1, -2), q.new_empty(B, H, Lq, Lk))
     else:
         s = _ungrouped(_grouped(q, Hkv) @ k.transpose(-1, -2), H)
     r = torch.arange(cfg.row0, cfg.row0 + Lq, device=q.device)
@@ -254,23 +269,24 @@ def _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg, coefs
                                 else 0, direction=cfg.direction, bh=bh, rows=r):
         weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, bh, r)  # refused (a dispatch mode's tensors)
     pd = weights if dropped is None else dropped  # PD carries the dropout scale
-    if Hkv == H:
+    if strided:
         out = _mm(pd, v, _like(q, Dv))
     else:
-        out = _ungrouped(_grouped(pd, Hkv) @ v, H)
+        out = q.new_empty(B, H, Lq, Dv)
+        torch.matmul(_grouped(pd, Hkv), v, out=_grouped(out, Hkv))  # `out` itself, not a view of a result
     return out, weights, dropped, k, v
 
 
 def _fused_backward(ctx, d_out, d_weights):
     """The backward of the fused forward: ``PD`` (when dropout) holds the dropout scale and the
     kernel's gradient of the logits the ``scale / temperature`` factor, so ``dq = dS k`` and
-    ``dk = dS^T q`` need no further pass. Same heads: the gradients in their inputs' layouts,
-    nothing copied (``_mm``)."""
+    ``dk = dS^T q`` need no further pass. Where the forward read q, k, v in place
+    (``_strided``): the gradients in their inputs' layouts, nothing copied (``_mm``)."""
     q, k, v, temperature, p, pd = ctx.saved_tensors
     cfg = ctx.cfg
     B, H, Lq, _ = q.shape
     Hkv = k.shape[1]
-    same = Hkv == H
+    same = _strided(q, k)  # as the forward decided
     dp = dv = None
     if d_out is not None:
         pdt = (p if pd is None else pd).transpose(-1, -2)
