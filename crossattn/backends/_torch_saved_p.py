@@ -106,9 +106,9 @@ class _SavedPAttention(torch.autograd.Function):
                     dropped[:, :, sl] = pd
             del s
             o = _ungrouped(_grouped(pd, Hkv) @ vc, H)
-            o = o * f if dropout else (o.clone() if Hkv != H else o)  # grouped heads: `o` was a view
+            o = o * f if dropout else o
             if whole:
-                out = o
+                out = o.clone() if Hkv != H and not dropout else o  # grouped heads: `o` is a view
             else:
                 out[:, :, sl] = o
         if out is None:  # no query rows
@@ -263,11 +263,12 @@ def _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg, coefs
     dropout = cfg.dropout_p > 0
     weights = q.new_empty(B, H, Lq, Lk) if dropout else s  # P over the logits, or PD there and P fresh
     dropped = s if dropout else None
-    bh = _bh_counters(B, H, _batch_ids(cfg, q.device), q.device).flatten()
+    batch_ids = _batch_ids(cfg, q.device)
     if not _cpu_kernels.softmax(s, weights, coefs, heads=H, pd=dropped, keep_scale=_dropout_scale(cfg.dropout_p),
                                 seed=seed if dropout else 0, threshold=dropout_threshold(cfg.dropout_p) if dropout
-                                else 0, direction=cfg.direction, bh=bh, rows=r):
-        weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, bh, r)  # refused (a dispatch mode's tensors)
+                                else 0, direction=cfg.direction, bh=_bh_counters(B, H, batch_ids, q.device).flatten(),
+                                rows=r):
+        weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, batch_ids, r)  # refused (a dispatch mode's)
     pd = weights if dropped is None else dropped  # PD carries the dropout scale
     if strided:
         out = _mm(pd, v, _like(q, Dv))
@@ -286,16 +287,16 @@ def _fused_backward(ctx, d_out, d_weights):
     cfg = ctx.cfg
     B, H, Lq, _ = q.shape
     Hkv = k.shape[1]
-    same = _strided(q, k)  # as the forward decided
+    strided = _strided(q, k)  # as the forward decided
     dp = dv = None
     if d_out is not None:
-        pdt = (p if pd is None else pd).transpose(-1, -2)
-        if same:
-            dv = _mm(pdt, d_out, torch.empty_like(v))
+        pv = p if pd is None else pd  # what multiplied v
+        if strided:
+            dv = _mm(pv.transpose(-1, -2), d_out, torch.empty_like(v))
             dp = _mm(d_out, v.transpose(-1, -2), p.new_empty(p.shape))
         else:
             do = _grouped(d_out.contiguous(), Hkv)  # read by two matmuls: copied once if strided
-            dv = _grouped(pdt.transpose(-1, -2), Hkv).transpose(-1, -2) @ do
+            dv = _grouped(pv, Hkv).transpose(-1, -2) @ do
             dp = _ungrouped(do @ v.transpose(-1, -2), H)
     dw = d_weights if d_weights is not None and cfg.need_weights in ("full", "mean") else None
     if dp is None and dw is None:
@@ -308,7 +309,7 @@ def _fused_backward(ctx, d_out, d_weights):
             ds = _fused_softmax_backward_ops(p, ctx.coefs, dp, pd, dw, scale)
     if ds is None:
         dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    elif same:
+    elif strided:
         dq = _mm(ds, k, torch.empty_like(q))
         dk = _mm(ds.transpose(-1, -2), q, torch.empty_like(k))
     else:
@@ -322,7 +323,7 @@ def _fused_backward(ctx, d_out, d_weights):
     return dq, dk, torch.zeros_like(v) if dv is None else dv, d_temp, None, None, None, None, None, None
 
 
-def _fused_softmax_ops(s, coefs, cfg, seed, bh, rows):
+def _fused_softmax_ops(s, coefs, cfg, seed, batch_ids, rows):
     """What the fused softmax kernel computes, in torch ops: ``(P, PD or None)``."""
     B, H, _, Lk = s.shape
     z = torch.where(s == -math.inf, s, s * coefs.reshape(1, -1, 1, 1))
@@ -330,8 +331,7 @@ def _fused_softmax_ops(s, coefs, cfg, seed, bh, rows):
     if cfg.dropout_p <= 0:
         return p, None
     keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=rows, cols=Lk, direction=cfg.direction,
-                             device=s.device, batch_ids=torch.div(bh.view(B, H)[:, 0], H, rounding_mode="floor"),
-                             dtype=p.dtype)
+                             device=s.device, batch_ids=batch_ids, dtype=p.dtype)
     return p, p * keep * _dropout_scale(cfg.dropout_p)
 
 
