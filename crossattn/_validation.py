@@ -309,6 +309,14 @@ def check_pruning(prune, q, lq: int, lk: int, name: str = "prune") -> BlockPruni
             raise TypeError(
                 f"{name} as a tensor must be a bool block mask (True = keep), got {prune.dtype}"
             )
+        if prune.dim() != 4:  # else BlockPruning's own message would not name the argument
+            nqb, nkb = -(-lq // 64), -(-lk // 64)  # BlockPruning()'s default blocks
+            raise ValueError(
+                f"{name} as a tensor must be a 4-D bool block mask [B|1, H|1, ceil(Lq/64), "
+                f"ceil(Lk/64)] = [{q.shape[0]}|1, {q.shape[1]}|1, {nqb}, {nkb}], got {_shape(prune)} "
+                "(wrap the mask in crossattn.BlockPruning(block_q=..., block_k=..., block_mask=...) "
+                "for other block sizes)"
+            )
         prune = BlockPruning(block_mask=prune)
     if not isinstance(prune, BlockPruning):
         raise TypeError(

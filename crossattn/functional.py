@@ -114,6 +114,14 @@ def _check_bidirectional(
     temps = _per_direction(temperature, "temperature")
     prunes = _per_direction(prune, "prune")
     paired = [isinstance(a, (tuple, list)) for a in (scale, temperature, prune)]
+    # One batch for both sides, checked first: the per-direction checks would otherwise judge
+    # each padding mask against the other side's batch size.
+    if (isinstance(q_x, torch.Tensor) and isinstance(q_y, torch.Tensor) and q_x.dim() == q_y.dim() == 4
+            and q_y.shape[0] != q_x.shape[0]):
+        raise ValueError(
+            f"q_y must have the batch size of q_x (B = {q_x.shape[0]}: the two sides are one "
+            f"batch of paired sequences), got q_y of shape {list(q_y.shape)}"
+        )
     common = dict(dropout_p=dropout_p, need_weights=need_weights, weight_heads=weight_heads,
                   return_aux=return_aux)
     xy = check_attention(

@@ -28,7 +28,8 @@ class BlockPruning:
     * ``top_k``: keep the ``top_k`` best key blocks;
     * ``keep``: keep the best ``ceil(keep * valid_key_blocks)`` key blocks (0 < keep <= 1);
     * ``mass``: keep the fewest best blocks whose softmax(block scores) mass reaches ``mass``
-      (0 < mass <= 1);
+      (0 < mass <= 1; a mass within 1e-6 of it has reached it, so rounding of equal block
+      scores never keeps one block more; ``mass=1`` keeps every valid block);
     * ``block_mask``: a fixed bool tensor ``[B|1, H|1, ceil(Lq/block_q), ceil(Lk/block_k)]``,
       True = keep. It replaces the data-dependent selection.
 

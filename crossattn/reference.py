@@ -35,6 +35,7 @@ Semantics:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,6 +50,7 @@ __all__ = [
     "BidirectionalOutput",
     "attention_reference",
     "bidirectional_reference",
+    "mass_threshold",
     "select_blocks_reference",
     "element_mask",
     "key_valid_mask",
@@ -75,11 +77,19 @@ class AuxRequest:
     top_k: int = 0
 
     def __post_init__(self):
+        def kind(x):  # numpy.bool, not a bare "bool" that reads like the expected type
+            t = type(x)
+            return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
         for name in ("lse", "entropy", "key_mass"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"AuxRequest: {name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise TypeError(f"AuxRequest: top_k must be an int, got {type(self.top_k).__name__}")
+            value = getattr(self, name)
+            if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+                object.__setattr__(self, name, bool(value))  # a NumPy bool is a bool
+            elif not isinstance(value, bool):
+                raise TypeError(f"AuxRequest: {name} must be a bool, got {kind(value)}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise TypeError(f"AuxRequest: top_k must be an int, got {kind(self.top_k)}")
+        object.__setattr__(self, "top_k", int(self.top_k))  # numpy.int64 and the like
         if self.top_k < 0:
             raise ValueError(f"AuxRequest: top_k must be >= 0, got {self.top_k}")
 
@@ -150,6 +160,14 @@ def temperature_factor(temperature, heads: int):
     if isinstance(temperature, torch.Tensor):
         return 1.0 / temperature.reshape(1, -1, 1, 1)
     return 1.0 / float(temperature)
+
+
+def mass_threshold(mass: float) -> float:
+    """``BlockPruning(mass=m)`` keeps a key block while the mass ranked before it is below this.
+    A mass within 1e-6 of ``m`` has reached it (eight equal blocks of ten sum to
+    0.7999999999999999, which must not keep a ninth for m = 0.8; float32 kernels round more);
+    ``m = 1`` is reached only by every block, however small the tail."""
+    return mass - 1e-6 if mass < 1.0 else math.inf
 
 
 def as_pruning(prune) -> BlockPruning | None:
@@ -224,9 +242,9 @@ def select_blocks_reference(
         # The epsilon keeps ceil() exact where keep * n is an integer in decimal (0.3 * 10).
         n_keep = torch.ceil(pruning.keep * n_valid.double() - 1e-9).long()
     else:
-        probs = torch.softmax(sorted_sb, dim=-1).nan_to_num(0.0)
+        probs = torch.softmax(sorted_sb.double(), dim=-1).nan_to_num(0.0)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the better blocks
-        n_keep = (before < pruning.mass).sum(-1)
+        n_keep = (before < mass_threshold(pruning.mass)).sum(-1)
     n_keep = torch.minimum(n_keep.clamp(min=pruning.min_blocks), n_valid)
     rank_kept = torch.arange(nkb, device=q.device).view(1, 1, 1, nkb) < n_keep.unsqueeze(-1)
     keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, rank_kept.expand_as(order))

@@ -9,7 +9,8 @@ Semantics are ``crossattn.reference.select_blocks_reference``'s (DESIGN.md, Prun
    for ``mass``, the softmax mass of the blocks ranked before it; a block is kept when its
    rank is below the kept count (``top_k``/``keep``: a host table indexed by the number of
    valid key blocks, so ``ceil(keep * n)`` is computed in float64 exactly as the reference
-   does) or the mass before it is below ``mass`` (or its rank below ``min_blocks``);
+   does) or the mass before it is below ``reference.mass_threshold(mass)`` (or its rank
+   below ``min_blocks``);
 3. ``_xattn_blocks_compact_kernel``: any dense kept mask (a fixed ``block_mask``, or the
    transposed mask the dK/dV pass needs) to the compact layout.
 
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crossattn.reference import default_scale
+from crossattn.reference import default_scale, mass_threshold
 
 from .xattn_fwd import _tile_and_slab
 
@@ -258,7 +259,8 @@ def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, sca
     if nqb and B * H:
         _xattn_select_kernel[_grid(nqb, B * H)](
             mean_q, n_q, mean_k, n_k, temp, scores, _keep_table(pruning, nkb, device), mask, layout,
-            nqb, nkb, H, D, scale, float(pruning.mass or 0.0), pruning.min_blocks, H // k.shape[1], Lq, Lk,
+            nqb, nkb, H, D, scale, mass_threshold(float(pruning.mass or 0.0)), pruning.min_blocks,
+            H // k.shape[1], Lq, Lk,
             pruning.block_q, pruning.block_k, MASS=pruning.mass is not None, HAS_T=has_t, CAUSAL=is_causal,
             BLOCK_J=64, BLOCK_I=32, BLOCK_D=max(16, triton.next_power_of_2(D)),
             num_warps=4, maxnreg=255,  # ptxas left alone capped itself at 64 and spilled on sm_80

@@ -323,6 +323,14 @@ def test_aux_request_is_validated():
         crossattn.AuxRequest(top_k=-1)
     with pytest.raises(TypeError, match="lse"):
         crossattn.AuxRequest(lse=1)
+    np = pytest.importorskip("numpy")
+    # NumPy scalars are the bool / int they hold; other types are named in full.
+    req = crossattn.AuxRequest(entropy=np.bool_(True), top_k=np.int64(3))
+    assert req == crossattn.AuxRequest(entropy=True, top_k=3) and type(req.top_k) is int and req.entropy is True
+    with pytest.raises(TypeError, match=r"top_k must be an int, got numpy.float32"):
+        crossattn.AuxRequest(top_k=np.float32(2))
+    with pytest.raises(TypeError, match=r"key_mass must be a bool, got numpy.int64"):
+        crossattn.AuxRequest(key_mass=np.int64(1))
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -39,6 +39,13 @@ def test_interpreter_removes_the_device_reason(monkeypatch):
     assert "no CUDA device" not in why
 
 
+def test_a_build_without_the_kernels_package_is_a_reason_not_a_crash(monkeypatch):
+    # find_spec("a.b.c") raises ModuleNotFoundError when "a.b" is missing (a broken install).
+    monkeypatch.setattr(backends.BACKENDS["triton"], "module_name", "crossattn._no_such_kernels.xattn")
+    why = backends.BACKENDS["triton"].unavailable() or ""
+    assert "this build of crossattn has no Triton kernels (crossattn._no_such_kernels.xattn" in why
+
+
 def test_environment_overrides_auto(monkeypatch):
     q, k, v = make_qkv(1, 1, 3, 4, 8)
     monkeypatch.setenv("CROSSATTN_BACKEND", "torch")

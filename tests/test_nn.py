@@ -202,6 +202,27 @@ def test_cross_modal_errors_name_the_callers_arguments(query, context, kw, match
     assert "key_padding_mask" not in str(e.value).replace("context_padding_mask", "")
 
 
+def test_modules_name_a_dtype_mismatch_and_allow_autocast():
+    bi, cm = BidirectionalCrossAttention(16, 2), CrossModalAttention(16, 2, kdim=8)
+    x, a, c = torch.randn(2, 4, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 8)
+    # nn.Linear would say "mat1 and mat2 must have the same dtype", naming no argument.
+    with pytest.raises(TypeError, match=r"audio must have the dtype of the module's parameters \(torch.float32\), "
+                                         r"got torch.float64"):
+        bi(x, a.double())
+    with pytest.raises(TypeError, match=r"text must be a floating-point tensor, got torch.int64"):
+        bi(x.long(), a)
+    with pytest.raises(TypeError, match=r"query must have the dtype of the module's parameters \(torch.float32\), "
+                                         r"got torch.float16"):
+        cm(x.half(), c)
+    with pytest.raises(TypeError, match=r"context must have the dtype"):
+        cm(x, c.double())
+    with pytest.raises(TypeError, match=r"value must have the dtype"):
+        cm(x, c, value=c.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's to resolve
+        assert bi(x.bfloat16(), a)[0].shape == x.shape
+        assert cm(x, c.bfloat16())[0].shape == x.shape
+
+
 def test_cross_modal_needs_value_when_vdim_differs():
     m = CrossModalAttention(16, 2, kdim=8, vdim=6)
     with pytest.raises(ValueError, match=r"value must be given: vdim \(6\) differs from kdim \(8\)"):
@@ -394,6 +415,12 @@ def test_convert_leaves_user_subclasses_and_keeps_torchs_signature():
     crossattn.convert_multihead_attention(model, backend="torch")
     assert type(model[0]) is Custom and model[0](None) == "custom"
     assert type(model[1]) is MultiheadAttention and model[1].backend == "torch" and model[2].backend == "torch"
+    # Without a backend a second conversion keeps the one chosen; new modules get "auto".
+    model.append(nn.MultiheadAttention(8, 2))
+    crossattn.convert_multihead_attention(model)
+    assert [m.backend for m in model[1:]] == ["torch", "torch", "auto"]
+    with pytest.raises(TypeError, match="backend must be a string"):
+        crossattn.convert_multihead_attention(model, backend=1)
     ours = inspect.signature(MultiheadAttention.__init__).parameters
     theirs = inspect.signature(nn.MultiheadAttention.__init__).parameters
     assert [(p.name, p.default) for p in ours.values()][:len(theirs)] == [(p.name, p.default) for p in theirs.values()]

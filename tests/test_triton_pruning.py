@@ -72,6 +72,36 @@ def test_selection_of_half_inputs_matches_reference():
     assert torch.equal(select_blocks_triton(q, k, cfg, scale=0.3).mask, want)
 
 
+@pytest.mark.parametrize("nblocks, mass", [(10, 0.8), (20, 0.5), (7, 5 / 7), (3, 2 / 3)])
+def test_selection_mass_at_equal_scores_matches_reference(nblocks, mass):
+    from crossattn.kernels.xattn_select import select_blocks_triton
+
+    # Equal block scores put the mass exactly on the target: float32 rounding in the kernel
+    # must not keep a block more (or fewer) than the float64 reference.
+    k = torch.ones(1, 2, nblocks * 16, 16, device=DEVICE)
+    q = torch.ones(1, 2, 20, 16, device=DEVICE)
+    cfg = BlockPruning(block_q=16, block_k=16, mass=mass)
+    want = select_blocks_reference(q, k, cfg)
+    assert (want.sum(-1) == round(mass * nblocks)).all()
+    assert torch.equal(select_blocks_triton(q, k, cfg).mask, want)
+
+
+def test_selection_mass_one_keeps_every_valid_block():
+    from crossattn.kernels.xattn_select import select_blocks_triton
+
+    # Block scores 0, 10, 20, ...: the worst blocks carry ~1e-40 of the mass, which float32
+    # rounds away; mass=1 keeps them all the same (as the reference does).
+    k = torch.zeros(1, 1, 6 * 16, 16, device=DEVICE)
+    k[0, 0, :, 0] = torch.arange(6, device=DEVICE).repeat_interleave(16) * 10.0
+    q = torch.ones(1, 1, 16, 16, device=DEVICE)
+    kv = torch.ones(1, 6 * 16, dtype=torch.bool, device=DEVICE)
+    kv[0, 16:32] = False  # a block without a valid key stays out
+    cfg = BlockPruning(block_q=16, block_k=16, mass=1.0)
+    want = select_blocks_reference(q, k, cfg, key_valid=kv, scale=1.0)
+    assert want[0, 0, 0].tolist() == [True, False, True, True, True, True]
+    assert torch.equal(select_blocks_triton(q, k, cfg, key_valid=kv, scale=1.0).mask, want)
+
+
 @pytest.mark.slow
 def test_fixed_and_transposed_masks_convert_to_the_layout():
     from crossattn.kernels.xattn_select import compact, select_blocks_triton

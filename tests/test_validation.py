@@ -119,6 +119,15 @@ def test_bidirectional_errors_name_the_side():
     with pytest.raises(ValueError, match=r"y_padding_mask must have shape \[B, L\] = \[2, 6\]"):
         crossattn.bidirectional_cross_attention(
             qx, kx, vx, qy, ky, vy, y_padding_mask=torch.zeros(B, 4, dtype=torch.bool))
+    # One batch across the sides (the masks are [B, Lx] / [B, Ly]): a batch of 3 x-sequences
+    # and 2 y-sequences is refused up front, by name, whatever masks come along.
+    qx3, kx3, vx3 = make_qkv(3, H, 4, 4, D, seed=3)
+    for mask in (None, torch.zeros(3, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"q_y must have the batch size of q_x \(B = 3"):
+            crossattn.bidirectional_cross_attention(qx3, kx, vx, qy, ky[:1].expand(3, -1, -1, -1),
+                                                    vy[:1].expand(3, -1, -1, -1), x_padding_mask=mask)
+    with pytest.raises(ValueError, match=r"k_x must have batch size 2 like q_y"):
+        crossattn.bidirectional_cross_attention(qx, kx3, vx3, qy, ky, vy)
     with pytest.raises(ValueError, match=r"k_x must have as many positions as q_x \(Lx = 4\)"):
         crossattn.bidirectional_cross_attention(qx, kx[:, :, :3], vx[:, :, :3], qy, ky, vy)
     with pytest.raises(ValueError, match=r"temperature \(y->x\) must be positive"):
@@ -137,6 +146,11 @@ def test_select_blocks_validates():
         crossattn.select_blocks(q, k, "top2")
     with pytest.raises(TypeError, match="pruning as a tensor must be a bool block mask"):
         crossattn.select_blocks(q, k, torch.zeros(1, 1, 1, 1))
+    # A mask of the wrong rank is named as the caller passed it, with the shape expected.
+    with pytest.raises(ValueError, match=r"prune as a tensor must be a 4-D bool block mask .* = \[2\|1, 3\|1, 1, 1\], got \[2, 1, 1\]"):
+        crossattn.cross_attention(q, k, k, prune=torch.ones(2, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"pruning as a tensor must be a 4-D bool block mask"):
+        crossattn.select_blocks(q, k, torch.ones(1, 1, 1, 1, 1, dtype=torch.bool))
 
 
 def test_zero_heads_give_empty_results_and_no_head_mean():

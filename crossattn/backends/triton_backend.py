@@ -30,7 +30,11 @@ class TritonBackend(ModuleBackend):
         if importlib.util.find_spec("triton") is None:
             reasons.append("Triton is not installed (a CUDA build of torch brings it; to run the kernels on a CPU: "
                            "pip install 'crossattn[interpreter]')")
-        if importlib.util.find_spec(self.module_name) is None:
+        try:  # find_spec of a dotted name raises when its parent package is missing
+            missing = importlib.util.find_spec(self.module_name) is None
+        except ModuleNotFoundError:
+            missing = True
+        if missing:
             reasons.append(f"this build of crossattn has no Triton kernels ({self.module_name} is missing)")
         if not torch.cuda.is_available() and not interpreting():
             reasons.append(

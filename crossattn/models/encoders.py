@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from crossattn.nn import convert_multihead_attention
+from crossattn.nn.modules import _hf_padding
 
 __all__ = [
     "LogMelEncoder", "WordTokenizer", "encode_audio", "encode_text", "hidden_size",
@@ -116,8 +117,11 @@ class LogMelEncoder(nn.Module):
         return torch.clamp((samples - self.n_fft) // self.hop + 1, min=1)
 
     def forward(self, input_values: Tensor, attention_mask: Tensor | None = None):
-        lengths = None if attention_mask is None else self.stft_frames(attention_mask.sum(-1))
-        return self.encode_log_mel(self.log_mel(input_values), lengths)
+        log_mel = self.log_mel(input_values)
+        # A Hugging Face mask (1 = real sample); an additive or bool-padding mask is refused.
+        pad = _hf_padding(attention_mask, "attention_mask", input_values, "input_values")
+        lengths = None if pad is None else self.stft_frames((~pad).sum(-1))
+        return self.encode_log_mel(log_mel, lengths)
 
     def encode_log_mel(self, log_mel: Tensor, lengths: Tensor | None = None):
         """The learned layers on precomputed ``log_mel [B, frames, n_mels]`` (``lengths [B]``:
@@ -290,6 +294,8 @@ def encode_audio(encoder: nn.Module, audio_input) -> tuple[Tensor, Tensor]:
                         f"and attention_mask [B, S], got {type(audio_input).__name__}")
     wave = audio_input["input_values"]
     mask = audio_input.get("attention_mask")
+    if isinstance(wave, Tensor) and wave.dim() == 2:  # else the encoder names the shape
+        _hf_padding(mask, "audio_input['attention_mask']", wave, "audio_input['input_values']")
     if isinstance(encoder, LogMelEncoder):
         feats, frame_mask = encoder(wave, mask)
     else:  # Hugging Face Wav2Vec2 family

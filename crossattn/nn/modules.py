@@ -58,6 +58,18 @@ def _check_features(x, name: str, width: int, width_name: str, like: tuple | Non
             raise ValueError(f"{name} must be on the device of {other_name} ({other.device}), got {x.device}")
 
 
+def _check_dtype(x: Tensor, name: str, weight: Tensor) -> None:
+    """``x`` must be floating point and, outside autocast, in the dtype of the module's
+    parameters (else ``nn.Linear`` fails with a message naming neither)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} must have the dtype of the module's parameters ({weight.dtype}), got "
+            f"{x.dtype} (convert the input, or the module with .to({x.dtype}))"
+        )
+
+
 def _hf_padding(mask: Tensor | None, name: str, like: Tensor, like_name: str) -> Tensor | None:
     """A Hugging Face attention mask (1 = real token, 0 = padding) ``[B, L]`` of the input
     ``like`` as a bool padding mask (True = padding). Anything but 0 / 1 (an additive 0 / -inf
@@ -140,12 +152,15 @@ class CrossModalAttention(nn.Module):
                 value: Tensor | None = None, return_aux=None):
         _check_features(query, "query", self.embed_dim, "embed_dim")
         _check_features(context, "context", self.kdim, "kdim", like=(query, "query", False))
+        _check_dtype(query, "query", self.q_proj.weight)
+        _check_dtype(context, "context", self.k_proj.weight)
         if value is None:
             if self.vdim != self.kdim:
                 raise ValueError(f"value must be given: vdim ({self.vdim}) differs from kdim ({self.kdim})")
             value = context
         else:
             _check_features(value, "value", self.vdim, "vdim", like=(context, "context", True))
+            _check_dtype(value, "value", self.v_proj.weight)
         # Checked here so that errors name the caller's arguments, not the functional API's.
         context_padding_mask = _check_padding_mask(
             context_padding_mask, "context_padding_mask", context.shape[0], context.shape[1],
@@ -211,6 +226,8 @@ class BidirectionalCrossAttention(nn.Module):
                 audio_mask: Tensor | None = None, need_weights=False, return_aux=None):
         _check_features(text, "text", self.d_model, "d_model")
         _check_features(audio, "audio", self.d_model, "d_model", like=(text, "text", False))
+        _check_dtype(text, "text", self.text_q.weight)
+        _check_dtype(audio, "audio", self.audio_q.weight)
         H = self.num_heads
         text_pad = _hf_padding(text_mask, "text_mask", text, "text")
         audio_pad = _hf_padding(audio_mask, "audio_mask", audio, "audio")

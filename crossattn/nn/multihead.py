@@ -203,22 +203,26 @@ class MultiheadAttention(nn.MultiheadAttention):
         return bias, padding, causal
 
 
-def convert_multihead_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert_multihead_attention(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Swap every ``torch.nn.MultiheadAttention`` inside ``model`` (nested ones too, e.g. in
     ``nn.TransformerEncoderLayer``) for :class:`MultiheadAttention`, in place.
 
     The modules keep their parameters (the same tensors, so optimizers stay valid), buffers,
     hooks, training mode and device: only their class changes. Returns ``model``. Subclasses
     of ``torch.nn.MultiheadAttention`` other than crossattn's are left as they are: their own
-    ``forward`` is theirs to keep.
+    ``forward`` is theirs to keep. ``backend`` (default ``"auto"``) is set on the swapped
+    modules; crossattn modules already in ``model`` keep theirs unless ``backend`` is given.
 
     Note: ``nn.TransformerEncoderLayer`` in eval mode without gradients may take torch's
     native fused path and not call its attention module at all (and gives NaN for a sequence
     that is all padding); ``crossattn.models.encoders.TransformerEncoderLayer`` never does.
     """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto', got {type(backend).__name__}")
     for module in model.modules():  # includes model itself
         if type(module) is nn.MultiheadAttention:
             module.__class__ = MultiheadAttention
-        if isinstance(module, MultiheadAttention):
+            module.backend = backend or "auto"
+        elif isinstance(module, MultiheadAttention) and backend is not None:
             module.backend = backend
     return model
