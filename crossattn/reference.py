@@ -51,6 +51,7 @@ __all__ = [
     "attention_reference",
     "bidirectional_reference",
     "mass_threshold",
+    "causal_block_reach",
     "select_blocks_reference",
     "element_mask",
     "key_valid_mask",
@@ -188,6 +189,23 @@ def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def causal_block_reach(query_valid, key_valid, batch: int, lq: int, lk: int, pruning, device):
+    """``(last_q [B, nqb], first_k [B, nkb])`` int64: the last valid query row of each query
+    block (-1 if none) and the first valid key of each key block (``Lk`` if none), for the
+    causal candidacy of key blocks (device ops only: no host sync)."""
+    nqb, nkb = pruning.num_blocks(lq, lk)
+
+    def reach(valid, length, block, nblocks, fill, reduce):
+        pos = torch.arange(length, device=device).expand(batch, length)
+        if valid is not None:
+            pos = torch.where(valid.to(device), pos, fill)
+        pos = torch.nn.functional.pad(pos, (0, nblocks * block - length), value=fill)
+        return reduce(pos.reshape(batch, nblocks, block), -1).values
+
+    return (reach(query_valid, lq, pruning.block_q, nqb, -1, torch.max),
+            reach(key_valid, lk, pruning.block_k, nkb, lk, torch.min))
+
+
 def select_blocks_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,8 +219,9 @@ def select_blocks_reference(
 ) -> torch.Tensor:
     """Bool ``[B, H, ceil(Lq/block_q), ceil(Lk/block_k)]``: True = the key block is kept.
 
-    With ``is_causal`` a key block that no query of the query block may see (wholly above the
-    diagonal) is neither a candidate nor counted among the valid key blocks."""
+    With ``is_causal`` a key block that no valid query of the query block may see (each of its
+    valid keys above the diagonal of each valid query) is neither a candidate nor counted among
+    the valid key blocks."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     nqb, nkb = pruning.num_blocks(Lq, Lk)
@@ -228,10 +247,10 @@ def select_blocks_reference(
         sb = sb * (inv_t.to(ct) if isinstance(inv_t, torch.Tensor) else inv_t)
     candidate = kb_valid[:, None, None, :]  # [B, 1, 1|nqb, nkb]
     if is_causal:
-        # The last query of a query block sees keys up to its row + (Lk - Lq).
-        last_q = torch.clamp(torch.arange(1, nqb + 1, device=q.device) * pruning.block_q, max=Lq) - 1
-        first_k = torch.arange(nkb, device=q.device) * pruning.block_k
-        candidate = candidate & (first_k[None, :] <= last_q[:, None] + (Lk - Lq))[None, None]
+        # A key block is a candidate when some valid query of the query block sees some valid
+        # key of it: its first valid key <= the block's last valid query + (Lk - Lq).
+        last_q, first_k = causal_block_reach(query_valid, key_valid, B, Lq, Lk, pruning, q.device)
+        candidate = candidate & (first_k[:, None, None, :] <= last_q[:, None, :, None] + (Lk - Lq))
     sb = sb.masked_fill(~candidate, -math.inf)
     n_valid = candidate.sum(-1)  # candidate key blocks per (batch, query block)
 

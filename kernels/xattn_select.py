@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crossattn.reference import default_scale, mass_threshold
+from crossattn.reference import causal_block_reach, default_scale, mass_threshold
 
 from .xattn_fwd import _tile_and_slab
 
@@ -64,7 +64,7 @@ def _xattn_pool_kernel(
 
 @triton.jit
 def _xattn_select_kernel(
-    PQ, PQN, PK, PKN, T, SCORES, NKEEP, MASK, LAYOUT,
+    PQ, PQN, PK, PKN, T, SCORES, NKEEP, MASK, LAYOUT, QLAST, KFIRST,
     nqb, nkb, H, D, scale, mass, min_blocks, group, Lq, Lk, block_q, block_k,
     MASS: tl.constexpr, HAS_T: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -83,10 +83,12 @@ def _xattn_select_kernel(
         coef = scale / tl.load(T + h).to(tl.float32)
     kbase = ((bh // H) * (H // group) + h // group).to(tl.int64) * nkb  # the kv head's key blocks
     srow = SCORES + row * nkb
-    # Causal: key blocks wholly above the diagonal of the block's last query are no candidates.
+    # Causal: a key block is a candidate when its first valid key is at most the block's last
+    # valid query + (Lk - Lq) (QLAST [B, nqb], KFIRST [B, nkb]: reference.causal_block_reach).
     k_last = Lk
     if CAUSAL:
-        k_last = tl.minimum((qb + 1) * block_q, Lq) + (Lk - Lq)
+        k_last = tl.load(QLAST + (bh // H).to(tl.int64) * nqb + qb) + (Lk - Lq) + 1
+    kfirst = KFIRST + (bh // H).to(tl.int64) * nkb
 
     # Pass 1: block scores (-inf for key blocks without a valid key), their max and count.
     n_valid = 0
@@ -95,7 +97,9 @@ def _xattn_select_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_J)
         km = tl.load(PK + (kbase + offs_j)[:, None] * D + offs_d[None, :],
                      mask=(offs_j[:, None] < nkb) & (offs_d[None, :] < D), other=0.0)
-        k_ok = (tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0) & (offs_j * block_k < k_last)
+        k_ok = tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0
+        if CAUSAL:
+            k_ok = k_ok & (tl.load(kfirst + offs_j, mask=offs_j < nkb, other=Lk) < k_last)
         s = tl.where(k_ok, tl.sum(km * qm[None, :], 1) * coef, float("-inf"))
         tl.store(srow + offs_j, s, mask=offs_j < nkb)
         n_valid += tl.sum(k_ok.to(tl.int32), 0)
@@ -131,7 +135,9 @@ def _xattn_select_kernel(
             kept = ((before < mass) | (rank < min_blocks)) & (rank < n_valid)
         else:
             kept = rank < n_keep
-        k_ok = (tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0) & (offs_j * block_k < k_last)
+        k_ok = tl.load(PKN + kbase + offs_j, mask=offs_j < nkb, other=0.0) > 0.0
+        if CAUSAL:
+            k_ok = k_ok & (tl.load(kfirst + offs_j, mask=offs_j < nkb, other=Lk) < k_last)
         kept = tl.where(q_ok, kept & k_ok & (offs_j < nkb), False)
         tl.store(MASK + row * nkb + offs_j, kept.to(tl.uint8), mask=offs_j < nkb)
         slot = pos + tl.cumsum(kept.to(tl.int32), 0)
@@ -256,9 +262,14 @@ def select_blocks_triton(q, k, pruning, *, key_valid=None, query_valid=None, sca
     mask = torch.empty(B, H, nqb, nkb, device=device, dtype=torch.uint8)
     layout = torch.empty(B, H, nqb, nkb + 1, device=device, dtype=torch.int32)
     scores = torch.empty(B * H * nqb, max(nkb, 1), device=device, dtype=torch.float32)
+    q_last = k_first = mean_q  # read only under is_causal
+    if is_causal:
+        q_last, k_first = (t.to(torch.int32).contiguous() for t in causal_block_reach(
+            query_valid, key_valid, B, Lq, Lk, pruning, device))
     if nqb and B * H:
         _xattn_select_kernel[_grid(nqb, B * H)](
             mean_q, n_q, mean_k, n_k, temp, scores, _keep_table(pruning, nkb, device), mask, layout,
+            q_last, k_first,
             nqb, nkb, H, D, scale, mass_threshold(float(pruning.mass or 0.0)), pruning.min_blocks,
             H // k.shape[1], Lq, Lk,
             pruning.block_q, pruning.block_k, MASS=pruning.mass is not None, HAS_T=has_t, CAUSAL=is_causal,

@@ -209,3 +209,28 @@ def test_bidirectional_takes_a_pruning_pair():
     assert (res.weights_xy[..., 64:] == 0).all() and (res.weights_yx > 0).all()
     with pytest.raises(ValueError, match=r"prune: block_mask must have shape"):
         crossattn.bidirectional_cross_attention(qx, kx, vx, qy, ky, vy, prune=pxy)
+
+
+def test_causal_candidates_are_blocks_a_valid_query_can_see():
+    # Rows 16-19 are padding: key block 1 is visible only to them, so query block 0 (rows
+    # 0-19, block_q=32) keeps block 0 however well block 1 scores (else its 16 valid rows
+    # would keep nothing they may see, and come out empty).
+    k = _structured_keys(2, 16, 4)  # block 1 scores higher
+    q = torch.ones(1, 1, 20, 4, dtype=torch.float64)
+    qpm = torch.zeros(1, 20, dtype=torch.bool)
+    qpm[0, 16:] = True
+    cfg = BlockPruning(block_q=32, block_k=16, top_k=1)
+    k20 = k[:, :, :20]
+    sel = crossattn.select_blocks(q, k20, cfg, query_padding_mask=qpm, is_causal=True)
+    assert sel[0, 0, 0].tolist() == [True, False]
+    out, _ = crossattn.cross_attention(q, k20, k20, prune=cfg, query_padding_mask=qpm, is_causal=True)
+    assert (out[0, 0, :16].abs().sum(-1) > 0).all()
+    # Key side: keys 16-20 padded, Lq=27 and Lk=32 (offset 5): the rows of query block 0 see
+    # keys <= 20, so key block 1 (valid keys from 21 on) is no candidate for it.
+    k = _structured_keys(2, 16, 4)
+    kpm = torch.zeros(1, 32, dtype=torch.bool)
+    kpm[0, 16:21] = True
+    q = torch.ones(1, 1, 27, 4, dtype=torch.float64)
+    sel = crossattn.select_blocks(q, k, BlockPruning(block_q=16, block_k=16, top_k=1),
+                                  key_padding_mask=kpm, is_causal=True)
+    assert sel[0, 0].tolist() == [[True, False], [False, True]]

@@ -86,6 +86,28 @@ def test_selection_mass_at_equal_scores_matches_reference(nblocks, mass):
     assert torch.equal(select_blocks_triton(q, k, cfg).mask, want)
 
 
+@pytest.mark.parametrize("cfg", [BlockPruning(block_q=32, block_k=16, top_k=1),
+                                 BlockPruning(block_q=16, block_k=16, keep=0.5)], ids=repr)
+def test_causal_selection_with_padding_matches_reference(cfg):
+    from crossattn.kernels.xattn_select import select_blocks_triton
+
+    # Causal candidacy reads the last valid query of a block and the first valid key of a
+    # block (padding in both, holes included), per batch row.
+    B, H, Lq, Lk, D = 2, 2, 45, 70, 16
+    q, k, _ = make_qkv(B, H, Lq, Lk, D, D, dtype=torch.float32, device=DEVICE, seed=8)
+    qv = torch.ones(B, Lq, dtype=torch.bool, device=DEVICE)
+    qv[0, 28:32] = False
+    qv[1, 40:] = False
+    kv = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+    kv[0, 16:40] = False
+    kv[1, 48:60] = False
+    for query_valid, key_valid in ((qv, kv), (qv, None), (None, kv)):
+        want = select_blocks_reference(q, k, cfg, key_valid=key_valid, query_valid=query_valid, is_causal=True)
+        got = select_blocks_triton(q, k, cfg, key_valid=key_valid, query_valid=query_valid, is_causal=True)
+        assert torch.equal(got.mask, want)
+        _layout_matches(got.mask, got.layout)
+
+
 def test_selection_mass_one_keeps_every_valid_block():
     from crossattn.kernels.xattn_select import select_blocks_triton
 
