@@ -1,4 +1,4 @@
 from .demo import main
 import sys
 
-sys.exit(main())
+sys.exit(main(prog="python -m crossattn"))

@@ -55,8 +55,8 @@ def eager_bidirectional(q_x, k_x, v_x, q_y, k_y, v_y, text_pad, audio_pad):
     return out_x, out_y, w_xy.mean(1), w_yx.mean(1)
 
 
-def main(argv=None) -> int:
-    parser = ArgumentParser(prog="python -m crossattn.demo", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "python -m crossattn.demo") -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)

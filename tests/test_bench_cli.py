@@ -162,3 +162,25 @@ def test_labels_say_what_each_workload_is():
     seed001 = [w for suite in SUITES.values() for w in suite() if w.name == "seed001"]
     assert seed001 and all(w.kind == "layer1" and "seed 001" in w.title() for w in seed001)
     assert "eager" in [i.name for i in impls_mod.registry(quick=True)]
+
+
+@pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0, reason="needs git")
+def test_commit_is_this_projects_never_an_enclosing_repositorys(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from crossattn.bench import measure
+
+    root = Path(measure.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and (root / ".git").exists():  # a checkout of the project: its HEAD
+        assert measure.git_commit().split("+")[0] == head.stdout.strip()
+    # An installed copy (site/crossattn/bench/measure.py) inside another repository: no commit.
+    outer = tmp_path / "someone_elses_project"
+    fake = outer / "site" / "crossattn" / "bench" / "measure.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+    git = ["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(measure, "__file__", str(fake))
+    assert measure.git_commit() is None

@@ -44,3 +44,27 @@ def test_gpu_session_rejects_unknown_arguments(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh"), "--bogus"], capture_output=True,
                          text=True, env=dict(os.environ, OUT=str(tmp_path)), cwd=ROOT, timeout=60)
     assert res.returncode == 2 and "unknown argument: --bogus" in res.stderr
+
+
+def test_merge_bench_keeps_failures_and_each_runs_environment(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_bench", ROOT / "tools" / "merge_bench.py")
+    mb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mb)
+    src = json.loads((ROOT / "benchmarks" / "results" / "cpu_float32.json").read_text())
+    a, b, cut = tmp_path / "a", tmp_path / "b", tmp_path / "cut"
+    for folder, commit, failed in ((a, "abc123", {"flex on seed000 fwd": "RuntimeError: boom"}), (b, None, {})):
+        folder.mkdir()
+        env = dict(src["environment"], commit=commit)
+        folder.joinpath("results.json").write_text(json.dumps(
+            {"environment": env, "peaks": src["peaks"], "rows": src["rows"][:2], "skipped": {}, "failed": failed}))
+    cut.mkdir()  # a run cut off before writing anything
+    assert mb.main([str(tmp_path / "merged"), str(a), str(b), str(cut)]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["failed"] == {"flex on seed000 fwd": "RuntimeError: boom"}
+    assert [r["run"] for r in merged["rows"]] == [0, 0, 1, 1]
+    assert [r["commit"] for r in merged["runs"]] == ["abc123", None]
+    assert merged["environment"]["commit"] == "abc123, None"
+    md = (tmp_path / "merged.md").read_text()
+    assert "**Failed**" in md and "flex on seed000 fwd: RuntimeError: boom" in md

@@ -4,7 +4,8 @@
 
 tools/gpu_session.sh benchmarks one workload per bench run, so that a phase cut off by its
 timeout still returns every workload measured before; this merges them after each run.
-Folders without a results.json (a run that was cut off) are skipped.
+Folders without a results.json (a run that was cut off) are skipped; a run whose command
+failed (a peer that raised) still has one, and its rows and failures are kept.
 """
 from __future__ import annotations
 
@@ -17,10 +18,18 @@ def merge(folders: list[Path]) -> dict | None:
     parts = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
     if not parts:
         return None
-    merged = {"environment": parts[0]["environment"], "peaks": parts[0]["peaks"], "rows": [], "skipped": {}}
-    for p in parts:
-        merged["rows"] += p["rows"]
-        merged["skipped"].update(p["skipped"])
+    # Each run keeps its own environment (date, load, commit); a row names its run. The header
+    # shows the first run's, with every distinct commit when they differ.
+    env = dict(parts[0]["environment"])
+    commits = list(dict.fromkeys(str(p["environment"].get("commit")) for p in parts))
+    if len(commits) > 1:
+        env["commit"] = ", ".join(commits)
+    merged = {"environment": env, "runs": [p["environment"] for p in parts], "peaks": parts[0]["peaks"],
+              "rows": [], "skipped": {}, "failed": {}}
+    for i, p in enumerate(parts):
+        merged["rows"] += [{**row, "run": i} for row in p["rows"]]
+        merged["skipped"].update(p.get("skipped", {}))
+        merged["failed"].update(p.get("failed", {}))
     return merged
 
 
@@ -37,7 +46,7 @@ def main(argv: list[str]) -> int:
 
     prefix.with_suffix(".json").write_text(json.dumps(merged, indent=1))
     prefix.with_suffix(".md").write_text(markdown_table(merged["environment"], merged["peaks"], merged["rows"],
-                                                        merged["skipped"]))
+                                                        merged["skipped"], merged["failed"]))
     print(f"merge_bench: {len(merged['rows'])} rows -> {prefix}.json, {prefix}.md")
     return 0
 

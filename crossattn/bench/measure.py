@@ -206,6 +206,12 @@ def git_commit() -> str | None:
     """The project's commit (with ``+dirty`` for uncommitted changes), or None outside a checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
+        # Only a checkout of this project: an installed copy inside some other repository
+        # (a venv in a user's project) must not report that repository's commit.
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
