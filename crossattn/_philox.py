@@ -150,7 +150,7 @@ def _torch_mask(seed, p, batch, heads, rows, cols, direction, device, dropped, b
     j4 = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)
     i = rows.view(1, 1, -1, 1)
     bh = _bh_counters(batch, heads, batch_ids, device).view(batch, heads, 1, 1)
-    d = torch.tensor(direction, device=device, dtype=torch.int64)
+    d = torch.full((), direction, device=device, dtype=torch.int64)  # a fill: no host copy to wait for
     threshold = dropout_threshold(p)
     compare = torch.lt if dropped else torch.ge
     # The in-place rounds rely on wrapping int64 products, and write through strided out=

@@ -37,6 +37,16 @@ def values_unreadable(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(t)
 
 
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor (a seed, a table of indices) on ``device`` without waiting for the
+    GPU: a copy from pageable memory synchronizes the stream, one from pinned memory with
+    ``non_blocking`` does not (the caching host allocator keeps the buffer until it is read)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     return _fake_tensor.is_fake(t)
 
@@ -222,7 +232,7 @@ def _check_lengths(kv_lengths, name, batch, length, length_of, device):
             raise ValueError(
                 f"{name} must lie in [0, {length}] (the length of {length_of}), got {bad[0]}"
             )
-        kv_lengths = torch.tensor(kv_lengths, dtype=torch.int64, device=device)
+        kv_lengths = host_to_device(torch.tensor(kv_lengths, dtype=torch.int64), device)
     if not isinstance(kv_lengths, torch.Tensor):
         raise TypeError(f"{name} must be an int tensor [B] or a list of ints, got {_type_name(kv_lengths)}")
     if kv_lengths.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):

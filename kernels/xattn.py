@@ -28,6 +28,7 @@ import triton
 from torch import Tensor
 
 from crossattn._philox import dropout_threshold
+from crossattn._validation import host_to_device
 
 from . import xattn_configs as configs
 from .xattn_bwd import _xattn_bwd_delta_kernel, _xattn_bwd_dkdv_kernel, _xattn_bwd_dq_kernel
@@ -167,7 +168,7 @@ def _heads_args(weight_heads, H, device):
     heads = torch.tensor(list(weight_heads), dtype=torch.int32)
     pos = torch.full((H,), -1, dtype=torch.int32)
     pos[heads.long()] = torch.arange(len(weight_heads), dtype=torch.int32)
-    return heads.to(device), pos.to(device), len(weight_heads)
+    return host_to_device(heads, device), host_to_device(pos, device), len(weight_heads)
 
 
 def _setup(kind, q, k, v, q_valid, k_valid, temperature, seed, dropout_p, block_mask, block_layout,
@@ -555,7 +556,7 @@ def _op_args(problems):
         [p.q for p in problems], [p.k for p in problems], [p.v for p in problems],
         [p.query_valid() for p in problems], [p.key_valid() for p in problems], temps,
         [p.scale for p in problems],
-        first.dropout_seed.to(first.q.device) if first.dropout_p > 0 else None,
+        host_to_device(first.dropout_seed, first.q.device) if first.dropout_p > 0 else None,
         first.dropout_p, WEIGHTS_MODES[first.need_weights],
         *_pruning_args(problems),
         [p.attn_bias for p in problems], bool(first.is_causal), list(first.weight_heads or ()),

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from crossattn._validation import host_to_device
 from crossattn.reference import causal_block_reach, default_scale, mass_threshold
 
 from .xattn_fwd import _tile_and_slab
@@ -217,7 +218,7 @@ def _keep_table(pruning, nkb: int, device) -> torch.Tensor:
         else:
             want = n
         table.append(min(max(want, pruning.min_blocks), n))
-    return torch.tensor(table, dtype=torch.int32, device=device)
+    return host_to_device(torch.tensor(table, dtype=torch.int32), device)
 
 
 def compact(mask: torch.Tensor, B: int, H: int) -> torch.Tensor:
