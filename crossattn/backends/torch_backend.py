@@ -25,7 +25,8 @@ backend must be at least as fast as the code users would otherwise write):
 
 On CPU tensors every path skips the keys past each row's last valid key, the query rows
 past its last valid query and the keys above the causal diagonal: ``_torch_skip`` runs the
-call by parts at their real lengths (issue 16).
+call by parts at their real lengths (issue 16); a pruned call (without dropout) runs over the
+kept key blocks only (``_torch_pruned``).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch
 
 from .._validation import AttentionProblem
 from ..reference import AuxOutput, compute_dtype, select_blocks_reference
-from . import _torch_skip
+from . import _torch_pruned, _torch_skip
 from ._torch_common import (
     _DEFAULT_CHUNK_MB,
     _Config,
@@ -341,7 +342,11 @@ class TorchBackend(Backend):
                 return out, weights, None, None, None, None, None
             return _ChunkedAttention.apply(q, k, v, temp, bias, kv, qv, bm, p.dropout_seed, c)
 
-        if parts is None:
+        m = None if block_mask is None else _torch_pruned.worthwhile(p, block_mask)
+        if m is not None:  # the kept key blocks only
+            res = _torch_pruned.run(p, cfg, block_mask, m, key_valid, query_valid, temp, lambda q, k, v, t, bias, c: (
+                _ChunkedAttention.apply(q, k, v, t, bias, None, None, None, p.dropout_seed, c)))
+        elif parts is None:
             res = core(p.q, p.k, p.v, p.attn_bias, key_valid, query_valid, block_mask, cfg)
         else:
             res = _torch_skip.run(p, parts, core, key_valid, query_valid, block_mask, cfg)

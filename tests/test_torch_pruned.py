@@ -1,0 +1,171 @@
+"""The torch backend runs a pruned call over the kept key blocks only on CPU tensors (contract:
+pruned key blocks cost no matrix work), with every output and gradient equal to the float64
+reference's. Work is counted in matmul FLOPs (FlopCounterMode), never timed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import crossattn
+from conftest import GRAD_TOL, TOL, make_qkv
+from crossattn import AuxRequest, BlockPruning
+from crossattn.backends import _torch_pruned
+from crossattn.reference import attention_reference
+
+AUX = AuxRequest(lse=True, entropy=True, key_mass=True, top_k=3)
+
+
+@pytest.fixture
+def gathered(monkeypatch):
+    """Counts the calls that took the kept-blocks path."""
+    calls = []
+    real = _torch_pruned.run
+    monkeypatch.setattr(_torch_pruned, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _flops(fn):
+    with FlopCounterMode(display=False) as fc:
+        res = fn()
+    return fc.get_total_flops(), res
+
+
+@pytest.mark.parametrize("rule", [dict(top_k=2), dict(keep=0.25)], ids=str)
+def test_pruned_blocks_cost_no_matrix_work(rule, gathered):
+    B, H, Lq, Lk, D, Dv = 2, 2, 100, 512, 16, 8
+    q, k, v = make_qkv(B, H, Lq, Lk, D, Dv, requires_grad=True)
+    pruning = BlockPruning(block_q=32, block_k=64, **rule)  # 4 query blocks, 8 key blocks
+    fwd, (out, w) = _flops(lambda: crossattn.cross_attention(q, k, v, prune=pruning, need_weights="full",
+                                                             backend="torch"))
+    assert gathered == [1]
+    # Two kept key blocks per (head, query block), over the 4 x 32 padded query rows, and the
+    # selection's block scores (4 x 8 block means).
+    kept = 2 * 64
+    assert fwd == 2 * B * H * (4 * 32) * kept * (D + Dv) + 2 * B * H * 4 * 8 * D
+    dense, _ = _flops(lambda: crossattn.cross_attention(q, k, v, need_weights="full", backend="torch"))
+    assert fwd < dense * 0.35
+    bwd, _ = _flops(lambda: (out.square().sum() + w.square().sum()).backward())
+    assert 0 < bwd <= 3 * fwd  # recomputes q.k^T, then dO.v^T, P^T.dO, dS.k, dS^T.q
+
+
+CASES = {
+    "plain": dict(),
+    "gqa_bias_causal_padding": dict(gqa=True, bias=(1, 4, 1, 70), causal=True, key_pad=True, query_pad=True,
+                                    need_weights="mean", aux=AUX),
+    "temperature_heads_bias_rows": dict(temperature=True, bias=(2, 1, 45, 70), weight_heads=(3, 1),
+                                        need_weights="full", aux=AUX),
+    "more_queries_causal": dict(lq=90, causal=True, need_weights="full", aux=AuxRequest(lse=True, top_k=2)),
+    "bias_per_row": dict(bias=(2, 4, 45, 1), key_pad=True, need_weights="mean", weight_heads=(2,)),
+    "mass_rule_strided": dict(rule=dict(mass=0.5), strided=True, need_weights="full", aux=AUX),
+}
+
+
+def _build(case, dtype):
+    c = dict(CASES[case])
+    B, H, Lq, Lk, D, Dv = 2, 4, c.pop("lq", 45), 70, 8, 6
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(B, H, Lq, Lk, D, Dv, dtype=dtype, seed=1)
+    if c.pop("gqa", False):
+        k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
+    if c.pop("strided", False):  # head-split projections, as the modules pass them
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    kw = dict(prune=BlockPruning(block_q=16, block_k=16, **c.pop("rule", dict(top_k=2))),
+              need_weights=c.pop("need_weights", None), is_causal=c.pop("causal", False))
+    if c.pop("key_pad", False):
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[0, 50:] = True
+        kpm[1, 20:30] = True  # a hole inside a block
+        kw["key_padding_mask"] = kpm
+    if c.pop("query_pad", False):
+        qpm = torch.zeros(B, Lq, dtype=torch.bool)
+        qpm[1, 30:] = True
+        kw["query_padding_mask"] = qpm
+    if c.pop("temperature", False):
+        kw["temperature"] = torch.linspace(0.5, 1.5, H, dtype=dtype)
+    if "bias" in c:
+        bias = torch.randn(c.pop("bias"), generator=g).to(dtype)
+        bias.view(-1)[::7] = -math.inf  # -inf in a bias masks
+        kw["attn_bias"] = bias
+    kw["weight_heads"] = c.pop("weight_heads", None)
+    kw["return_aux"] = c.pop("aux", None)
+    assert not c, c
+    return q, k, v, kw
+
+
+def _outputs(res):
+    fields = [res[0], res[1]]
+    if len(res) == 3:
+        fields += list(res[2])
+    return fields
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kept_blocks_path_matches_the_reference(case, dtype, gathered):
+    q, k, v, kw = _build(case, dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, kw.get("temperature"), kw.get("attn_bias")) if t is not None]
+    res = crossattn.cross_attention(q, k, v, backend="torch", **kw)
+    assert gathered == [1]
+    ref = attention_reference(*(t.detach().double() for t in (q, k, v)), **{
+        n: (t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+        for n, t in kw.items()})
+    got, want = _outputs(res), _outputs(ref)
+    for name, a, b in zip(("out", "weights", "lse", "entropy", "key_mass", "top_k_values", "top_k_indices"),
+                          got, want):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.shape == b.shape, name
+        if a.is_floating_point():
+            assert a.dtype == (b.dtype if name in ("lse", "entropy", "key_mass") and dtype == torch.float64
+                               else torch.float32 if name in ("lse", "entropy", "key_mass") else dtype), name
+            torch.testing.assert_close(a.double(), b, rtol=TOL[dtype], atol=TOL[dtype], msg=name)
+        else:
+            assert torch.equal(a, b), name
+    # One loss over every differentiable output: gradients as the reference's.
+    def loss(fields):
+        total = fields[0].square().sum()
+        if fields[1] is not None:
+            total = total + (fields[1].double() * torch.linspace(-1, 1, fields[1].shape[-1], dtype=torch.float64)).sum()
+        for stat in fields[2:5]:
+            if stat is not None:
+                total = total + torch.where(torch.isinf(stat), 0.0, stat.double()).sum()
+        return total
+
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    names = ["q", "k", "v"] + [n for n in ("temperature", "attn_bias") if kw.get(n) is not None]
+    ref_kw = dict(kw, **{n: r for n, r in zip(names[3:], refs[3:])})
+    ref = attention_reference(*refs[:3], **ref_kw)
+    got_g = torch.autograd.grad(loss(got), leaves)
+    want_g = torch.autograd.grad(loss(_outputs(ref)), refs)
+    for name, a, b in zip(names, got_g, want_g):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), b, rtol=GRAD_TOL[dtype], atol=GRAD_TOL[dtype], msg=name)
+
+
+def test_padding_garbage_stays_out_of_the_gathered_keys(gathered):
+    q, k, v = make_qkv(1, 2, 20, 64, 8)
+    kpm = torch.zeros(1, 64, dtype=torch.bool)
+    kpm[0, 40:] = True
+    pruning = BlockPruning(block_q=16, block_k=16, top_k=3)
+    clean = crossattn.cross_attention(q, k, v, key_padding_mask=kpm, prune=pruning, need_weights="full")
+    k[:, :, 40:], v[:, :, 40:] = math.nan, math.inf
+    dirty = crossattn.cross_attention(q, k, v, key_padding_mask=kpm, prune=pruning, need_weights="full")
+    assert gathered == [1, 1]
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+
+
+def test_dropout_and_tracing_keep_the_dense_path(gathered):
+    q, k, v = make_qkv(1, 2, 40, 128, 8)
+    pruning = BlockPruning(block_q=16, block_k=16, top_k=2)
+    crossattn.cross_attention(q, k, v, prune=pruning, dropout_p=0.2, need_weights="full")
+    out, _ = crossattn.cross_attention(q.to("meta"), k.to("meta"), v.to("meta"), prune=pruning)
+    assert out.shape == q.shape
+    # Everything kept: gathering would save nothing.
+    crossattn.cross_attention(q, k, v, prune=BlockPruning(block_q=16, block_k=16, keep=1.0))
+    assert gathered == []
