@@ -18,9 +18,11 @@ METHOD = (
 )
 
 PRUNING_NOTE = (
-    "The `torch` backend computes every key block and masks the pruned ones (only the GPU kernels skip "
-    "pruned blocks), and it adds the block selection: on a CPU its pruned rows cost about as much as "
-    "dense ones whatever `keep` is, and their differences are noise within the intervals shown."
+    "Without dropout (`fwd` rows: inference) the `torch` backend runs a pruned call over the kept key "
+    "blocks only (matrix work in proportion to `keep`, plus the block selection and the gathers); "
+    "with dropout (`fwd+bwd` rows train with it) it computes every key block and masks the pruned ones, "
+    "so those rows cost about as much as dense ones whatever `keep` is (their differences are noise "
+    "within the intervals shown). The GPU kernels skip pruned blocks in both."
 )
 
 
