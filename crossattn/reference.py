@@ -234,7 +234,8 @@ def select_blocks_reference(
     def block_means(x, valid, length, block, nblocks):
         w = torch.ones(B, length, dtype=ct, device=x.device) if valid is None else valid.to(ct)
         pad = nblocks * block - length
-        xs = torch.nn.functional.pad(x * w[:, None, :, None], (0, 0, 0, pad))
+        # where, not a product: padding may hold NaN or inf, and NaN * 0 is NaN
+        xs = torch.nn.functional.pad(torch.where(w[:, None, :, None] > 0, x, 0.0), (0, 0, 0, pad))
         sums = xs.reshape(B, x.shape[1], nblocks, block, x.shape[-1]).sum(3)
         counts = torch.nn.functional.pad(w, (0, pad)).reshape(B, nblocks, block).sum(-1)
         return sums / counts.clamp(min=1)[:, None, :, None], counts > 0

@@ -53,8 +53,9 @@ def _xattn_pool_kernel(
         w = inb.to(tl.float32)
         if HAS_VALID:
             w = tl.where(tl.load(VALID + b * length + offs_r, mask=inb, other=0) != 0, w, 0.0)
+        # Padded rows are not read (they may hold NaN or inf: NaN * 0 would be NaN).
         x = tl.load(X + b * sxb + h * sxh + offs_r[:, None] * sxl + offs_d[None, :] * sxd,
-                    mask=inb[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                    mask=(w > 0.0)[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.sum(x * w[:, None], 0)
         cnt += w
     n = tl.sum(cnt, 0)

@@ -147,17 +147,40 @@ def test_kept_blocks_path_matches_the_reference(case, dtype, gathered):
         torch.testing.assert_close(a.double(), b, rtol=GRAD_TOL[dtype], atol=GRAD_TOL[dtype], msg=name)
 
 
-def test_padding_garbage_stays_out_of_the_gathered_keys(gathered):
-    q, k, v = make_qkv(1, 2, 20, 64, 8)
-    kpm = torch.zeros(1, 64, dtype=torch.bool)
-    kpm[0, 40:] = True
-    pruning = BlockPruning(block_q=16, block_k=16, top_k=3)
-    clean = crossattn.cross_attention(q, k, v, key_padding_mask=kpm, prune=pruning, need_weights="full")
-    k[:, :, 40:], v[:, :, 40:] = math.nan, math.inf
-    dirty = crossattn.cross_attention(q, k, v, key_padding_mask=kpm, prune=pruning, need_weights="full")
+def test_padding_garbage_stays_out_of_the_gathered_problem(gathered):
+    # NaN / inf in padded keys, values, query rows and in the bias at padded keys: the dense
+    # path masks them by filling, so must the gathered one (an added -inf keeps a NaN).
+    q, k, v = make_qkv(2, 2, 20, 256, 8)
+    kpm = torch.zeros(2, 256, dtype=torch.bool)
+    kpm[0, 100:140] = True
+    qpm = torch.zeros(2, 20, dtype=torch.bool)
+    qpm[1, 15:] = True
+    bias = torch.randn(2, 1, 1, 256)
+    kw = dict(key_padding_mask=kpm, query_padding_mask=qpm, need_weights="full", return_aux=AUX,
+              prune=BlockPruning(block_q=16, block_k=16, top_k=3))
+    clean = _outputs(crossattn.cross_attention(q, k, v, attn_bias=bias, **kw))
+    k[0, :, 100:140], v[0, :, 100:140], q[1, :, 15:] = math.nan, math.inf, math.nan
+    bias[0, ..., 100:140] = math.nan
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    dirty = _outputs(crossattn.cross_attention(q, k, v, attn_bias=bias, **kw))
     assert gathered == [1, 1]
     for a, b in zip(clean, dirty):
         assert torch.equal(a, b)
+    grads = torch.autograd.grad(dirty[0].sum() + dirty[1].sum() + dirty[4].sum(), leaves)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_ragged_batches_keep_the_cheaper_path(gathered):
+    # One long and seven short key sequences: the kept blocks of the longest set the gathered
+    # width for all, which would cost more than the ragged dense parts; the dense path runs.
+    B, H, Lq, Lk, D = 8, 2, 64, 1024, 8
+    q, k, v = make_qkv(B, H, Lq, Lk, D)
+    lengths = torch.tensor([1024] + [64] * 7)
+    aux = AuxRequest(lse=True)
+    dense, _ = _flops(lambda: crossattn.cross_attention(q, k, v, kv_lengths=lengths, return_aux=aux))
+    pruned, _ = _flops(lambda: crossattn.cross_attention(q, k, v, kv_lengths=lengths, return_aux=aux,
+                                                         prune=BlockPruning(block_q=64, block_k=64, keep=0.25)))
+    assert gathered == [] and pruned <= dense * 1.01  # the block selection's few FLOPs on top
 
 
 def test_dropout_and_tracing_keep_the_dense_path(gathered):

@@ -108,6 +108,21 @@ def test_causal_selection_with_padding_matches_reference(cfg):
         _layout_matches(got.mask, got.layout)
 
 
+def test_selection_ignores_what_padding_holds():
+    from crossattn.kernels.xattn_select import select_blocks_triton
+
+    q, k, _ = make_qkv(2, 2, 40, 100, 16, dtype=torch.float32, device=DEVICE, seed=9)
+    kv = torch.ones(2, 100, dtype=torch.bool, device=DEVICE)
+    kv[0, 30:50] = False
+    qv = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    qv[1, 35:] = False
+    cfg = BlockPruning(block_q=16, block_k=16, top_k=2)
+    clean = select_blocks_triton(q, k, cfg, key_valid=kv, query_valid=qv).mask
+    k[0, :, 30:50], q[1, :, 35:] = float("nan"), float("inf")  # padding may hold anything
+    assert torch.equal(select_blocks_triton(q, k, cfg, key_valid=kv, query_valid=qv).mask, clean)
+    assert torch.equal(select_blocks_reference(q, k, cfg, key_valid=kv, query_valid=qv), clean)
+
+
 def test_selection_mass_one_keeps_every_valid_block():
     from crossattn.kernels.xattn_select import select_blocks_triton
 

@@ -5,12 +5,15 @@ On CPU tensors the block mask is on the host, so a pruned call becomes a dense p
 the kept blocks: query block ``qb`` of head ``h`` is a head ``h * nqb + qb`` of its own whose
 keys are the ``m`` key blocks it kept (``m`` = the most any query block kept; fewer are
 padded with masked slots), gathered in ascending order so that top-k ties still go to the
-lower key position. Padding, causality and the slots' validity travel as an additive
-``-inf`` bias (per head and row: no ``[B, Lk]`` mask can say them), the caller's bias is
-gathered into it, and the gathered keys and values of masked slots are zeroed (padding may
-hold anything). ``_ChunkedAttention`` runs it; outputs scatter back to the caller's
+lower key position. Padding, causality and the slots' validity travel as ``-inf`` filled
+into a bias (per head and row: no ``[B, Lk]`` mask can say them) that holds the caller's
+bias gathered; the gathered keys and values of masked slots and padded query rows are zeroed
+(padding may hold NaN). ``_ChunkedAttention`` runs it; outputs scatter back to the caller's
 coordinates (weights, key mass and top-k positions by the gathered key positions). The
-matrix work is ``B * H * Lq * m * block_k`` instead of ``B * H * Lq * Lk``.
+matrix work is ``B * H * Lq * m * block_k`` instead of ``B * H * Lq * Lk``; the path is taken
+only where that is less than the dense path's (whose ragged parts run at their lengths: one
+long sequence in a batch of short ones sets ``m`` for all). Beyond the gathered scores, the
+bias and masks (``[B, H, Lq, m * block_k]``) are built whole, not by chunks.
 
 Dropout keeps the dense path: its Philox bits are drawn at the caller's (row, key)
 coordinates, which the gathered problem does not have.
@@ -23,18 +26,19 @@ import torch
 
 from .._validation import values_unreadable
 from ..reference import compute_dtype
-from ._torch_common import _head_mean
 
 
-def worthwhile(p, block_mask) -> int | None:
-    """``m`` (kept key blocks per query block, at most) where gathering saves matrix work on
-    this problem, else None: the dense path runs it."""
+def worthwhile(p, block_mask, dense_work: int) -> int | None:
+    """``m`` (kept key blocks per query block, at most) where the gathered problem has fewer
+    (query, key) pairs than ``dense_work``, the dense path's (ragged parts counted at their
+    lengths), else None: the dense path runs it."""
     B, H, Lq, Lk, _, _ = p.dims
     if (p.q.device.type != "cpu" or p.dropout_p > 0.0 or min(B, H, Lq, Lk) == 0
             or any(values_unreadable(t) for t in (p.q, p.k, block_mask))):
         return None
     m = max(1, int(block_mask.sum(-1).max()))  # a host read: CPU tensors only
-    return m if m * p.pruning.block_k < Lk else None
+    nqb = block_mask.shape[2]
+    return m if B * nqb * p.pruning.block_q * m * p.pruning.block_k < dense_work else None
 
 
 def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
@@ -64,10 +68,13 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     zero = ~key_ok.view(B, H * nqb, M, 1)
     kg = p.k.reshape(B * Hkv * Lk, D).index_select(0, flat).view(B, H * nqb, M, D).masked_fill(zero, 0.0)
     vg = p.v.reshape(B * Hkv * Lk, Dv).index_select(0, flat).view(B, H * nqb, M, Dv).masked_fill(zero, 0.0)
-    qg = torch.nn.functional.pad(p.q, (0, 0, 0, Lqp - Lq)).reshape(B, H * nqb, bq, D)
+    q = p.q if query_valid is None else p.q.masked_fill(~query_valid[:, None, :, None], 0.0)
+    qg = torch.nn.functional.pad(q, (0, 0, 0, Lqp - Lq)).reshape(B, H * nqb, bq, D)
 
     # Which (row, slot) pairs attend: the slot's key is valid, the row is a valid query, and
-    # the key is on or below the causal diagonal; as an additive bias, with the caller's.
+    # the key is on or below the causal diagonal; as a bias, the caller's gathered and -inf
+    # filled in (not added: padding may hold NaN, and NaN - inf is NaN). Padded query rows
+    # are zeroed above for the same reason.
     rows = torch.arange(Lqp, device=dev).view(nqb, bq, 1)
     row_ok = rows < Lq
     if query_valid is not None:
@@ -75,9 +82,10 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     ok = key_ok[:, :, :, None, :] & row_ok
     if p.is_causal:
         ok = ok & (pos[:, :, :, None, :] <= rows + (Lk - Lq))
-    bias = torch.zeros(ok.shape, dtype=ct, device=dev).masked_fill_(~ok, -math.inf)
-    if p.attn_bias is not None:
-        bias = bias + _gather_bias(p.attn_bias, pos_c, B, H, Lq, nqb, bq).to(ct)
+    if p.attn_bias is None:
+        bias = torch.zeros(ok.shape, dtype=ct, device=dev).masked_fill_(~ok, -math.inf)
+    else:
+        bias = _gather_bias(p.attn_bias, pos_c, Lq, nqb, bq).to(ct).expand(ok.shape).masked_fill(~ok, -math.inf)
 
     heads = tuple(range(H)) if p.weight_heads is None else tuple(p.weight_heads)
     sub_heads = tuple(h * nqb + i for h in heads for i in range(nqb))
@@ -94,11 +102,15 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     weights = out.new_empty(0)
     if p.need_weights:
         nh = len(heads)
-        idx = pos_c[:, list(heads)][:, :, :, None, :].expand(B, nh, nqb, bq, M)
-        full = torch.zeros(B, nh, nqb, bq, Lk, dtype=w.dtype, device=dev).scatter_add(
-            -1, idx, w.view(B, nh, nqb, bq, M))  # masked slots add 0 (they share key Lk - 1)
-        full = full.view(B, nh, Lqp, Lk)[:, :, :Lq]
-        weights = full.contiguous() if p.need_weights == "full" else _head_mean(full)
+        idx = pos_c[:, list(heads)][:, :, :, None, :]
+        w = w.view(B, nh, nqb, bq, M)
+        if p.need_weights == "full":
+            weights = _scatter_rows(torch.zeros(B, nh, Lq, Lk, dtype=w.dtype, device=dev), w, idx)
+        else:  # head by head into one [B, Lq, Lk] (half precision accumulates in float32)
+            acc = torch.zeros(B, 1, Lq, Lk, dtype=torch.promote_types(w.dtype, torch.float32), device=dev)
+            for h in range(nh):
+                acc = _scatter_rows(acc, w[:, h:h + 1].to(acc.dtype) / nh, idx[:, h:h + 1])
+            weights = acc.squeeze(1).to(w.dtype)
     if lse.numel():
         lse = lse.view(B, H, Lqp)[:, :, :Lq].contiguous()
     if ent.numel():
@@ -115,17 +127,33 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     return out, weights, lse, ent, mass, top_v, top_i
 
 
-def _gather_bias(bias, pos_c, B, H, Lq, nqb, bq):
+def _scatter_rows(target, src, idx):
+    """``target [B, X, Lq, Lk]`` plus ``src [B, X, nqb, bq, M]`` at key positions ``idx
+    [B, X, nqb, 1, M]``, written in place through views of whole query blocks and of the last,
+    partial one (no padded-rows copy). Masked slots add 0 (they share key Lk - 1)."""
+    Lq, (nqb, bq) = target.shape[2], src.shape[2:4]
+    full = min(nqb, Lq // bq)
+    if full:
+        target[:, :, :full * bq].unflatten(2, (full, bq)).scatter_add_(
+            -1, idx[:, :, :full].expand(-1, -1, -1, bq, -1), src[:, :, :full])
+    rest = Lq - full * bq
+    if rest:
+        target[:, :, full * bq:].scatter_add_(-1, idx[:, :, full].expand(-1, -1, rest, -1), src[:, :, full, :rest])
+    return target
+
+
+def _gather_bias(bias, pos_c, Lq, nqb, bq):
     """The caller's bias (a view ``[B|1, H|1, Lq|1, Lk|1]``) at each (head, query block, row,
-    slot): ``[B, H, nqb, bq, M]``, differentiable (its gradient sums back to the bias' shape)."""
-    b = bias
-    if b.shape[2] != 1:
-        b = torch.nn.functional.pad(b, (0, 0, 0, nqb * bq - Lq))
-        b = b.view(b.shape[0], b.shape[1], nqb, bq, b.shape[3])
-    else:
-        b = b.view(b.shape[0], b.shape[1], 1, 1, b.shape[3])
-    M = pos_c.shape[-1]
-    if b.shape[-1] == 1:
-        return b.expand(B, H, nqb, bq, M)
-    b = b.expand(B, H, nqb, bq, b.shape[-1])
-    return b.gather(-1, pos_c[:, :, :, None, :].expand(B, H, nqb, bq, M))
+    slot), broadcastable to ``[B, H, nqb, bq, M]``: advanced indexing, whose gradient
+    accumulates into the bias' own shape (a gather from the expanded bias would allocate a
+    dense ``[B, H, Lq, Lk]`` gradient)."""
+    b1, h1, q1, k1 = bias.shape
+    dev = bias.device
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    bi = torch.arange(b1, device=dev).view(-1, 1, 1, 1, 1) if b1 > 1 else zero
+    hi = torch.arange(h1, device=dev).view(1, -1, 1, 1, 1) if h1 > 1 else zero
+    ri = torch.arange(nqb * bq, device=dev).clamp_(max=Lq - 1).view(1, 1, nqb, bq, 1) if q1 > 1 else zero
+    ki = pos_c[:, :, :, None, :] if k1 > 1 else zero
+    if b1 == 1 and h1 == 1 and q1 == 1 and k1 == 1:
+        return bias.view(1, 1, 1, 1, 1)
+    return bias[bi, hi, ri, ki]

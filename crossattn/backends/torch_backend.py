@@ -342,7 +342,12 @@ class TorchBackend(Backend):
                 return out, weights, None, None, None, None, None
             return _ChunkedAttention.apply(q, k, v, temp, bias, kv, qv, bm, p.dropout_seed, c)
 
-        m = None if block_mask is None else _torch_pruned.worthwhile(p, block_mask)
+        m = None
+        if block_mask is not None:
+            dense_work = B * Lq * Lk if parts is None else sum(
+                len(range(B)[pt.batch] if isinstance(pt.batch, slice) else pt.batch)
+                * (pt.rows.stop - pt.rows.start) * pt.keys for pt in parts)
+            m = _torch_pruned.worthwhile(p, block_mask, dense_work)
         if m is not None:  # the kept key blocks only
             res = _torch_pruned.run(p, cfg, block_mask, m, key_valid, query_valid, temp, lambda q, k, v, t, bias, c: (
                 _ChunkedAttention.apply(q, k, v, t, bias, None, None, None, p.dropout_seed, c)))
