@@ -194,6 +194,7 @@ def test_causal_and_ragged_tiles_cost_no_matrix_work(monkeypatch):
     assert dots(32, 128, key_padding_mask=mask) == (3 * 2, 8 * 2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_call_on_cuda_tensors_never_waits_for_the_gpu():
     """Contract: no host sync in the default configuration -- dropout's seed, the weight heads'

@@ -76,7 +76,7 @@ fi
 # ---------------------------------------------------------------- 1. Triton on the GPU
 triton_phase() {
     "${PYTEST[@]}" -m gpu -k "not cuda_backend" tests/test_triton.py tests/test_triton_pruning.py tests/test_autotune.py \
-        tests/test_gpu_ready.py --junitxml="$OUT/phase1-triton.xml" || return
+        tests/test_gpu_ready.py tests/test_triton_features.py --junitxml="$OUT/phase1-triton.xml" || return
     if [ "$DRY" = 1 ]; then  # the GPU tests skipped above; run the interpreter's launch count
         "${PYTEST[@]}" -m "not slow" -k launch tests/test_gpu_ready.py
     fi
