@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import crossattn
 from conftest import GRAD_TOL, TOL, make_qkv
 from crossattn import AuxRequest, BlockPruning
+from crossattn._philox import draw_dropout_seed
 from crossattn.backends import _torch_pruned
 from crossattn.reference import attention_reference
 
@@ -33,13 +34,14 @@ def _flops(fn):
     return fc.get_total_flops(), res
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("rule", [dict(top_k=2), dict(keep=0.25)], ids=str)
-def test_pruned_blocks_cost_no_matrix_work(rule, gathered):
+def test_pruned_blocks_cost_no_matrix_work(rule, dropout_p, gathered):
     B, H, Lq, Lk, D, Dv = 2, 2, 100, 512, 16, 8
     q, k, v = make_qkv(B, H, Lq, Lk, D, Dv, requires_grad=True)
     pruning = BlockPruning(block_q=32, block_k=64, **rule)  # 4 query blocks, 8 key blocks
     fwd, (out, w) = _flops(lambda: crossattn.cross_attention(q, k, v, prune=pruning, need_weights="full",
-                                                             backend="torch"))
+                                                             dropout_p=dropout_p, backend="torch"))
     assert gathered == [1]
     # Two kept key blocks per (head, query block), over the 4 x 32 padded query rows, and the
     # selection's block scores (4 x 8 block means).
@@ -60,6 +62,11 @@ CASES = {
     "more_queries_causal": dict(lq=90, causal=True, need_weights="full", aux=AuxRequest(lse=True, top_k=2)),
     "bias_per_row": dict(bias=(2, 4, 45, 1), key_pad=True, need_weights="mean", weight_heads=(2,)),
     "mass_rule_strided": dict(rule=dict(mass=0.5), strided=True, need_weights="full", aux=AUX),
+    # dropout: the caller's Philox bits at the gathered (row, key) coordinates
+    "dropout_gqa_causal": dict(dropout=0.3, gqa=True, causal=True, key_pad=True, query_pad=True,
+                               need_weights="full", aux=AUX),
+    "dropout_bias_mean": dict(dropout=0.5, bias=(1, 4, 1, 70), temperature=True, need_weights="mean",
+                              weight_heads=(0, 2)),
 }
 
 
@@ -91,6 +98,7 @@ def _build(case, dtype):
         bias.view(-1)[::7] = -math.inf  # -inf in a bias masks
         kw["attn_bias"] = bias
     kw["weight_heads"] = c.pop("weight_heads", None)
+    kw["dropout_p"] = c.pop("dropout", 0.0)
     kw["return_aux"] = c.pop("aux", None)
     assert not c, c
     return q, k, v, kw
@@ -108,8 +116,11 @@ def _outputs(res):
 def test_kept_blocks_path_matches_the_reference(case, dtype, gathered):
     q, k, v, kw = _build(case, dtype)
     leaves = [t.requires_grad_() for t in (q, k, v, kw.get("temperature"), kw.get("attn_bias")) if t is not None]
+    torch.manual_seed(5)  # the dropout seed drawn at dispatch
     res = crossattn.cross_attention(q, k, v, backend="torch", **kw)
     assert gathered == [1]
+    torch.manual_seed(5)
+    kw["dropout_seed"] = draw_dropout_seed() if kw["dropout_p"] else None
     ref = attention_reference(*(t.detach().double() for t in (q, k, v)), **{
         n: (t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
         for n, t in kw.items()})
@@ -138,7 +149,7 @@ def test_kept_blocks_path_matches_the_reference(case, dtype, gathered):
 
     refs = [t.detach().double().requires_grad_() for t in leaves]
     names = ["q", "k", "v"] + [n for n in ("temperature", "attn_bias") if kw.get(n) is not None]
-    ref_kw = dict(kw, **{n: r for n, r in zip(names[3:], refs[3:])})
+    ref_kw = dict(kw, **{n: r for n, r in zip(names[3:], refs[3:])})  # the same dropout seed
     ref = attention_reference(*refs[:3], **ref_kw)
     got_g = torch.autograd.grad(loss(got), leaves)
     want_g = torch.autograd.grad(loss(_outputs(ref)), refs)
@@ -183,10 +194,9 @@ def test_ragged_batches_keep_the_cheaper_path(gathered):
     assert gathered == [] and pruned <= dense * 1.01  # the block selection's few FLOPs on top
 
 
-def test_dropout_and_tracing_keep_the_dense_path(gathered):
+def test_tracing_and_dense_selections_keep_the_dense_path(gathered):
     q, k, v = make_qkv(1, 2, 40, 128, 8)
     pruning = BlockPruning(block_q=16, block_k=16, top_k=2)
-    crossattn.cross_attention(q, k, v, prune=pruning, dropout_p=0.2, need_weights="full")
     out, _ = crossattn.cross_attention(q.to("meta"), k.to("meta"), v.to("meta"), prune=pruning)
     assert out.shape == q.shape
     # Everything kept: gathering would save nothing.

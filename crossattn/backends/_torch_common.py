@@ -45,6 +45,9 @@ class _Config(NamedTuple):
     row0: int = 0
     batch_ids: tuple[int, ...] | None = None
     causal_shift: int = 0
+    # ``_torch_pruned``'s gathered problem: rows -> its dropout mask (True = dropped), the
+    # caller's Philox bits at the gathered coordinates.
+    dropper: object = None
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -83,6 +86,8 @@ def _drop(seed, cfg, batch, heads, rows, lk, device):
     """Bool ``[B, H, rows, Lk]``, True where dropout drops (None without dropout)."""
     if cfg.dropout_p <= 0.0:
         return None
+    if cfg.dropper is not None:
+        return cfg.dropper(rows)
     return dropout_keep_mask(seed, cfg.dropout_p, batch=batch, heads=heads, rows=rows, cols=lk,
                              direction=cfg.direction, device=device, dropped=True,
                              batch_ids=_batch_ids(cfg, device))

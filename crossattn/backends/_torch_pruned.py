@@ -15,8 +15,9 @@ only where that is less than the dense path's (whose ragged parts run at their l
 long sequence in a batch of short ones sets ``m`` for all). Beyond the gathered scores, the
 bias and masks (``[B, H, Lq, m * block_k]``) are built whole, not by chunks.
 
-Dropout keeps the dense path: its Philox bits are drawn at the caller's (row, key)
-coordinates, which the gathered problem does not have.
+Dropout draws the caller's Philox bits: per chunk of rows, the mask of those rows of every
+query block over all keys (the compiled CPU kernel; no matrix work), gathered at the kept
+positions.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 
 import torch
 
+from .._philox import dropout_keep_mask
 from .._validation import values_unreadable
 from ..reference import compute_dtype
 
@@ -33,7 +35,7 @@ def worthwhile(p, block_mask, dense_work: int) -> int | None:
     (query, key) pairs than ``dense_work``, the dense path's (ragged parts counted at their
     lengths), else None: the dense path runs it."""
     B, H, Lq, Lk, _, _ = p.dims
-    if (p.q.device.type != "cpu" or p.dropout_p > 0.0 or min(B, H, Lq, Lk) == 0
+    if (p.q.device.type != "cpu" or min(B, H, Lq, Lk) == 0
             or any(values_unreadable(t) for t in (p.q, p.k, block_mask))):
         return None
     m = max(1, int(block_mask.sum(-1).max()))  # a host read: CPU tensors only
@@ -89,8 +91,17 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
 
     heads = tuple(range(H)) if p.weight_heads is None else tuple(p.weight_heads)
     sub_heads = tuple(h * nqb + i for h in heads for i in range(nqb))
+    def dropper(rows):  # rows of the gathered problem -> [B, H * nqb, len(rows), M], True = dropped
+        at = (torch.arange(nqb, device=dev)[:, None] * bq + rows.to(dev)[None, :]).reshape(-1)
+        dense = dropout_keep_mask(p.dropout_seed, p.dropout_p, batch=B, heads=H, rows=at, cols=Lk,
+                                  direction=p.direction, device=dev, dropped=True)
+        R = len(rows)
+        return dense.view(B, H, nqb, R, Lk).gather(-1, pos_c[:, :, :, None, :].expand(B, H, nqb, R, M)).view(
+            B, H * nqb, R, M)
+
     sub_cfg = cfg._replace(
         block_q=0, block_k=0, is_causal=False, causal_shift=0, row0=0, batch_ids=None,
+        dropper=dropper if p.dropout_p > 0.0 else None,
         need_weights="full" if p.need_weights else None,
         weight_heads=None if sub_heads == tuple(range(H * nqb)) else sub_heads,
     )

@@ -18,11 +18,10 @@ METHOD = (
 )
 
 PRUNING_NOTE = (
-    "Without dropout (`fwd` rows: inference) the `torch` backend runs a pruned call over the kept key "
-    "blocks only (matrix work in proportion to `keep`, plus the block selection and the gathers); "
-    "with dropout (`fwd+bwd` rows train with it) it computes every key block and masks the pruned ones, "
-    "so those rows cost about as much as dense ones whatever `keep` is (their differences are noise "
-    "within the intervals shown). The GPU kernels skip pruned blocks in both."
+    "The `torch` backend runs a pruned call over the kept key blocks only (matrix work in proportion "
+    "to `keep`), on an unfused path (gathers, an additive mask, a backward that recomputes the logits) "
+    "plus the block selection: at keep=0.5 that costs about as much as the dense layer or more, below "
+    "it less. The GPU kernels skip pruned blocks too."
 )
 
 
