@@ -262,7 +262,8 @@ def select_blocks_reference(
         # The epsilon keeps ceil() exact where keep * n is an integer in decimal (0.3 * 10).
         n_keep = torch.ceil(pruning.keep * n_valid.double() - 1e-9).long()
     else:
-        probs = torch.softmax(sorted_sb.double(), dim=-1).nan_to_num(0.0)
+        wide = torch.float32 if sorted_sb.device.type == "mps" else torch.float64  # MPS has no float64
+        probs = torch.softmax(sorted_sb.to(wide), dim=-1).nan_to_num(0.0)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the better blocks
         n_keep = (before < mass_threshold(pruning.mass)).sum(-1)
     n_keep = torch.minimum(n_keep.clamp(min=pruning.min_blocks), n_valid)

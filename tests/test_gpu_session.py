@@ -65,6 +65,6 @@ def test_merge_bench_keeps_failures_and_each_runs_environment(tmp_path):
     assert merged["failed"] == {"flex on seed000 fwd": "RuntimeError: boom"}
     assert [r["run"] for r in merged["rows"]] == [0, 0, 1, 1]
     assert [r["commit"] for r in merged["runs"]] == ["abc123", None]
-    assert merged["environment"]["commit"] == "abc123, None"
+    assert merged["environment"]["commit"] == "abc123, unknown"
     md = (tmp_path / "merged.md").read_text()
     assert "**Failed**" in md and "flex on seed000 fwd: RuntimeError: boom" in md

@@ -194,11 +194,18 @@ def test_ragged_batches_keep_the_cheaper_path(gathered):
     assert gathered == [] and pruned <= dense * 1.01  # the block selection's few FLOPs on top
 
 
-def test_tracing_and_dense_selections_keep_the_dense_path(gathered):
+def test_tracing_dense_selections_and_big_temporaries_keep_the_dense_path(gathered, monkeypatch):
     q, k, v = make_qkv(1, 2, 40, 128, 8)
     pruning = BlockPruning(block_q=16, block_k=16, top_k=2)
     out, _ = crossattn.cross_attention(q.to("meta"), k.to("meta"), v.to("meta"), prune=pruning)
-    assert out.shape == q.shape
+    assert out.shape == q.shape and out.device.type == "meta"
     # Everything kept: gathering would save nothing.
     crossattn.cross_attention(q, k, v, prune=BlockPruning(block_q=16, block_k=16, keep=1.0))
     assert gathered == []
+    # The gathered call's whole-call temporaries (~30 KiB here) past four chunk budgets.
+    monkeypatch.setenv("CROSSATTN_TORCH_CHUNK_MB", str(4 / 1024))
+    crossattn.cross_attention(q, k, v, prune=pruning)
+    assert gathered == []
+    monkeypatch.setenv("CROSSATTN_TORCH_CHUNK_MB", str(64 / 1024))
+    crossattn.cross_attention(q, k, v, prune=pruning)
+    assert gathered == [1]

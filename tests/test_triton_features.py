@@ -203,15 +203,20 @@ def test_a_call_on_cuda_tensors_never_waits_for_the_gpu():
     q, k, v = (torch.randn(2, 4, n, 64, generator=g).to("cuda", torch.float16).requires_grad_()
                for n in (100, 300, 300))
     bias = torch.randn(1, 4, 1, 300, generator=g).to("cuda", torch.float16)
-    crossattn.cross_attention(q, k, v, backend="triton")  # compiles outside the checked region
+    cases = (dict(kv_lengths=[300, 180], dropout_p=0.1, need_weights="mean", weight_heads=[1, 3]),
+             dict(prune=BlockPruning(block_q=64, block_k=64, keep=0.5), return_aux=LSE, attn_bias=bias),
+             dict(is_causal=True, need_weights="full", temperature=torch.full((4,), 0.7, device="cuda")))
+
+    def run(kw):
+        res = crossattn.cross_attention(q, k, v, backend="triton", **kw)
+        (res[0].float().sum() + (res[1].float().sum() if res[1] is not None else 0.0)).backward()
+
+    for kw in cases:  # compiles every variant outside the checked region
+        run(kw)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for kw in (dict(kv_lengths=[300, 180], dropout_p=0.1, need_weights="mean", weight_heads=[1, 3]),
-                   dict(prune=BlockPruning(block_q=64, block_k=64, keep=0.5), return_aux=LSE, attn_bias=bias),
-                   dict(is_causal=True, need_weights="full", temperature=torch.full((4,), 0.7, device="cuda"))):
-            res = crossattn.cross_attention(q, k, v, backend="triton", **kw)
-            loss = res[0].float().sum() + (res[1].float().sum() if res[1] is not None else 0.0)
-            loss.backward()
+        for kw in cases:
+            run(kw)
     finally:
         torch.cuda.set_sync_debug_mode(0)

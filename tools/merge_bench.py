@@ -21,7 +21,7 @@ def merge(folders: list[Path]) -> dict | None:
     # Each run keeps its own environment (date, load, commit); a row names its run. The header
     # shows the first run's, with every distinct commit when they differ.
     env = dict(parts[0]["environment"])
-    commits = list(dict.fromkeys(str(p["environment"].get("commit")) for p in parts))
+    commits = list(dict.fromkeys(p["environment"].get("commit") or "unknown" for p in parts))
     if len(commits) > 1:
         env["commit"] = ", ".join(commits)
     merged = {"environment": env, "runs": [p["environment"] for p in parts], "peaks": parts[0]["peaks"],

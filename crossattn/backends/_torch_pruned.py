@@ -22,25 +22,38 @@ positions.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .._philox import dropout_keep_mask
 from .._validation import values_unreadable
 from ..reference import compute_dtype
+from ._torch_common import _DEFAULT_CHUNK_MB
+
+# The gathered problem's bias, masks and copies of the kept keys and values are built for the
+# whole call (not by chunks): at most this many chunk budgets, else the dense path.
+_BUDGETS = 4
 
 
 def worthwhile(p, block_mask, dense_work: int) -> int | None:
     """``m`` (kept key blocks per query block, at most) where the gathered problem has fewer
     (query, key) pairs than ``dense_work``, the dense path's (ragged parts counted at their
-    lengths), else None: the dense path runs it."""
-    B, H, Lq, Lk, _, _ = p.dims
+    lengths), and its whole-call temporaries (bias and mask per pair, the gathered keys and
+    values) fit ``_BUDGETS`` chunk budgets; else None: the dense path runs it."""
+    B, H, Lq, Lk, D, Dv = p.dims
     if (p.q.device.type != "cpu" or min(B, H, Lq, Lk) == 0
             or any(values_unreadable(t) for t in (p.q, p.k, block_mask))):
         return None
     m = max(1, int(block_mask.sum(-1).max()))  # a host read: CPU tensors only
-    nqb = block_mask.shape[2]
-    return m if B * nqb * p.pruning.block_q * m * p.pruning.block_k < dense_work else None
+    nqb, M = block_mask.shape[2], m * p.pruning.block_k
+    pairs = B * H * nqb * p.pruning.block_q * M
+    ct_bytes = torch.finfo(compute_dtype(p.q.dtype)).bits // 8
+    temporaries = pairs * (ct_bytes + 2) + B * H * nqb * M * (D + Dv) * p.q.element_size()
+    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    if pairs // H >= dense_work or temporaries > _BUDGETS * budget:
+        return None
+    return m
 
 
 def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):

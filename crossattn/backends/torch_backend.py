@@ -25,8 +25,8 @@ backend must be at least as fast as the code users would otherwise write):
 
 On CPU tensors every path skips the keys past each row's last valid key, the query rows
 past its last valid query and the keys above the causal diagonal: ``_torch_skip`` runs the
-call by parts at their real lengths (issue 16); a pruned call (without dropout) runs over the
-kept key blocks only (``_torch_pruned``).
+call by parts at their real lengths (issue 16); a pruned call runs over the kept key blocks
+only (``_torch_pruned``) where that is less work and its temporaries fit a few chunk budgets.
 """
 from __future__ import annotations
 
