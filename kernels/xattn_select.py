@@ -187,8 +187,10 @@ def _grid(tiles: int, slabs: int, *rest: int) -> tuple:
     return (programs, 1, *rest)
 
 
-def _block_r(block: int) -> int:
-    return min(block, 64)
+def _block_r(block: int, block_d: int) -> int:
+    """Rows per step of the pool kernel: a [rows, BLOCK_D] tile of at most 4096 elements (32 fp32
+    registers a thread at 4 warps); 64 x 128 spilled on sm_90 (float32, unaligned rows)."""
+    return min(block, max(16, 4096 // block_d))
 
 
 def block_means(x, valid, block):
@@ -199,10 +201,10 @@ def block_means(x, valid, block):
     count = torch.empty(B * H, nb, device=x.device, dtype=torch.float32)
     if nb and B * H:
         valid_u8 = valid.to(torch.uint8).contiguous() if valid is not None else mean
+        block_d = max(16, triton.next_power_of_2(D))
         _xattn_pool_kernel[_grid(nb, B * H)](
             x, valid_u8, mean, count, L, nb, H, D, *x.stride(), block,
-            HAS_VALID=valid is not None, BLOCK_R=_block_r(block),
-            BLOCK_D=max(16, triton.next_power_of_2(D)),
+            HAS_VALID=valid is not None, BLOCK_R=_block_r(block, block_d), BLOCK_D=block_d,
         )
     return mean, count
 
