@@ -47,11 +47,11 @@ def worthwhile(p, block_mask, dense_work: int) -> int | None:
         return None
     m = max(1, int(block_mask.sum(-1).max()))  # a host read: CPU tensors only
     nqb, M = block_mask.shape[2], m * p.pruning.block_k
-    pairs = B * H * nqb * p.pruning.block_q * M
+    pairs = B * nqb * p.pruning.block_q * M  # per head, as dense_work
     ct_bytes = torch.finfo(compute_dtype(p.q.dtype)).bits // 8
-    temporaries = pairs * (ct_bytes + 2) + B * H * nqb * M * (D + Dv) * p.q.element_size()
+    temporaries = H * (pairs * (ct_bytes + 2) + B * nqb * M * (D + Dv) * p.q.element_size())
     budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
-    if pairs // H >= dense_work or temporaries > _BUDGETS * budget:
+    if pairs >= dense_work or temporaries > _BUDGETS * budget:
         return None
     return m
 
@@ -81,8 +81,9 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     flat = ((torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(H, device=dev) // (H // Hkv))[..., None, None]
             * Lk + pos_c).reshape(-1)
     zero = ~key_ok.view(B, H * nqb, M, 1)
-    kg = p.k.reshape(B * Hkv * Lk, D).index_select(0, flat).view(B, H * nqb, M, D).masked_fill(zero, 0.0)
-    vg = p.v.reshape(B * Hkv * Lk, Dv).index_select(0, flat).view(B, H * nqb, M, Dv).masked_fill(zero, 0.0)
+    # (in place: index_select's result is fresh, and its backward does not read it)
+    kg = p.k.reshape(B * Hkv * Lk, D).index_select(0, flat).view(B, H * nqb, M, D).masked_fill_(zero, 0.0)
+    vg = p.v.reshape(B * Hkv * Lk, Dv).index_select(0, flat).view(B, H * nqb, M, Dv).masked_fill_(zero, 0.0)
     q = p.q if query_valid is None else p.q.masked_fill(~query_valid[:, None, :, None], 0.0)
     qg = torch.nn.functional.pad(q, (0, 0, 0, Lqp - Lq)).reshape(B, H * nqb, bq, D)
 
@@ -178,6 +179,4 @@ def _gather_bias(bias, pos_c, Lq, nqb, bq):
     hi = torch.arange(h1, device=dev).view(1, -1, 1, 1, 1) if h1 > 1 else zero
     ri = torch.arange(nqb * bq, device=dev).clamp_(max=Lq - 1).view(1, 1, nqb, bq, 1) if q1 > 1 else zero
     ki = pos_c[:, :, :, None, :] if k1 > 1 else zero
-    if b1 == 1 and h1 == 1 and q1 == 1 and k1 == 1:
-        return bias.view(1, 1, 1, 1, 1)
-    return bias[bi, hi, ri, ki]
+    return bias[bi, hi, ri, ki]  # 0-d for a [1, 1, 1, 1] bias: it broadcasts all the same
