@@ -8,6 +8,7 @@ float32 with the float32 tolerances of tests/conftest.py."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -137,11 +138,13 @@ def test_llama_decoding_with_a_cache(name, kernel_calls):
     """One step with a cache (Lq = 1 < Lk) and a chunk of 3 (bottom-right causality)."""
     eager, ours = pair(transformers.LlamaModel, llama_config(), name, torch.float32)
     ids = torch.randint(1, 99, (2, 10), generator=torch.Generator().manual_seed(4))
+    # transformers 5.25 renamed past_key_values to cache (the old name deprecated)
+    key = "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
     with torch.no_grad():
         for model in (eager, ours):
-            cache = model(input_ids=ids[:, :6], use_cache=True).past_key_values
-            step = model(input_ids=ids[:, 6:9], past_key_values=cache, use_cache=True)
-            last = model(input_ids=ids[:, 9:], past_key_values=step.past_key_values)
+            cache = model(input_ids=ids[:, :6], use_cache=True)[key]
+            step = model(input_ids=ids[:, 6:9], use_cache=True, **{key: cache})
+            last = model(input_ids=ids[:, 9:], **{key: step[key]})
             model.result = (step.last_hidden_state, last.last_hidden_state)
     for a, b in zip(ours.result, eager.result):
         torch.testing.assert_close(a, b, **F32["tol"])

@@ -42,6 +42,29 @@ def test_kernels_are_the_crossattn_kernels_subpackage():
     assert Path(crossattn.kernels.__file__).parent.name == "kernels"
 
 
+def test_the_checkout_does_not_shadow_a_top_level_kernels_package(tmp_path):
+    # Hugging Face's `kernels` (imported by transformers >= 5 models) has the name of this
+    # checkout's Triton folder; Python run in the checkout (`python -m pytest`) finds the folder
+    # first. A stand-in package later on the path must be what `import kernels` gives.
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHO = 'the other kernels'\nfrom .sub import X\n")
+    (other / "sub.py").write_text("X = 42\n")
+    code = ("import sys, kernels; from kernels import X, WHO; import kernels.sub; "
+            "import crossattn.kernels.xattn_configs as c; "
+            "print(WHO, X, kernels.sub.__file__ != c.__file__, c.__name__)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["the", "other", "kernels", "42", "True", "crossattn.kernels.xattn_configs"]
+    # Without another package of the name, the folder stays importable as it was.
+    env = dict(os.environ, PYTHONPATH="")
+    res = subprocess.run([sys.executable, "-S", "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == ROOT / "kernels" / "__init__.py"
+
+
 def _can_build_wheels_offline() -> bool:
     try:
         import setuptools  # noqa: F401  (setuptools >= 70.1 carries bdist_wheel itself)
