@@ -15,34 +15,68 @@
 #include <pthread.h>
 #include <stdint.h>
 
-/* Eight 64-bit lanes holding 32-bit words: the compiler maps the products to vector 32x32->64
- * multiplies where the target has them and splits or scalarises the vectors where it has not. */
-typedef uint64_t u64x8 __attribute__((vector_size(64)));
-#define VL 8
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
-
-/* a * c for lanes < 2**32 and a constant c < 2**32: the full 64-bit product. The compiler cannot
- * tell that the high halves are zero and would emit a 64x64 multiply (vpmullq: 3 uops). */
-static inline u64x8 mul32(u64x8 a, uint64_t c) {
-#if defined(__AVX512F__)
-    return (u64x8)_mm512_mul_epu32((__m512i)a, _mm512_set1_epi64((long long)c));
-#elif defined(__AVX2__)
-    typedef uint64_t u64x4 __attribute__((vector_size(32)));
-    const __m256i cc = _mm256_set1_epi64x((long long)c);
-    u64x4 lo = {a[0], a[1], a[2], a[3]}, hi = {a[4], a[5], a[6], a[7]};
-    lo = (u64x4)_mm256_mul_epu32((__m256i)lo, cc);
-    hi = (u64x4)_mm256_mul_epu32((__m256i)hi, cc);
-    return (u64x8){lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
-#else
-    return a * c;
-#endif
-}
 #define NV 4             /* vectors per block */
-#define LANES (NV * VL)  /* counters per block */
+#define LANES (NV * 8)   /* counters per block */
 #define BLK (4 * LANES)  /* keys per block */
 #define MAX_THREADS 256
+
+#if defined(__AVX2__)
+/* 32-bit lanes, eight counters per register (the generic version below holds one 32-bit word
+ * per 64-bit lane and writes the words out one by one: ~10 ns a key on AVX2, this ~1).
+ * hi and lo of the 32x32 product: vpmuludq multiplies the even lanes; the odd ones shifted down. */
+static inline void mulhilo8(__m256i a, __m256i m, __m256i *hi, __m256i *lo) {
+    const __m256i even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+static inline void philox_block(uint32_t key0, uint32_t key1, uint32_t j0, uint32_t row, uint32_t bh,
+                                uint32_t dir, uint32_t *restrict w) {
+    const __m256i ma = _mm256_set1_epi32((int)0xD2511F53u), mb = _mm256_set1_epi32((int)0xCD9E8D57u);
+    const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i c0[NV], c1[NV], c2[NV], c3[NV];
+    for (int v = 0; v < NV; v++) {
+        c0[v] = _mm256_add_epi32(_mm256_set1_epi32((int)(j0 + (uint32_t)(v * 8))), step);
+        c1[v] = _mm256_set1_epi32((int)row);
+        c2[v] = _mm256_set1_epi32((int)bh);
+        c3[v] = _mm256_set1_epi32((int)dir);
+    }
+    uint32_t k0 = key0, k1 = key1;
+    for (int r = 0; r < 10; r++) {
+        const __m256i kv0 = _mm256_set1_epi32((int)k0), kv1 = _mm256_set1_epi32((int)k1);
+        for (int v = 0; v < NV; v++) {
+            __m256i hia, loa, hib, lob;
+            mulhilo8(c0[v], ma, &hia, &loa);
+            mulhilo8(c2[v], mb, &hib, &lob);
+            c0[v] = _mm256_xor_si256(_mm256_xor_si256(hib, c1[v]), kv0);
+            c2[v] = _mm256_xor_si256(_mm256_xor_si256(hia, c3[v]), kv1);
+            c1[v] = lob;
+            c3[v] = loa;
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    for (int v = 0; v < NV; v++) {  /* word k of counter n serves key 4 n + k: a 4 x 8 transpose */
+        const __m256i t0 = _mm256_unpacklo_epi32(c0[v], c1[v]), t1 = _mm256_unpackhi_epi32(c0[v], c1[v]);
+        const __m256i t2 = _mm256_unpacklo_epi32(c2[v], c3[v]), t3 = _mm256_unpackhi_epi32(c2[v], c3[v]);
+        const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        __m256i *o = (__m256i *)(w + 32 * v);  /* counters 8 v .. 8 v + 7 (w is 64-byte aligned) */
+        _mm256_store_si256(o + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+        _mm256_store_si256(o + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+        _mm256_store_si256(o + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+        _mm256_store_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+    }
+}
+#else
+/* Elsewhere: eight 64-bit lanes holding 32-bit words (the full 64-bit product in each lane);
+ * the compiler vectorises what the target allows. */
+typedef uint64_t u64x8 __attribute__((vector_size(64)));
+#define VL 8
+static inline u64x8 mul32(u64x8 a, uint64_t c) { return a * c; }
 
 static inline void philox_block(uint32_t key0, uint32_t key1, uint32_t j0, uint32_t row, uint32_t bh,
                                 uint32_t dir, uint32_t *restrict w) {
@@ -78,6 +112,7 @@ static inline void philox_block(uint32_t key0, uint32_t key1, uint32_t j0, uint3
             o[3] = (uint32_t)c3[v][l];
         }
 }
+#endif
 
 typedef struct {
     uint64_t seed, threshold, one;
@@ -191,16 +226,28 @@ int crossattn_philox_mask(uint64_t seed, uint64_t threshold, int dropped, const 
 }
 
 /* ------------------------------------------------------------------------------ softmax
- * float32 rows on 16-lane vectors (the compiler lowers them to AVX-512, AVX2, NEON or scalars).
+ * float32 rows on vectors of the target's register width (16 lanes on AVX-512, 8 on AVX, else 4:
+ * SSE, NEON or scalars). Wider than the registers, GCC lowers the comparisons and selects lane
+ * by lane: 16-lane vectors on AVX2 ran the softmax at ~5 ns a key, slower than torch's.
  * Torch runs the softmax, the dropout select and the softmax backward as 2 + 1 + 4 passes over
  * [B, H, Lq, Lk]; here each is one pass whose row stays in the L1/L2 cache between its loops. */
-typedef float f32v __attribute__((vector_size(64)));
-typedef int32_t i32v __attribute__((vector_size(64)));
-typedef uint32_t u32v __attribute__((vector_size(64)));
-typedef float f32u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
+#if defined(__AVX512F__)
 #define FL 16
+#elif defined(__AVX__)
+#define FL 8
+#else
+#define FL 4
+#endif
+typedef float f32v __attribute__((vector_size(4 * FL)));
+typedef int32_t i32v __attribute__((vector_size(4 * FL)));
+typedef uint32_t u32v __attribute__((vector_size(4 * FL)));
+typedef float f32u __attribute__((vector_size(4 * FL), aligned(4)));  /* unaligned loads and stores */
 
-static inline f32v splat(float x) { return (f32v){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline f32v splat(float x) {
+    f32v v;
+    for (int e = 0; e < FL; e++) v[e] = x;
+    return v;
+}
 static inline f32v select_v(i32v m, f32v a, f32v b) { return (f32v)((m & (i32v)a) | (~m & (i32v)b)); }
 
 /* max(a, b) lane by lane, b where either is NaN (x86's maxps; one instruction where there is one) */
@@ -336,13 +383,23 @@ static void softmax_rows(const void *arg, int64_t begin, int64_t end) {
         const uint32_t row = (uint32_t)a->drop.rows[t % a->nrows], ctr = (uint32_t)a->drop.bh[bh];
         const uint64_t thr = a->drop.threshold;
         const float ks = a->keep_scale;
+        /* a threshold of 2**32 (dropout_p = 1) drops every key: no 32-bit word reaches it */
+        const u32v tv = (u32v){0} + (uint32_t)(thr > 0xFFFFFFFFull ? 0xFFFFFFFFull : thr);
+        const i32v all = (i32v){0} - (int32_t)(thr > 0xFFFFFFFFull);
+        const f32v sv = splat(sum), kv = splat(ks), zero = splat(0.0f);
         for (int64_t c0 = 0; c0 < cols; c0 += BLK) {
             philox_block(key0, key1, (uint32_t)(c0 / 4), row, ctr, a->drop.dir, w);
-            const int64_t n = cols - c0 < BLK ? cols - c0 : BLK;
-            for (int64_t e = 0; e < n; e++) {
-                const float v = p[c0 + e] / sum;
-                p[c0 + e] = v;
-                pd[c0 + e] = (uint64_t)w[e] >= thr ? v * ks : 0.0f;
+            const int64_t n = cols - c0 < BLK ? cols - c0 : BLK, nv = n / FL * FL;
+            float *pr = p + c0, *pdr = pd + c0;
+            for (int64_t e = 0; e < nv; e += FL) {
+                const f32v v = *(f32u *)(pr + e) / sv;
+                *(f32u *)(pr + e) = v;
+                *(f32u *)(pdr + e) = select_v((i32v)(*(const u32v *)(w + e) >= tv) & ~all, v * kv, zero);
+            }
+            for (int64_t e = nv; e < n; e++) {
+                const float v = pr[e] / sum;
+                pr[e] = v;
+                pdr[e] = (uint64_t)w[e] >= thr ? v * ks : 0.0f;
             }
         }
     }

@@ -118,10 +118,12 @@ def test_the_library_is_cached_per_source_and_cpu(tmp_path):
 
 
 @needs_cc
-@pytest.mark.parametrize("flags", [["-O3", "-mavx2", "-mno-avx512f"], ["-O3", "-mno-avx2", "-mno-avx512f"], ["-O0"]],
-                         ids=["avx2", "no-avx2", "O0"])
+@pytest.mark.parametrize("flags", [["-O3", "-mavx2", "-mno-avx512f"], ["-O3", "-mavx", "-mno-avx2", "-mno-avx512f"],
+                                   ["-O3", "-mno-avx", "-mno-avx2", "-mno-avx512f"], ["-O0"]],
+                         ids=["avx2", "avx-no-avx2", "no-avx", "O0"])
 def test_every_vector_path_gives_the_same_bits(tmp_path, flags):
-    """The build of another machine: AVX2 only, no vector multiply, no optimisation."""
+    """The build of another machine: AVX2 (32-bit Philox lanes, 8-float vectors), AVX without
+    AVX2 (64-bit Philox lanes, 8 floats), neither (4 floats), no optimisation."""
     import ctypes
     import platform
     if platform.machine() not in ("x86_64", "AMD64"):
