@@ -299,7 +299,10 @@ def element_mask(
         qv = query_valid if rows is None else query_valid[:, rows]
         qv = qv[:, None, :, None]
         mask = qv if mask is None else mask & qv
-    if block_mask is not None:
+    if block_mask is not None and block_q == block_k == 1 and block_mask.shape[3] == lk:
+        bm = block_mask if rows is None else block_mask[:, :, rows.to(block_mask.device)]  # per element
+        mask = bm if mask is None else mask & bm
+    elif block_mask is not None:
         device = block_mask.device
         r = torch.arange(lq, device=device) if rows is None else rows.to(device)
         qi = (r // block_q)[:, None]

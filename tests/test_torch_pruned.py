@@ -11,9 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import crossattn
 from conftest import GRAD_TOL, TOL, make_qkv
-from crossattn import AuxRequest, BlockPruning
+from crossattn import AuxRequest, BlockPruning, _cpu_kernels
 from crossattn._philox import draw_dropout_seed
 from crossattn.backends import _torch_pruned
+from crossattn.backends._torch_saved_p import _SavedPAttention
 from crossattn.reference import attention_reference
 
 AUX = AuxRequest(lse=True, entropy=True, key_mass=True, top_k=3)
@@ -25,6 +26,15 @@ def gathered(monkeypatch):
     calls = []
     real = _torch_pruned.run
     monkeypatch.setattr(_torch_pruned, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.fixture
+def saved_p(monkeypatch):
+    """Counts the gathered problems that ran on the saved-P Function."""
+    calls = []
+    real = _SavedPAttention.apply
+    monkeypatch.setattr(_SavedPAttention, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
     return calls
 
 
@@ -67,7 +77,13 @@ CASES = {
                                need_weights="full", aux=AUX),
     "dropout_bias_mean": dict(dropout=0.5, bias=(1, 4, 1, 70), temperature=True, need_weights="mean",
                               weight_heads=(0, 2)),
+    # no statistics, bias or head subset: the saved-P Function, the masks as an element mask
+    "saved_p_gqa_causal_padding": dict(gqa=True, causal=True, key_pad=True, query_pad=True, need_weights="full"),
+    "saved_p_dropout_temperature_strided": dict(dropout=0.3, temperature=True, key_pad=True, strided=True,
+                                                need_weights="mean", rule=dict(keep=0.4)),
+    "saved_p_dropout_out_only": dict(dropout=0.2, lq=90, query_pad=True),
 }
+SAVED_P = {c for c in CASES if c.startswith("saved_p") or c == "plain"}
 
 
 def _build(case, dtype):
@@ -113,12 +129,26 @@ def _outputs(res):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kept_blocks_path_matches_the_reference(case, dtype, gathered):
+def test_kept_blocks_path_matches_the_reference(case, dtype, gathered, saved_p):
+    _check_against_reference(case, dtype, gathered, saved_p)
+
+
+@pytest.mark.parametrize("case", sorted(SAVED_P))
+def test_saved_p_route_without_the_compiled_kernels(case, gathered, saved_p, monkeypatch):
+    # float32 saved-P calls take the compiled softmax kernels; where they refuse (a dispatch
+    # mode, traced code), the torch-op versions must draw the same dropout bits.
+    monkeypatch.setattr(_cpu_kernels, "softmax", lambda *a, **k: False)
+    monkeypatch.setattr(_cpu_kernels, "softmax_backward", lambda *a, **k: False)
+    _check_against_reference(case, torch.float32, gathered, saved_p)
+
+
+def _check_against_reference(case, dtype, gathered, saved_p):
     q, k, v, kw = _build(case, dtype)
     leaves = [t.requires_grad_() for t in (q, k, v, kw.get("temperature"), kw.get("attn_bias")) if t is not None]
     torch.manual_seed(5)  # the dropout seed drawn at dispatch
     res = crossattn.cross_attention(q, k, v, backend="torch", **kw)
     assert gathered == [1]
+    assert len(saved_p) == (case in SAVED_P)
     torch.manual_seed(5)
     kw["dropout_seed"] = draw_dropout_seed() if kw["dropout_p"] else None
     ref = attention_reference(*(t.detach().double() for t in (q, k, v)), **{

@@ -5,15 +5,17 @@ On CPU tensors the block mask is on the host, so a pruned call becomes a dense p
 the kept blocks: query block ``qb`` of head ``h`` is a head ``h * nqb + qb`` of its own whose
 keys are the ``m`` key blocks it kept (``m`` = the most any query block kept; fewer are
 padded with masked slots), gathered in ascending order so that top-k ties still go to the
-lower key position. Padding, causality and the slots' validity travel as ``-inf`` filled
-into a bias (per head and row: no ``[B, Lk]`` mask can say them) that holds the caller's
-bias gathered; the gathered keys and values of masked slots and padded query rows are zeroed
-(padding may hold NaN). ``_ChunkedAttention`` runs it; outputs scatter back to the caller's
+lower key position. Padding, causality and the slots' validity are per head and row (no
+``[B, Lk]`` mask can say them): the core takes them as an element mask (the saved-P Function,
+where the whole problem could take it: no statistics, bias or head subset) or as ``-inf``
+filled into a bias that holds the caller's bias gathered (``_ChunkedAttention``); the
+gathered keys and values of masked slots and padded query rows are zeroed (padding may hold
+NaN). Outputs scatter back to the caller's
 coordinates (weights, key mass and top-k positions by the gathered key positions). The
 matrix work is ``B * H * Lq * m * block_k`` instead of ``B * H * Lq * Lk``; the path is taken
 only where that is less than the dense path's (whose ragged parts run at their lengths: one
 long sequence in a batch of short ones sets ``m`` for all). Beyond the gathered scores, the
-bias and masks (``[B, H, Lq, m * block_k]``) are built whole, not by chunks.
+masks and bias (``[B, H, Lq, m * block_k]``) are built whole, not by chunks.
 
 Dropout draws the caller's Philox bits: per chunk of rows, the mask of those rows of every
 query block over all keys (the compiled CPU kernel; no matrix work), gathered at the kept
@@ -57,13 +59,15 @@ def worthwhile(p, block_mask, dense_work: int) -> int | None:
 
 
 def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
-    """``core(q, k, v, temperature, bias, cfg)`` on the gathered problem (``_ChunkedAttention``);
-    returns ``(out, weights, lse, entropy, key_mass, top-k values, top-k indices)`` of ``p``."""
+    """``core(q, k, v, temperature, bias, ok, cfg)`` on the gathered problem (``bias``: the
+    caller's at each (head, query block, row, slot), broadcastable to ``[B, H, nqb, bq, M]``,
+    or None; ``ok`` bool ``[B, H * nqb, bq, M]``, the pairs that attend); returns ``(out,
+    weights, lse, entropy, key_mass, top-k values, top-k indices)`` of ``p``."""
     B, H, Lq, Lk, D, Dv = p.dims
     Hkv, bq, bk = p.kv_heads, p.pruning.block_q, p.pruning.block_k
     nqb, nkb = block_mask.shape[2], block_mask.shape[3]
     M, Lqp = m * bk, nqb * bq
-    dev, ct = p.q.device, compute_dtype(p.q.dtype)
+    dev = p.q.device
 
     # Kept blocks first, in ascending order (a stable sort of "not kept"); slots past a row's
     # count point at the dummy block nkb. pos: each slot's key position (Lk: none).
@@ -77,20 +81,20 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     if key_valid is not None:
         key_ok &= key_valid.gather(1, pos_c.reshape(B, -1)).view(B, H, nqb, M)
 
-    # Keys and values of each (head, query block), without expanding grouped heads first.
-    flat = ((torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(H, device=dev) // (H // Hkv))[..., None, None]
-            * Lk + pos_c).reshape(-1)
-    zero = ~key_ok.view(B, H * nqb, M, 1)
-    # (in place: index_select's result is fresh, and its backward does not read it)
-    kg = p.k.reshape(B * Hkv * Lk, D).index_select(0, flat).view(B, H * nqb, M, D).masked_fill_(zero, 0.0)
-    vg = p.v.reshape(B * Hkv * Lk, Dv).index_select(0, flat).view(B, H * nqb, M, Dv).masked_fill_(zero, 0.0)
+    # Keys and values of each (head, query block), without expanding grouped heads first;
+    # masked slots zeroed (they read key Lk - 1, or padding that may hold NaN: 0 * NaN is NaN
+    # in P @ v and dS @ k), in place -- index_select's result is fresh and its backward does
+    # not read it.
+    kv_head = torch.arange(H, device=dev) // (H // Hkv)
+    bad = (~key_ok).reshape(-1).nonzero().squeeze(1)  # a host read: CPU tensors only
+    kg, vg = (_gather_rows(t, kv_head, pos_c).index_fill_(0, bad, 0.0).view(B, H * nqb, M, t.shape[-1])
+              for t in (p.k, p.v))
     q = p.q if query_valid is None else p.q.masked_fill(~query_valid[:, None, :, None], 0.0)
     qg = torch.nn.functional.pad(q, (0, 0, 0, Lqp - Lq)).reshape(B, H * nqb, bq, D)
 
     # Which (row, slot) pairs attend: the slot's key is valid, the row is a valid query, and
-    # the key is on or below the causal diagonal; as a bias, the caller's gathered and -inf
-    # filled in (not added: padding may hold NaN, and NaN - inf is NaN). Padded query rows
-    # are zeroed above for the same reason.
+    # the key is on or below the causal diagonal (the core makes them an element mask, or
+    # -inf filled into the bias). Padded query rows are zeroed above (they may hold NaN).
     rows = torch.arange(Lqp, device=dev).view(nqb, bq, 1)
     row_ok = rows < Lq
     if query_valid is not None:
@@ -98,10 +102,7 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     ok = key_ok[:, :, :, None, :] & row_ok
     if p.is_causal:
         ok = ok & (pos[:, :, :, None, :] <= rows + (Lk - Lq))
-    if p.attn_bias is None:
-        bias = torch.zeros(ok.shape, dtype=ct, device=dev).masked_fill_(~ok, -math.inf)
-    else:
-        bias = _gather_bias(p.attn_bias, pos_c, Lq, nqb, bq).to(ct).expand(ok.shape).masked_fill(~ok, -math.inf)
+    bias = None if p.attn_bias is None else _gather_bias(p.attn_bias, pos_c, Lq, nqb, bq)
 
     heads = tuple(range(H)) if p.weight_heads is None else tuple(p.weight_heads)
     sub_heads = tuple(h * nqb + i for h in heads for i in range(nqb))
@@ -121,7 +122,7 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     )
     if temp is not None and temp.numel() > 1:
         temp = temp.reshape(-1).repeat_interleave(nqb)  # per head -> per (head, query block)
-    out, w, lse, ent, mass, top_v, top_i = core(qg, kg, vg, temp, bias.view(B, H * nqb, bq, M), sub_cfg)
+    out, w, lse, ent, mass, top_v, top_i = core(qg, kg, vg, temp, bias, ok.view(B, H * nqb, bq, M), sub_cfg)
 
     out = out.reshape(B, H, Lqp, Dv)[:, :, :Lq].contiguous()
     weights = out.new_empty(0)
@@ -150,6 +151,29 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
         at = pos_c.gather(-1, ti.clamp(min=0))
         top_i = torch.where(ti >= 0, at, -1).view(B, H, Lqp, k)[:, :, :Lq].contiguous()
     return out, weights, lse, ent, mass, top_v, top_i
+
+
+def _gather_rows(t: torch.Tensor, heads: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``t[b, heads[h], pos[b, h, ...]]`` of ``t [B, Hkv, Lk, X]`` as ``[N, X]``, by one
+    index_select over a 2-D view of ``t`` where its layout has one (contiguous, or a head-split
+    projection ``[B, Lk, Hkv, X]`` seen as ``[B, Hkv, Lk, X]``), else over a copy."""
+    B, Hkv, Lk, X = t.shape
+    b = torch.arange(B, device=t.device).view(-1, *([1] * (pos.dim() - 1)))
+    h = heads.view(1, -1, *([1] * (pos.dim() - 2)))
+    if t.transpose(1, 2).is_contiguous():  # [B, Lk, Hkv, X] in memory
+        return t.transpose(1, 2).reshape(B * Lk * Hkv, X).index_select(0, ((b * Lk + pos) * Hkv + h).reshape(-1))
+    return t.reshape(B * Hkv * Lk, X).index_select(0, ((b * Hkv + h) * Lk + pos).reshape(-1))
+
+
+def filled_bias(bias, ok, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The chunked core's bias ``[B, H * nqb, bq, M]``: the caller's gathered ``bias`` (or 0)
+    with ``-inf`` filled in where ``ok`` is False -- filled, not added: padding may hold NaN,
+    and NaN - inf is NaN."""
+    if bias is None:
+        return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, -math.inf)
+    B, HN, bq, M = ok.shape
+    shape = (B, heads, HN // heads, bq, M)
+    return bias.to(dtype).expand(shape).masked_fill(~ok.view(shape), -math.inf).view(ok.shape)
 
 
 def _scatter_rows(target, src, idx):

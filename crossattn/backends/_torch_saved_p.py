@@ -15,7 +15,17 @@ import torch
 from .. import _cpu_kernels
 from .._philox import _bh_counters, dropout_keep_mask, dropout_threshold
 from ..reference import compute_dtype
-from ._torch_common import _batch_ids, _coef, _dropout_scale, _grouped, _head_mean, _pair_mask, _ungrouped, chunk_rows
+from ._torch_common import (
+    _batch_ids,
+    _coef,
+    _drop,
+    _dropout_scale,
+    _grouped,
+    _head_mean,
+    _pair_mask,
+    _ungrouped,
+    chunk_rows,
+)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,9 +107,12 @@ class _SavedPAttention(torch.autograd.Function):
                 weights[:, :, sl] = p
             pd = p
             if dropout:  # P * keep (in the logits' buffer: no fresh [B, H, rows, Lk] allocation)
-                pd = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
-                                       direction=cfg.direction, device=q.device,
-                                       batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s, probs=p)
+                if cfg.dropper is not None:  # the gathered problem's: the caller's bits
+                    pd = s.copy_(p).masked_fill_(cfg.dropper(r), 0.0)
+                else:
+                    pd = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=r, cols=Lk,
+                                           direction=cfg.direction, device=q.device,
+                                           batch_ids=_batch_ids(cfg, q.device), dtype=wt, out=s, probs=p)
                 if whole:
                     dropped = pd
                 else:
@@ -264,11 +277,14 @@ def _fused_forward(q, k, v, key_valid, query_valid, block_mask, seed, cfg, coefs
     weights = q.new_empty(B, H, Lq, Lk) if dropout else s  # P over the logits, or PD there and P fresh
     dropped = s if dropout else None
     batch_ids = _batch_ids(cfg, q.device)
-    if not _cpu_kernels.softmax(s, weights, coefs, heads=H, pd=dropped, keep_scale=_dropout_scale(cfg.dropout_p),
-                                seed=seed if dropout else 0, threshold=dropout_threshold(cfg.dropout_p) if dropout
-                                else 0, direction=cfg.direction, bh=_bh_counters(B, H, batch_ids, q.device).flatten(),
-                                rows=r):
-        weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, batch_ids, r)  # refused (a dispatch mode's)
+    drops = dropout and cfg.dropper is None  # the kernel draws the bits (else the gathered problem's, below)
+    if not _cpu_kernels.softmax(s, weights, coefs, heads=H, pd=dropped if drops else None,
+                                keep_scale=_dropout_scale(cfg.dropout_p), seed=seed if drops else 0,
+                                threshold=dropout_threshold(cfg.dropout_p) if drops else 0, direction=cfg.direction,
+                                bh=_bh_counters(B, H, batch_ids, q.device).flatten(), rows=r):
+        weights, dropped = _fused_softmax_ops(s, coefs, cfg, seed, r)  # refused (a dispatch mode's)
+    elif dropout and not drops:
+        dropped = torch.mul(weights, _dropout_scale(cfg.dropout_p), out=s).masked_fill_(cfg.dropper(r), 0.0)
     pd = weights if dropped is None else dropped  # PD carries the dropout scale
     if strided:
         out = _mm(pd, v, _like(q, Dv))
@@ -323,16 +339,15 @@ def _fused_backward(ctx, d_out, d_weights):
     return dq, dk, torch.zeros_like(v) if dv is None else dv, d_temp, None, None, None, None, None, None
 
 
-def _fused_softmax_ops(s, coefs, cfg, seed, batch_ids, rows):
+def _fused_softmax_ops(s, coefs, cfg, seed, rows):
     """What the fused softmax kernel computes, in torch ops: ``(P, PD or None)``."""
     B, H, _, Lk = s.shape
     z = torch.where(s == -math.inf, s, s * coefs.reshape(1, -1, 1, 1))
     p = torch.softmax(z, -1).masked_fill((z == -math.inf).all(-1, keepdim=True), 0.0)  # no key: 0
     if cfg.dropout_p <= 0:
         return p, None
-    keep = dropout_keep_mask(seed, cfg.dropout_p, batch=B, heads=H, rows=rows, cols=Lk, direction=cfg.direction,
-                             device=s.device, batch_ids=batch_ids, dtype=p.dtype)
-    return p, p * keep * _dropout_scale(cfg.dropout_p)
+    drop = _drop(seed, cfg, B, H, rows, Lk, s.device)  # the caller's Philox bits (or the gathered problem's)
+    return p, (p * _dropout_scale(cfg.dropout_p)).masked_fill_(drop, 0.0)
 
 
 def _fused_softmax_backward_ops(p, coefs, dp, pd, dw, dw_scale):

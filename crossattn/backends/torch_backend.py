@@ -205,6 +205,30 @@ class _ChunkedAttention(torch.autograd.Function):
         )
 
 
+def _pruned_core(p: AttentionProblem, block_mask: torch.Tensor, m: int):
+    """The core of ``_torch_pruned``'s gathered problem: the saved-P Function where the whole
+    problem could take it (no statistics, bias or head subset) and the gathered ``P`` fits its
+    budget -- the pairs that attend as an element mask (a block mask of 1 x 1 blocks) --, else
+    the chunked Function with the masks as ``-inf`` in a bias."""
+    B, H, _, _, _, _ = p.dims
+    pairs = B * H * block_mask.shape[2] * p.pruning.block_q * m * p.pruning.block_k
+    per_score = p.q.element_size() * (2 if p.dropout_p > 0 else 1)  # P and the dropped-out PD
+    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    saves_p = (p.aux is None and p.attn_bias is None and p.weight_heads is None
+               and (p.need_weights == "full" or pairs * per_score <= _SAVED_P_CHUNKS * budget))
+
+    def core(q, k, v, temperature, bias, ok, cfg):
+        if saves_p:
+            train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, temperature))
+            out, weights = _SavedPAttention.apply(q, k, v, temperature, None, None, ok, p.dropout_seed,
+                                                  cfg._replace(block_q=1, block_k=1), train)
+            none = q.new_empty(0)
+            return out, weights, none, none, none, none, none
+        bias = _torch_pruned.filled_bias(bias, ok, H, compute_dtype(q.dtype))
+        return _ChunkedAttention.apply(q, k, v, temperature, bias, None, None, None, p.dropout_seed, cfg)
+    return core
+
+
 def _top_k(p, s, k, dtype):
     """The ``k`` largest weights of each row and their key positions, ties to the lower index;
     value 0 and index -1 past the row's attended keys."""
@@ -349,8 +373,7 @@ class TorchBackend(Backend):
                 * (pt.rows.stop - pt.rows.start) * pt.keys for pt in parts)
             m = _torch_pruned.worthwhile(p, block_mask, dense_work)
         if m is not None:  # the kept key blocks only
-            res = _torch_pruned.run(p, cfg, block_mask, m, key_valid, query_valid, temp, lambda q, k, v, t, bias, c: (
-                _ChunkedAttention.apply(q, k, v, t, bias, None, None, None, p.dropout_seed, c)))
+            res = _torch_pruned.run(p, cfg, block_mask, m, key_valid, query_valid, temp, _pruned_core(p, block_mask, m))
         elif parts is None:
             res = core(p.q, p.k, p.v, p.attn_bias, key_valid, query_valid, block_mask, cfg)
         else:
