@@ -16,17 +16,29 @@ if __name__ == "kernels":
         import importlib.util
         import os
 
-        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        rest = [p for p in _sys.path if os.path.abspath(p or os.curdir) != checkout]
+        # Folders already passed over: this checkout by its real path (a symlink or a second
+        # spelling on sys.path is the same folder) and, when another checkout's copy of this
+        # file gave way to this one, that one's (each would hand over to the other forever).
+        skip = set(globals().get("__crossattn_passed_over__", ()))
+        skip.add(os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        rest = [p for p in _sys.path if os.path.realpath(p or os.curdir) not in skip]
         spec = importlib.machinery.PathFinder.find_spec("kernels", rest)
         if spec is None or spec.loader is None:
             return  # no other: this folder stays what `import kernels` finds (nothing uses it so)
         module = importlib.util.module_from_spec(spec)
+        module.__crossattn_passed_over__ = frozenset(skip)  # read by a copy of this file, if that is it
         _sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
+        # Marked as initialising, as the import system marks what it runs: another thread
+        # importing `kernels` meanwhile waits for this import instead of taking a half-run module.
+        spec._initializing = True
         try:
             spec.loader.exec_module(module)
         except BaseException:
-            del _sys.modules["kernels"]
+            _sys.modules.pop("kernels", None)
             raise
+        finally:
+            spec._initializing = False
+        if "__crossattn_passed_over__" in module.__dict__ and _sys.modules.get("kernels") is module:
+            del module.__crossattn_passed_over__  # not ours: leave no trace in it
 
     _give_way()

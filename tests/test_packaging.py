@@ -45,22 +45,29 @@ def test_kernels_are_the_crossattn_kernels_subpackage():
 def test_the_checkout_does_not_shadow_a_top_level_kernels_package(tmp_path):
     # Hugging Face's `kernels` (imported by transformers >= 5 models) has the name of this
     # checkout's Triton folder; Python run in the checkout (`python -m pytest`) finds the folder
-    # first. A stand-in package later on the path must be what `import kernels` gives.
-    other = tmp_path / "site" / "kernels"
-    other.mkdir(parents=True)
-    (other / "__init__.py").write_text("WHO = 'the other kernels'\nfrom .sub import X\n")
-    (other / "sub.py").write_text("X = 42\n")
-    code = ("import sys, kernels; from kernels import X, WHO; import kernels.sub; "
-            "import crossattn.kernels.xattn_configs as c; "
-            "print(WHO, X, kernels.sub.__file__ != c.__file__, c.__name__)")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["the", "other", "kernels", "42", "True", "crossattn.kernels.xattn_configs"]
+    # first. A stand-in package later on the path must be what `import kernels` gives -- also
+    # when the checkout is on the path twice (a symlink) or another checkout's copy of the
+    # folder comes first (each copy must not hand over to the other forever).
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("WHO = 'the other kernels'\nfrom .sub import X\n")
+    (site / "kernels" / "sub.py").write_text("X = 42\n")
+    (tmp_path / "link").symlink_to(ROOT, target_is_directory=True)
+    (tmp_path / "copy" / "kernels").mkdir(parents=True)
+    shutil.copy(ROOT / "kernels" / "__init__.py", tmp_path / "copy" / "kernels" / "__init__.py")
+    code = ("import kernels, kernels.sub; from kernels import X, WHO; import crossattn.kernels.xattn_configs as c; "
+            "print(WHO == 'the other kernels', X, kernels.sub.__file__, c.__name__, "
+            "hasattr(kernels, '__crossattn_passed_over__'))")
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # '' (the checkout) first on sys.path
+    for before in ([], [tmp_path / "link"], [tmp_path / "copy"]):
+        env = dict(base, PYTHONPATH=os.pathsep.join(str(p) for p in [*before, site]))
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, (before, res.stderr[-2000:])
+        assert res.stdout.split() == ["True", "42", str(site / "kernels" / "sub.py"),
+                                      "crossattn.kernels.xattn_configs", "False"], before
     # Without another package of the name, the folder stays importable as it was.
-    env = dict(os.environ, PYTHONPATH="")
-    res = subprocess.run([sys.executable, "-S", "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-S", "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT,
+                         env=dict(base, PYTHONPATH=""), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()) == ROOT / "kernels" / "__init__.py"
 

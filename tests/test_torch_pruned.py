@@ -239,3 +239,26 @@ def test_tracing_dense_selections_and_big_temporaries_keep_the_dense_path(gather
     monkeypatch.setenv("CROSSATTN_TORCH_CHUNK_MB", str(64 / 1024))
     crossattn.cross_attention(q, k, v, prune=pruning)
     assert gathered == [1]
+
+
+def test_dropout_bits_are_drawn_within_the_chunk_budget(gathered, saved_p, monkeypatch):
+    # One kept 16-key block of 64 per query block: the gathered problem is 1/64 of the dense
+    # one, whose whole dropout mask ([B, H, Lq, Lk]) the draw must not allocate at once.
+    B, H, L, D = 1, 2, 1024, 8
+    q, k, v = make_qkv(B, H, L, L, D, requires_grad=True)
+    draws = []
+    real = _torch_pruned.dropout_keep_mask
+    monkeypatch.setattr(_torch_pruned, "dropout_keep_mask",
+                        lambda *a, **kw: draws.append(len(kw["rows"])) or real(*a, **kw))
+    monkeypatch.setenv("CROSSATTN_TORCH_CHUNK_MB", "32")
+    pruning = BlockPruning(block_q=16, block_k=16, top_k=1)
+    torch.manual_seed(7)
+    out, w = crossattn.cross_attention(q, k, v, prune=pruning, dropout_p=0.2, need_weights="full", backend="torch")
+    assert gathered == [1] and len(saved_p) == 1
+    # every row once (a row of each of the 64 query blocks per gathered row), a budget's worth at a time
+    assert sum(draws) == L and len(draws) > 1 and max(draws) * B * H * L * 41 <= 32 * 2**20
+    torch.manual_seed(7)
+    ref_out, ref_w = attention_reference(*(t.detach().double() for t in (q, k, v)), prune=pruning, dropout_p=0.2,
+                                         dropout_seed=draw_dropout_seed(), need_weights="full")
+    torch.testing.assert_close(out.double(), ref_out, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    torch.testing.assert_close(w.double(), ref_w, rtol=TOL[torch.float32], atol=TOL[torch.float32])

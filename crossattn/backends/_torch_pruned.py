@@ -17,9 +17,9 @@ only where that is less than the dense path's (whose ragged parts run at their l
 long sequence in a batch of short ones sets ``m`` for all). Beyond the gathered scores, the
 masks and bias (``[B, H, Lq, m * block_k]``) are built whole, not by chunks.
 
-Dropout draws the caller's Philox bits: per chunk of rows, the mask of those rows of every
-query block over all keys (the compiled CPU kernel; no matrix work), gathered at the kept
-positions.
+Dropout draws the caller's Philox bits: the mask of a few rows of every query block over all
+keys at a time (within a chunk budget; the compiled CPU kernel, ~1 ns a key; no matrix work),
+gathered at the kept positions.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from .._philox import dropout_keep_mask
 from .._validation import values_unreadable
 from ..reference import compute_dtype
-from ._torch_common import _DEFAULT_CHUNK_MB
+from ._torch_common import _DEFAULT_CHUNK_MB, _PHILOX_BYTES
 
 # The gathered problem's bias, masks and copies of the kept keys and values are built for the
 # whole call (not by chunks): at most this many chunk budgets, else the dense path.
@@ -105,14 +105,24 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     bias = None if p.attn_bias is None else _gather_bias(p.attn_bias, pos_c, Lq, nqb, bq)
 
     heads = tuple(range(H)) if p.weight_heads is None else tuple(p.weight_heads)
+    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
     sub_heads = tuple(h * nqb + i for h in heads for i in range(nqb))
     def dropper(rows):  # rows of the gathered problem -> [B, H * nqb, len(rows), M], True = dropped
-        at = (torch.arange(nqb, device=dev)[:, None] * bq + rows.to(dev)[None, :]).reshape(-1)
-        dense = dropout_keep_mask(p.dropout_seed, p.dropout_p, batch=B, heads=H, rows=at, cols=Lk,
-                                  direction=p.direction, device=dev, dropped=True)
-        R = len(rows)
-        return dense.view(B, H, nqb, R, Lk).gather(-1, pos_c[:, :, :, None, :].expand(B, H, nqb, R, M)).view(
-            B, H * nqb, R, M)
+        # The caller's bits over every key of those rows, gathered at the kept ones: drawn by
+        # pieces of rows within a chunk budget (a whole [B, H, Lq, Lk] mask would be the
+        # unpruned problem's size).
+        rows = rows.to(dev)
+        out = torch.empty(B, H * nqb, len(rows), M, dtype=torch.bool, device=dev)
+        step = max(1, int(budget // (B * H * nqb * Lk * (1 + _PHILOX_BYTES))))
+        for r0 in range(0, len(rows), step):
+            rr = rows[r0:r0 + step]
+            at = (torch.arange(nqb, device=dev)[:, None] * bq + rr[None, :]).reshape(-1)
+            dense = dropout_keep_mask(p.dropout_seed, p.dropout_p, batch=B, heads=H, rows=at, cols=Lk,
+                                      direction=p.direction, device=dev, dropped=True)
+            R = len(rr)
+            out[:, :, r0:r0 + R] = dense.view(B, H, nqb, R, Lk).gather(
+                -1, pos_c[:, :, :, None, :].expand(B, H, nqb, R, M)).view(B, H * nqb, R, M)
+        return out
 
     sub_cfg = cfg._replace(
         block_q=0, block_k=0, is_causal=False, causal_shift=0, row0=0, batch_ids=None,
