@@ -86,6 +86,23 @@ def test_saved_p_is_chosen_by_size(monkeypatch):
     assert not tb._sdpa_serves(problem("full", 0.0))
 
 
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["avx512-bf16", "emulated-bf16"])
+def test_half_precision_takes_sdpa_where_the_cpu_would_emulate_it(monkeypatch, native_bf16):
+    # No weights, no dropout: SDPA (its flash kernel multiplies in float32) unless the saved-P
+    # path's products are fast: float16 is multiplied in float32 there, bfloat16 in bfloat16,
+    # which only a CPU with AVX512-BF16 / AMX does natively.
+    from crossattn._validation import AttentionProblem
+
+    monkeypatch.setattr(tb, "_cpu_multiplies_bf16", lambda: native_bf16)
+
+    def sdpa(dtype):
+        q, k, v = make_qkv(1, 2, 4, 6, 8, dtype=dtype)
+        return tb._sdpa_serves(AttentionProblem(q, k, v, None, None, None, 8**-0.5, None, 0.0, None, None))
+
+    assert sdpa(torch.float32) and not sdpa(torch.float16)
+    assert sdpa(torch.bfloat16) != native_bf16
+
+
 def _fused_kernels(monkeypatch, fused):
     """Forces the saved-P path's fused float32 CPU kernels off (``fused`` False) and returns the
     list of their calls."""

@@ -279,13 +279,24 @@ def _saves_p(p: AttentionProblem) -> bool:
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def _cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): elsewhere oneDNN
+    emulates bfloat16 matrix products at a fraction of float32's rate."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def _sdpa_serves(p: AttentionProblem) -> bool:
     """Where SDPA computes exactly what the contract asks (float64 keeps the exact path) and
-    is the faster choice: on a CPU its half-precision flash kernel runs at ~0.6-0.7x the
-    saved-P path's matmuls (bfloat16 18.5 vs 13.6 ms, float16 34 vs 21 at B=2 H=8 256x1000
-    D=96, one thread), so half precision takes the saved-P path wherever ``P`` fits it."""
+    is the faster choice. On a CPU its half-precision flash kernel (float32 inside) runs at
+    ~0.6-0.7x the saved-P path's matmuls where those are fast: float16 (multiplied in float32
+    there; 34 vs 21 ms at B=2 H=8 256x1000 D=96, one thread) and bfloat16 on a CPU that
+    multiplies it natively (18.5 vs 13.6 ms, AVX512-BF16) take the saved-P path wherever ``P``
+    fits it. Without native bfloat16 (AVX2) its emulated products ran the seed layer's forward
+    at 0.39x SDPA, so bfloat16 keeps SDPA there."""
     B, H, Lq, Lk, _, _ = p.dims
-    if p.q.device.type == "cpu" and p.q.dtype in (torch.bfloat16, torch.float16) and _saves_p(p):
+    if (p.q.device.type == "cpu" and (p.q.dtype == torch.float16 or (
+            p.q.dtype == torch.bfloat16 and _cpu_multiplies_bf16())) and _saves_p(p)):
         return False
     return (p.need_weights is None and p.aux is None and p.dropout_p == 0.0 and p.pruning is None
             and p.attn_bias is None and not p.is_causal and p.q.dtype != torch.float64
