@@ -24,13 +24,14 @@ if __name__ == "kernels":
         rest = [p for p in _sys.path if os.path.realpath(p or os.curdir) not in skip]
         spec = importlib.machinery.PathFinder.find_spec("kernels", rest)
         if spec is None or spec.loader is None:
-            return  # no other: this folder stays what `import kernels` finds (nothing uses it so)
+            return  # no other: this module (this folder, or the copy that handed over to it) stays
         module = importlib.util.module_from_spec(spec)
         module.__crossattn_passed_over__ = frozenset(skip)  # read by a copy of this file, if that is it
-        _sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
-        # Marked as initialising, as the import system marks what it runs: another thread
-        # importing `kernels` meanwhile waits for this import instead of taking a half-run module.
+        # Marked as initialising before it is published, as the import system marks what it runs:
+        # another thread importing `kernels` meanwhile waits for this import instead of taking a
+        # half-run module.
         spec._initializing = True
+        _sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
         try:
             spec.loader.exec_module(module)
         except BaseException:

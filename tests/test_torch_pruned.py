@@ -172,8 +172,8 @@ def test_saved_p_route_in_half_precision(case, dtype, gathered, saved_p, monkeyp
     monkeypatch.setattr(_torch_pruned, "worthwhile", lambda *a, **k: None)  # every block, masked
     dense = errors()
     assert gathered == [1] and len(saved_p) >= 2  # (by parts where rows are padded)
-    for name, a, b in zip(("out", "weights", "dq", "dk", "dv", "dtemperature"), ours, dense):
-        assert a <= 2 * b + TOL[dtype], (name, a, b)
+    for i, (name, a, b) in enumerate(zip(("out", "weights", "dq", "dk", "dv", "dtemperature"), ours, dense)):
+        assert a <= max(2 * b, (TOL if i < 2 else GRAD_TOL)[dtype]), (name, a, b)
 
 
 def _check_against_reference(case, dtype, gathered, saved_p):

@@ -19,9 +19,10 @@ METHOD = (
 
 PRUNING_NOTE = (
     "The `torch` backend runs a pruned call over the kept key blocks only (matrix work in proportion "
-    "to `keep`), on an unfused path (gathers, an additive mask, a backward that recomputes the logits) "
-    "plus the block selection: at keep=0.5 that costs about as much as the dense layer or more, below "
-    "it less. The GPU kernels skip pruned blocks too."
+    "to `keep`), each (head, query block) a head of its own over the blocks it kept (64-row products, "
+    "slower per pair than the dense ones; gathers, an element mask, scatters) plus the block selection: "
+    "at keep=0.5 that costs about as much as the dense layer or more, below it less. The GPU kernels "
+    "skip pruned blocks too."
 )
 
 
