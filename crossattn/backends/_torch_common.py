@@ -17,9 +17,14 @@ _TEMPS = 7
 _PHILOX_BYTES = 5 * 8
 
 
+def chunk_budget() -> float:
+    """Bytes for one chunk's temporaries (``CROSSATTN_TORCH_CHUNK_MB``, read at each call)."""
+    return float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+
+
 def chunk_rows(batch: int, heads: int, lq: int, lk: int, dtype: torch.dtype, dropout: bool) -> int:
     """Query rows per chunk so that one chunk's temporaries fit the budget."""
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    budget = chunk_budget()
     per_row = max(1, batch * heads * lk) * (
         _TEMPS * torch.finfo(dtype).bits // 8 + (_PHILOX_BYTES if dropout else 0)
     )

@@ -24,14 +24,13 @@ gathered at the kept positions.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .._philox import dropout_keep_mask
 from .._validation import values_unreadable
 from ..reference import compute_dtype
-from ._torch_common import _DEFAULT_CHUNK_MB, _PHILOX_BYTES
+from ._torch_common import _PHILOX_BYTES, chunk_budget
 
 # The gathered problem's bias, masks and copies of the kept keys and values are built for the
 # whole call (not by chunks): at most this many chunk budgets, else the dense path.
@@ -52,7 +51,7 @@ def worthwhile(p, block_mask, dense_work: int) -> int | None:
     pairs = B * nqb * p.pruning.block_q * M  # per head, as dense_work
     ct_bytes = torch.finfo(compute_dtype(p.q.dtype)).bits // 8
     temporaries = H * (pairs * (ct_bytes + 2) + B * nqb * M * (D + Dv) * p.q.element_size())
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    budget = chunk_budget()
     if pairs >= dense_work or temporaries > _BUDGETS * budget:
         return None
     return m
@@ -105,7 +104,7 @@ def run(p, cfg, block_mask, m, key_valid, query_valid, temp, core):
     bias = None if p.attn_bias is None else _gather_bias(p.attn_bias, pos_c, Lq, nqb, bq)
 
     heads = tuple(range(H)) if p.weight_heads is None else tuple(p.weight_heads)
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
+    budget = chunk_budget()
     sub_heads = tuple(h * nqb + i for h in heads for i in range(nqb))
     def dropper(rows):  # rows of the gathered problem -> [B, H * nqb, len(rows), M], True = dropped
         # The caller's bits over every key of those rows, gathered at the kept ones: drawn by

@@ -31,8 +31,8 @@ only (``_torch_pruned``) where that is less work and its temporaries fit a few c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import os
 
 import torch
 
@@ -40,7 +40,6 @@ from .._validation import AttentionProblem
 from ..reference import AuxOutput, compute_dtype, select_blocks_reference
 from . import _torch_pruned, _torch_skip
 from ._torch_common import (
-    _DEFAULT_CHUNK_MB,
     _Config,
     _drop,
     _dropout_scale,
@@ -48,6 +47,7 @@ from ._torch_common import (
     _head_mean,
     _pair_mask,
     _ungrouped,
+    chunk_budget,
     chunk_rows,
 )
 from ._torch_saved_p import _SavedPAttention
@@ -211,11 +211,7 @@ def _pruned_core(p: AttentionProblem, block_mask: torch.Tensor, m: int):
     budget -- the pairs that attend as an element mask (a block mask of 1 x 1 blocks) --, else
     the chunked Function with the masks as ``-inf`` in a bias."""
     B, H, _, _, _, _ = p.dims
-    pairs = B * H * block_mask.shape[2] * p.pruning.block_q * m * p.pruning.block_k
-    per_score = p.q.element_size() * (2 if p.dropout_p > 0 else 1)  # P and the dropped-out PD
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
-    saves_p = (p.aux is None and p.attn_bias is None and p.weight_heads is None
-               and (p.need_weights == "full" or pairs * per_score <= _SAVED_P_CHUNKS * budget))
+    saves_p = _saves_p(p, B * H * block_mask.shape[2] * p.pruning.block_q * m * p.pruning.block_k)
 
     def core(q, k, v, temperature, bias, ok, cfg):
         if saves_p:
@@ -262,23 +258,26 @@ def _new_weights(q, cfg, lk):
     return q.new_empty(0)
 
 
-def _saves_p(p: AttentionProblem) -> bool:
+def _saves_p(p: AttentionProblem, scores: int | None = None) -> bool:
     """The saved-P path: weights "full" (``P`` is returned anyway), or ``P`` and (with dropout)
-    the dropped-out ``PD`` fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing path)."""
+    the dropped-out ``PD`` fit in ``_SAVED_P_CHUNKS`` chunk budgets (long keys keep the recomputing
+    path). ``scores``: the size of ``P`` (default ``B * H * Lq * Lk``; a pruned call's gathered one)."""
     if p.aux is not None or p.attn_bias is not None or p.weight_heads is not None:
         return False
     if p.need_weights == "full":
         return True
-    B, H, Lq, Lk, _, _ = p.dims
+    if scores is None:
+        B, H, Lq, Lk, _, _ = p.dims
+        scores = B * H * Lq * Lk
     per_score = p.q.element_size() * (2 if p.dropout_p > 0 else 1)  # P and the dropped-out PD
-    budget = float(os.environ.get("CROSSATTN_TORCH_CHUNK_MB", _DEFAULT_CHUNK_MB)) * 2**20
-    return B * H * Lq * Lk * per_score <= _SAVED_P_CHUNKS * budget
+    return scores * per_score <= _SAVED_P_CHUNKS * chunk_budget()
 
 
 # SDPA's enable_gqa came with torch 2.5; older torch serves grouped heads on the chunked path.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+@functools.cache
 def _cpu_multiplies_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): elsewhere oneDNN
     emulates bfloat16 matrix products at a fraction of float32's rate."""
